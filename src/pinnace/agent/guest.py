@@ -1,0 +1,854 @@
+"""The pinnace guest agent: runs inside the guest, standard library only.
+
+Started by the initramfs right after the root is mounted, usually as PID 1, in
+which case it also does init's duties: mounts, loopback, hostname, reaping
+orphans and a clean poweroff. It serves the host on every virtio-serial port
+named ``org.pinnace.agent.N``: one session per port, many requests per session,
+all on one single-threaded selector loop.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import selectors
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from typing import Any
+
+if __package__:
+    from . import protocol as P
+else:  # in the guest, protocol.py sits next to this file
+    import protocol as P  # type: ignore[no-redef]
+
+IS_INIT = os.getpid() == 1
+LOG_PREFIX = "pinnace-agent:"
+OUTBUF_HIGH = 8 << 20  # stop reading child output while this much waits for the port
+READ_CHUNK = 256 << 10
+
+
+def log(*args: object) -> None:
+    print(LOG_PREFIX, *args, file=sys.stderr, flush=True)
+
+
+# --- init duties ----------------------------------------------------------------------
+
+_libc = None
+
+
+def libc() -> Any:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
+
+
+def mount(source: str, target: str, fstype: str, flags: int = 0, data: str = "") -> None:
+    os.makedirs(target, exist_ok=True)
+    if libc().mount(source.encode(), target.encode(), fstype.encode(), flags,
+                    data.encode() if data else None) != 0:
+        err = ctypes.get_errno()
+        if err != errno.EBUSY:
+            log(f"mount {target} failed: {os.strerror(err)}")
+
+
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_RDONLY = 2, 4, 8, 32, 1
+
+
+def cmdline_args() -> dict[str, str]:
+    try:
+        words = open("/proc/cmdline").read().split()
+    except OSError:
+        return {}
+    out = {}
+    for w in words:
+        if w.startswith("pinnace.") and "=" in w:
+            k, v = w.split("=", 1)
+            out[k[len("pinnace."):]] = v
+    return out
+
+
+def init_system() -> None:
+    """What init would do before services start."""
+    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    mount("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755")
+    mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "gid=5,mode=620,ptmxmode=666")
+    mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    mount("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")
+    mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    os.environ.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    os.environ["PATH"] = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    os.environ.setdefault("HOME", "/root")
+    os.environ.setdefault("LANG", "C.UTF-8")
+    link_up("lo")
+    args = cmdline_args()
+    if "hostname" in args:
+        set_hostname(args["hostname"])
+
+
+SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+
+
+def link_up(ifname: str) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        req = struct.pack("16sh22x", ifname.encode(), 0)
+        flags = struct.unpack("16sh22x", fcntl.ioctl(s.fileno(), SIOCGIFFLAGS, req))[1]
+        fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, struct.pack("16sh22x", ifname.encode(), flags | IFF_UP))
+
+
+def set_hostname(name: str) -> None:
+    socket.sethostname(name)
+    try:
+        with open("/etc/hostname", "w") as f:
+            f.write(name + "\n")
+    except OSError:
+        pass
+
+
+def power(action: str) -> None:
+    """Stop every process, sync, and power off or reboot; does not return when PID 1."""
+    os.sync()
+    if not IS_INIT:
+        subprocess.run(["systemctl", action], check=False)
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.kill(-1, sig)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            try:
+                if os.waitpid(-1, os.WNOHANG) == (0, 0):
+                    time.sleep(0.02)
+            except ChildProcessError:
+                break
+    os.sync()
+    libc().mount(b"none", b"/", None, MS_REMOUNT | MS_RDONLY, None)
+    cmd = 0x4321FEDC if action == "poweroff" else 0x01234567
+    libc().reboot(cmd)
+
+
+# --- sessions and requests ------------------------------------------------------------
+
+
+class RequestFailed(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Exec:
+    """One running command of a session."""
+
+    def __init__(self, agent: Agent, session: Session, chan: int, req: dict[str, Any]) -> None:
+        self.agent = agent
+        self.session = session
+        self.chan = chan
+        self.timed_out = False
+        self.status: int | None = None
+        self.credit = {P.STDOUT: P.STREAM_WINDOW, P.STDERR: P.STREAM_WINDOW}
+        self.stdin_buf = bytearray()
+        self.stdin_eof = False
+        self.stdin_fd: int | None = None
+        self.out_fds: dict[int, int] = {}  # fd -> stream
+        self.paused: set[int] = set()
+        self.master: int | None = None
+        argv = req.get("argv")
+        shell = req.get("shell")
+        if shell is not None:
+            if not isinstance(shell, str):
+                raise RequestFailed("bad-request", "shell must be a string")
+            argv = ["/bin/sh", "-c", shell]
+        if not (isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)):
+            raise RequestFailed("bad-request", "argv must be a non-empty list of strings")
+        env = dict(os.environ)
+        extra = req.get("env") or {}
+        if not isinstance(extra, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
+            raise RequestFailed("bad-request", "env must map strings to strings")
+        env.update(extra)
+        cwd = req.get("cwd") or None
+        user = req.get("user") or None
+        timeout = req.get("timeout")
+        self.deadline = time.monotonic() + float(timeout) if timeout else None
+        pty = req.get("pty")
+        want_stdin = bool(req.get("stdin"))
+        try:
+            if pty:
+                self._spawn_pty(argv, env, cwd, user, pty)
+            else:
+                self._spawn_pipes(argv, env, cwd, user, want_stdin)
+        except FileNotFoundError as exc:
+            raise RequestFailed("not-found", f"{exc.filename or argv[0]}: no such file or directory") from None
+        except PermissionError as exc:
+            raise RequestFailed("permission", f"{exc.filename or argv[0]}: permission denied") from None
+        except (KeyError, ValueError, OSError) as exc:
+            raise RequestFailed("spawn-failed", f"cannot start {argv[0]}: {exc}") from None
+        agent.procs[self.pid] = self
+
+    def _spawn_pipes(self, argv: list[str], env: dict[str, str], cwd: str | None,
+                     user: str | None, want_stdin: bool) -> None:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE if want_stdin else subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=cwd, user=user,
+            start_new_session=True, close_fds=True,
+        )
+        self.pid = proc.pid
+        proc.returncode = 0  # we reap it ourselves; stop Popen from trying
+        if proc.stdin is not None:
+            self.stdin_fd = os.dup(proc.stdin.fileno())
+            proc.stdin.close()
+            os.set_blocking(self.stdin_fd, False)
+        for stream, pipe in ((P.STDOUT, proc.stdout), (P.STDERR, proc.stderr)):
+            assert pipe is not None
+            fd = os.dup(pipe.fileno())
+            pipe.close()
+            os.set_blocking(fd, False)
+            self.out_fds[fd] = stream
+            self.agent.sel.register(fd, selectors.EVENT_READ, ("out", self, fd))
+
+    def _spawn_pty(self, argv: list[str], env: dict[str, str], cwd: str | None,
+                   user: str | None, pty: Any) -> None:
+        import pty as ptymod
+        import termios
+
+        master, slave = ptymod.openpty()
+        rows, cols = (pty.get("rows", 24), pty.get("cols", 80)) if isinstance(pty, dict) else (24, 80)
+        fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        env.setdefault("TERM", (pty.get("term") if isinstance(pty, dict) else None) or "xterm")
+
+        def child_setup() -> None:
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+        try:
+            proc = subprocess.Popen(
+                argv, stdin=slave, stdout=slave, stderr=slave, env=env, cwd=cwd, user=user,
+                start_new_session=True, close_fds=True, preexec_fn=child_setup,
+            )
+        finally:
+            os.close(slave)
+        self.pid = proc.pid
+        proc.returncode = 0
+        os.set_blocking(master, False)
+        self.master = master
+        self.stdin_fd = master
+        self.out_fds[master] = P.STDOUT
+        self.agent.sel.register(master, selectors.EVENT_READ, ("out", self, master))
+
+    # -- streams --
+    def on_output(self, fd: int) -> None:
+        stream = self.out_fds[fd]
+        want = min(READ_CHUNK, self.credit[stream], P.MAX_FRAME)
+        try:
+            data = os.read(fd, want)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            if exc.errno != errno.EIO:  # EIO: the pty's last writer went away
+                raise
+            data = b""
+        if not data:
+            self._close_out(fd)
+            self.session.send(P.encode(P.EOF, self.chan, b"", stream))
+            self.maybe_finish()
+            return
+        self.credit[stream] -= len(data)
+        self.session.send(P.encode(P.DATA, self.chan, data, stream))
+        if self.credit[stream] <= 0 or self.session.congested():
+            self.pause(fd)
+
+    def pause(self, fd: int) -> None:
+        if fd not in self.paused and fd in self.out_fds:
+            self.paused.add(fd)
+            self.agent.sel.unregister(fd)
+            if self.session.congested():
+                self.session.waiting.add(self)
+
+    def resume(self) -> None:
+        for fd in list(self.paused):
+            if self.credit[self.out_fds[fd]] > 0 and not self.session.congested():
+                self.paused.discard(fd)
+                self.agent.sel.register(fd, selectors.EVENT_READ, ("out", self, fd))
+
+    def grant(self, stream: int, credit: int) -> None:
+        if stream in self.credit:
+            self.credit[stream] = min(self.credit[stream] + credit, 1 << 30)
+            self.resume()
+
+    def _close_out(self, fd: int) -> None:
+        if fd in self.paused:
+            self.paused.discard(fd)
+        else:
+            self.agent.sel.unregister(fd)
+        del self.out_fds[fd]
+        if fd == self.master:
+            self.master = None
+            if self.stdin_fd == fd:
+                self._stop_stdin_writer()
+                self.stdin_fd = None
+        os.close(fd)
+
+    def on_stdin(self, data: bytes) -> None:
+        if self.stdin_fd is None or self.stdin_eof:
+            return  # the command does not read stdin (any more): drop, but keep the credit flowing
+        self.stdin_buf += data
+        self.flush_stdin()
+
+    def flush_stdin(self) -> None:
+        fd = self.stdin_fd
+        if fd is None:
+            return
+        written = 0
+        while self.stdin_buf:
+            try:
+                n = os.write(fd, self.stdin_buf[:READ_CHUNK])
+            except BlockingIOError:
+                break
+            except OSError:  # EPIPE: the command closed stdin; drop what is left
+                written += len(self.stdin_buf)
+                self.stdin_buf.clear()
+                self._close_stdin()
+                break
+            del self.stdin_buf[:n]
+            written += n
+        if written:
+            self.session.send(P.encode_window(self.chan, P.STDIN, written))
+        if fd == self.stdin_fd:
+            key = self.agent.sel.get_map().get(fd)
+            if self.stdin_buf and key is None:
+                self.agent.sel.register(fd, selectors.EVENT_WRITE, ("stdin", self, fd))
+            elif self.stdin_buf and fd == self.master and key is not None:
+                self.agent.sel.modify(fd, selectors.EVENT_READ | selectors.EVENT_WRITE,
+                                      ("out", self, fd))
+            elif not self.stdin_buf:
+                self._stop_stdin_writer()
+                if self.stdin_eof:
+                    self._close_stdin()
+
+    def _stop_stdin_writer(self) -> None:
+        fd = self.stdin_fd
+        if fd is None:
+            return
+        key = self.agent.sel.get_map().get(fd)
+        if key is None:
+            return
+        if fd == self.master:
+            if key.events & selectors.EVENT_WRITE and fd not in self.paused:
+                self.agent.sel.modify(fd, selectors.EVENT_READ, ("out", self, fd))
+        else:
+            self.agent.sel.unregister(fd)
+
+    def on_stdin_eof(self) -> None:
+        self.stdin_eof = True
+        if self.master is not None:
+            if not self.stdin_buf:
+                try:
+                    os.write(self.master, b"\x04")  # ^D: end of input for the terminal
+                except OSError:
+                    pass
+            return
+        if not self.stdin_buf:
+            self._close_stdin()
+
+    def _close_stdin(self) -> None:
+        fd = self.stdin_fd
+        if fd is None or fd == self.master:
+            return
+        self._stop_stdin_writer()
+        os.close(fd)
+        self.stdin_fd = None
+
+    # -- control --
+    def on_control(self, msg: dict[str, Any]) -> None:
+        if "signal" in msg:
+            self.kill(int(msg["signal"]))
+        if "resize" in msg and self.master is not None:
+            import termios
+
+            rows, cols = msg["resize"]
+            fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.status is not None:
+            return
+        try:
+            os.killpg(self.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def check_deadline(self, now: float) -> float | None:
+        if self.deadline is None or self.status is not None:
+            return None
+        if now >= self.deadline:
+            self.timed_out = True
+            self.deadline = None
+            self.kill(signal.SIGKILL)
+            return None
+        return self.deadline - now
+
+    def on_exit(self, status: int) -> None:
+        self.status = status
+        if self.timed_out:
+            # The whole group was killed; do not wait for output of stragglers.
+            for fd in list(self.out_fds):
+                self._close_out(fd)
+        self.maybe_finish()
+
+    def maybe_finish(self) -> None:
+        if self.status is None or self.out_fds:
+            return
+        if self.master is not None:
+            return
+        self._close_stdin()
+        self.agent.procs.pop(self.pid, None)
+        code: int | None
+        sig: int | None
+        if os.WIFSIGNALED(self.status):
+            sig = os.WTERMSIG(self.status)
+            code = 128 + sig
+        else:
+            sig = None
+            code = os.WEXITSTATUS(self.status)
+        self.session.finish(self.chan, P.encode_json(
+            P.REPLY, self.chan, {"exit_code": code, "signal": sig, "timed_out": self.timed_out}))
+
+    def abandon(self) -> None:
+        """The host went away: kill the command and forget its streams."""
+        self.kill(signal.SIGKILL)
+        for fd in list(self.out_fds):
+            self._close_out(fd)
+        self._close_stdin()
+        self.session = NullSession(self.agent)
+
+
+class Session:
+    """The host's side of one port: a byte stream of frames and the requests in it."""
+
+    def __init__(self, agent: Agent, port: Port) -> None:
+        self.agent = agent
+        self.port = port
+        self.reader = P.FrameReader(resync=True)
+        self.active = False
+        self.requests: dict[int, Exec | None] = {}
+        self.waiting: set[Exec] = set()
+
+    def congested(self) -> bool:
+        return len(self.port.outbuf) > OUTBUF_HIGH
+
+    def send(self, data: bytes) -> None:
+        self.port.write(data)
+
+    def finish(self, chan: int, frame: bytes) -> None:
+        self.requests.pop(chan, None)
+        self.send(frame)
+
+    def error(self, chan: int, code: str, message: str) -> None:
+        self.requests.pop(chan, None)
+        self.send(P.encode_json(P.ERROR, chan, {"code": code, "message": message}))
+
+    def close(self) -> None:
+        for ex in list(self.requests.values()):
+            if ex is not None:
+                ex.abandon()
+        self.requests.clear()
+        self.waiting.clear()
+        self.reader.reset()
+        self.active = False
+
+    def drained(self) -> None:
+        for ex in list(self.waiting):
+            self.waiting.discard(ex)
+            ex.resume()
+
+    def feed(self, data: bytes) -> None:
+        frames = self.reader.feed(data)
+        for err in self.reader.errors:
+            self.send(P.encode_json(P.ERROR, 0, {"code": "bad-frame", "message": str(err)}))
+        self.reader.errors.clear()
+        for frame in frames:
+            try:
+                self.handle(frame)
+            except P.FrameError as exc:
+                self.error(exc.chan, "bad-frame", str(exc))
+            except RequestFailed as exc:
+                self.error(frame.chan, exc.code, exc.message)
+            except Exception as exc:  # a bug or an odd request must not kill the agent
+                log(f"request {frame.chan} failed: {exc!r}")
+                self.error(frame.chan, "internal", f"{type(exc).__name__}: {exc}")
+
+    def handle(self, frame: P.Frame) -> None:
+        kind, chan = frame.kind, frame.chan
+        if kind == P.HELLO:
+            msg = frame.json()
+            self.close()
+            self.active = True
+            self.send(P.encode_json(P.WELCOME, 0, {
+                "version": P.PROTOCOL_VERSION, "agent": P.AGENT_VERSION,
+                "nonce": msg.get("nonce"), "max_frame": P.MAX_FRAME, "window": P.STREAM_WINDOW,
+                "capabilities": sorted(OPS), "pid": os.getpid(),
+            }))
+            return
+        if not self.active:
+            raise P.FrameError("no HELLO yet on this connection", chan=chan, fatal=False)
+        if kind == P.REQUEST:
+            if chan == 0 or chan in self.requests:
+                raise P.FrameError(f"request id {chan} is zero or in use", chan=chan, fatal=False)
+            msg = frame.json()
+            op = msg.get("op")
+            handler = OPS.get(op) if isinstance(op, str) else None
+            if handler is None:
+                raise RequestFailed("unknown-op", f"unknown operation {op!r}")
+            self.requests[chan] = None
+            result = handler(self, chan, msg)
+            if result is not None:
+                self.finish(chan, P.encode_json(P.REPLY, chan, result))
+            return
+        ex = self.requests.get(chan)
+        if ex is None:
+            if chan in self.requests or kind in (P.DATA, P.EOF, P.WINDOW, P.CONTROL):
+                return  # late frames of a finished request: harmless
+            raise P.FrameError(f"unexpected frame kind {kind}", chan=chan, fatal=False)
+        if kind == P.DATA and frame.flags == P.STDIN:
+            ex.on_stdin(frame.payload)
+        elif kind == P.EOF and frame.flags == P.STDIN:
+            ex.on_stdin_eof()
+        elif kind == P.WINDOW:
+            ex.grant(frame.flags, frame.window())
+        elif kind == P.CONTROL:
+            ex.on_control(frame.json())
+        else:
+            raise P.FrameError(f"unexpected frame kind {kind} for a request", chan=chan, fatal=False)
+
+
+class NullSession(Session):
+    """Where an abandoned request's last words go: nowhere."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.requests = {}
+        self.waiting = set()
+
+    def send(self, data: bytes) -> None:
+        pass
+
+    def congested(self) -> bool:
+        return False
+
+    def finish(self, chan: int, frame: bytes) -> None:
+        pass
+
+
+# --- operations -------------------------------------------------------------------------
+
+
+def op_ping(session: Session, chan: int, msg: dict[str, Any]) -> dict[str, Any]:
+    return {"pong": True, "time": time.time()}
+
+
+def op_exec(session: Session, chan: int, msg: dict[str, Any]) -> None:
+    ex = Exec(session.agent, session, chan, msg)
+    session.requests[chan] = ex
+    session.send(P.encode_json(P.EVENT, chan, {"started": ex.pid}))
+    return None
+
+
+def op_info(session: Session, chan: int, msg: dict[str, Any]) -> dict[str, Any]:
+    u = os.uname()
+    with open("/proc/uptime") as f:
+        uptime = float(f.read().split()[0])
+    mem: dict[str, int] = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            k, _, rest = line.partition(":")
+            if k in ("MemTotal", "MemFree", "MemAvailable"):
+                mem[k] = int(rest.split()[0]) * 1024
+    return {
+        "hostname": socket.gethostname(), "kernel": u.release, "machine": u.machine,
+        "uptime": uptime, "memory": mem, "time": time.time(), "agent": P.AGENT_VERSION,
+        "pid1": IS_INIT, "addresses": addresses(),
+    }
+
+
+def addresses() -> list[dict[str, Any]]:
+    try:
+        import json
+
+        out = subprocess.run(["ip", "-j", "addr"], capture_output=True, timeout=5).stdout
+        result = []
+        for link in json.loads(out or b"[]"):
+            for a in link.get("addr_info", []):
+                result.append({"ifname": link.get("ifname"), "family": a.get("family"),
+                               "address": a.get("local"), "prefixlen": a.get("prefixlen")})
+        return result
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return []
+
+
+def op_power(session: Session, chan: int, msg: dict[str, Any]) -> None:
+    action = msg.get("op")
+    session.finish(chan, P.encode_json(P.REPLY, chan, {"ok": True}))
+    session.port.flush_blocking(timeout=2.0)
+    log(f"{action} requested by the host")
+    power(str(action))
+
+
+def op_set_time(session: Session, chan: int, msg: dict[str, Any]) -> dict[str, Any]:
+    epoch = float(msg["epoch"])
+    time.clock_settime(time.CLOCK_REALTIME, epoch)
+    return {"time": time.time()}
+
+
+def op_set_hostname(session: Session, chan: int, msg: dict[str, Any]) -> dict[str, Any]:
+    name = msg.get("hostname")
+    if not isinstance(name, str) or not 0 < len(name) <= 64:
+        raise RequestFailed("bad-request", "hostname must be 1-64 characters")
+    set_hostname(name)
+    return {"hostname": socket.gethostname()}
+
+
+OPS = {
+    "ping": op_ping,
+    "exec": op_exec,
+    "info": op_info,
+    "poweroff": op_power,
+    "reboot": op_power,
+    "set_time": op_set_time,
+    "set_hostname": op_set_hostname,
+}
+
+
+# --- ports and the loop ---------------------------------------------------------------
+
+
+class Port:
+    """One virtio-serial port; the host side connects and disconnects at will."""
+
+    def __init__(self, agent: Agent, path: str, name: str) -> None:
+        self.agent = agent
+        self.path = path
+        self.name = name
+        self.fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(self.fd, fcntl.F_SETOWN, os.getpid())
+            fl = fcntl.fcntl(self.fd, fcntl.F_GETFL)
+            fcntl.fcntl(self.fd, fcntl.F_SETFL, fl | os.O_ASYNC)
+        except OSError as exc:
+            log(f"{name}: no SIGIO ({exc}); polling for the host")
+        self.outbuf = bytearray()
+        self.session = Session(agent, self)
+        self.connected = True  # until a read says otherwise
+        self.events = 0
+        self._update()
+
+    def _update(self) -> None:
+        want = 0
+        if self.connected:
+            want |= selectors.EVENT_READ
+            if self.outbuf:
+                want |= selectors.EVENT_WRITE
+        if want == self.events:
+            return
+        if self.events and want:
+            self.agent.sel.modify(self.fd, want, ("port", self))
+        elif want:
+            self.agent.sel.register(self.fd, want, ("port", self))
+        else:
+            self.agent.sel.unregister(self.fd)
+        self.events = want
+
+    def on_event(self, mask: int) -> None:
+        if mask & selectors.EVENT_READ:
+            self.read()
+        if mask & selectors.EVENT_WRITE and self.connected:
+            self.flush()
+
+    def read(self) -> None:
+        for _ in range(16):
+            try:
+                data = os.read(self.fd, READ_CHUNK)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                log(f"{self.name}: read failed: {exc}")
+                data = b""
+            if not data:
+                self.disconnected()
+                return
+            self.connected = True
+            self.session.feed(data)
+        self._update()
+
+    def disconnected(self) -> None:
+        """The host closed its end: end the session and wait for the next one."""
+        self.session.close()
+        self.outbuf.clear()
+        self.connected = False
+        self._update()
+
+    def poll_host(self) -> None:
+        """Called when the port may have a host again (SIGIO, or the periodic check)."""
+        if self.connected:
+            return
+        try:
+            data = os.read(self.fd, READ_CHUNK)
+        except BlockingIOError:
+            self.connected = True
+            self._update()
+            return
+        except OSError:
+            return
+        if data:
+            self.connected = True
+            self.session.feed(data)
+            self._update()
+
+    def write(self, data: bytes) -> None:
+        if not self.connected:
+            return
+        self.outbuf += data
+        self.flush()
+
+    def flush(self) -> None:
+        while self.outbuf:
+            try:
+                n = os.write(self.fd, self.outbuf[:READ_CHUNK])
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                log(f"{self.name}: write failed: {exc}")
+                self.outbuf.clear()
+                break
+            del self.outbuf[:n]
+        if len(self.outbuf) <= OUTBUF_HIGH // 2:
+            self.session.drained()
+        self._update()
+
+    def flush_blocking(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.outbuf and time.monotonic() < deadline:
+            self.flush()
+            if self.outbuf:
+                time.sleep(0.005)
+
+
+def find_ports() -> list[tuple[str, str]]:
+    base = "/sys/class/virtio-ports"
+    found = []
+    try:
+        entries = sorted(os.listdir(base))
+    except FileNotFoundError:
+        return []
+    for entry in entries:
+        try:
+            with open(f"{base}/{entry}/name") as f:
+                name = f.read().strip()
+        except OSError:
+            continue
+        if name.startswith(P.PORT_NAME.format("")):
+            found.append((f"/dev/{entry}", name))
+    return found
+
+
+class Agent:
+    def __init__(self) -> None:
+        self.sel = selectors.DefaultSelector()
+        self.procs: dict[int, Exec] = {}
+        self.ports: list[Port] = []
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        for sig in (signal.SIGCHLD, signal.SIGIO):
+            signal.signal(sig, lambda *_: None)
+        if IS_INIT:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        self.sel.register(self.wake_r, selectors.EVENT_READ, ("wake", None))
+
+    def open_ports(self, wait: float = 10.0) -> None:
+        deadline = time.monotonic() + wait
+        while True:
+            ports = find_ports()
+            if ports or time.monotonic() >= deadline:
+                break
+            time.sleep(0.01)
+        for path, name in ports:
+            try:
+                self.ports.append(Port(self, path, name))
+            except OSError as exc:
+                log(f"cannot open {path} ({name}): {exc}")
+        if not self.ports:
+            log("no agent ports found; is the virtio-serial device missing?")
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            ex = self.procs.get(pid)
+            if ex is not None:
+                ex.on_exit(status)
+
+    def run(self) -> None:
+        log(f"ready on {len(self.ports)} ports")
+        while True:
+            now = time.monotonic()
+            timeout = 0.5 if any(not p.connected for p in self.ports) else 5.0
+            for ex in list(self.procs.values()):
+                left = ex.check_deadline(now)
+                if left is not None:
+                    timeout = min(timeout, left)
+            for key, mask in self.sel.select(timeout):
+                kind, obj, *rest = key.data
+                if kind == "port":
+                    obj.on_event(mask)
+                elif kind == "out":
+                    ex, fd = obj, rest[0]
+                    if mask & selectors.EVENT_READ and fd in ex.out_fds:
+                        ex.on_output(fd)
+                    if mask & selectors.EVENT_WRITE:
+                        ex.flush_stdin()
+                elif kind == "stdin":
+                    obj.flush_stdin()
+                elif kind == "wake":
+                    try:
+                        while os.read(self.wake_r, 4096):
+                            pass
+                    except BlockingIOError:
+                        pass
+            self.reap()
+            for port in self.ports:
+                port.poll_host()
+
+
+def main() -> None:
+    if IS_INIT:
+        init_system()
+    agent = Agent()
+    agent.open_ports()
+    agent.run()
+
+
+def run_main() -> None:
+    try:
+        main()
+    except BaseException as exc:  # as PID 1, dying panics the kernel: say why first
+        log(f"fatal: {exc!r}")
+        raise
+
+
+if __name__ == "__main__":
+    run_main()

@@ -1,0 +1,81 @@
+"""The QEMU command line for a machine: a pure function of its launch spec."""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ...agent.protocol import AGENT_PORTS, PORT_NAME
+from ...store import MachineFiles
+
+# Kernel arguments every guest gets. pci=off: microvm has no PCI bus, so do not
+# probe one; i8042.*: there is no PS/2 controller either; panic=-1 with
+# -no-reboot turns a guest panic into QEMU exiting, which the host notices.
+BASE_CMDLINE = (
+    "console=ttyS0 loglevel=4 pci=off panic=-1 reboot=t "
+    "i8042.noaux i8042.nomux i8042.dumbkbd i8042.nopnp"
+)
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    name: str
+    files: MachineFiles
+    kernel: Path
+    initrd: Path
+    cpus: int
+    memory_mib: int
+    accel: str  # kvm or tcg
+    cmdline: str = ""
+    tsc_khz: int | None = None
+    agent_ports: int = AGENT_PORTS
+    extra_args: tuple[str, ...] = field(default=())
+
+
+def kernel_cmdline(spec: LaunchSpec) -> str:
+    words = [BASE_CMDLINE, f"pinnace.hostname={spec.name}"]
+    if spec.accel == "tcg" and spec.tsc_khz:
+        # Without these, a TCG guest on a busy host hangs calibrating its TSC.
+        words.append(f"tsc_early_khz={spec.tsc_khz} tsc=reliable")
+    if spec.cmdline:
+        words.append(spec.cmdline)
+    return " ".join(words)
+
+
+def build_argv(binary: str, spec: LaunchSpec) -> list[str]:
+    f = spec.files
+    cpu = "host" if spec.accel == "kvm" else "max"
+    argv = [
+        binary,
+        "-name", f"pinnace-{spec.name},debug-threads=on",
+        "-machine", f"microvm,accel={spec.accel},rtc=on,isa-serial=on,x-option-roms=off",
+        "-cpu", cpu,
+        "-smp", str(spec.cpus),
+        "-m", f"{spec.memory_mib}M",
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-kernel", str(spec.kernel),
+        "-initrd", str(spec.initrd),
+        "-append", kernel_cmdline(spec),
+        "-chardev", f"file,id=serial0,path={f.serial_log},append=on",
+        "-serial", "chardev:serial0",
+        "-drive", f"id=root,file={f.disk},format=qcow2,if=none,discard=unmap,cache=writeback",
+        "-device", "virtio-blk-device,drive=root",
+        "-device", "virtio-rng-device",
+        "-device", f"virtio-serial-device,max_ports={spec.agent_ports + 1}",
+    ]
+    for port in range(spec.agent_ports):
+        argv += [
+            "-chardev", f"socket,id=agent{port},path={f.agent_sock(port)},server=on,wait=off",
+            "-device", f"virtserialport,chardev=agent{port},name={PORT_NAME.format(port)},nr={port + 1}",
+        ]
+    argv += [
+        "-qmp", f"unix:{f.qmp_sock},server=on,wait=off",
+        "-pidfile", str(f.pid),
+    ]
+    argv += list(spec.extra_args)
+    return argv
+
+
+def render(argv: list[str]) -> str:
+    return " ".join(shlex.quote(a) for a in argv)

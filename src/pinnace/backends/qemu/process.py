@@ -1,0 +1,117 @@
+"""QEMU as a detached process that outlives the command that started it.
+
+QEMU runs under a small ``sh`` in a session of its own, so Ctrl-C in the CLI
+does not reach it; the shell writes QEMU's exit status to a file when it ends,
+which is how a later command tells a clean poweroff from a crash or a kill -9.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ...store import MachineFiles
+
+# "$1" is the exit file, "$2" the log; QEMU's argv follows.
+_WRAPPER = (
+    'exit_file=$1; log=$2; shift 2; '
+    '( "$@"; echo $? > "$exit_file.tmp"; mv -f "$exit_file.tmp" "$exit_file" ) '
+    '</dev/null >>"$log" 2>&1 &'
+)
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    pid: int
+    start_time: int  # field 22 of /proc/<pid>/stat: tells a reused pid apart
+
+    def alive(self) -> bool:
+        st = proc_start_time(self.pid)
+        return st is not None and st == self.start_time
+
+
+def proc_start_time(pid: int) -> int | None:
+    try:
+        data = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    # comm may hold spaces and parentheses: split after the last ')'.
+    fields = data[data.rindex(b")") + 2:].split()
+    if fields[0] == b"Z":
+        return None  # a zombie is dead for our purposes
+    return int(fields[19])
+
+
+def launch(argv: list[str], files: MachineFiles, timeout: float = 10.0) -> ProcessInfo | int:
+    """Start QEMU detached; return its ProcessInfo, or its exit status if it died at once."""
+    for p in (files.pid, files.exit_status):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+    subprocess.run(
+        ["sh", "-c", _WRAPPER, "sh", str(files.exit_status), str(files.qemu_log), *argv],
+        stdin=subprocess.DEVNULL, start_new_session=True, check=True, cwd=files.dir,
+    )
+    deadline = time.monotonic() + timeout
+    while True:
+        code = read_exit_status(files)
+        if code is not None:
+            return code
+        pid = read_pid(files)
+        if pid is not None:
+            st = proc_start_time(pid)
+            if st is not None:
+                return ProcessInfo(pid, st)
+        if time.monotonic() > deadline:
+            raise TimeoutError("QEMU neither wrote its pid file nor exited")
+        time.sleep(0.002)
+
+
+def read_pid(files: MachineFiles) -> int | None:
+    try:
+        text = files.pid.read_text().strip()
+    except FileNotFoundError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def read_exit_status(files: MachineFiles) -> int | None:
+    try:
+        text = files.exit_status.read_text().strip()
+    except FileNotFoundError:
+        return None
+    return int(text) if text.lstrip("-").isdigit() else None
+
+
+def signal_process(info: ProcessInfo, sig: int) -> bool:
+    """Send ``sig`` if the process is still the one we started; True if sent."""
+    if not info.alive():
+        return False
+    try:
+        os.kill(info.pid, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def wait_exit(info: ProcessInfo, timeout: float) -> bool:
+    """Wait for the process to end; True if it did within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while info.alive():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def kill(info: ProcessInfo, files: MachineFiles, timeout: float = 5.0) -> None:
+    """SIGKILL QEMU and wait until it and its exit status are gone/written."""
+    signal_process(info, signal.SIGKILL)
+    wait_exit(info, timeout)
+    deadline = time.monotonic() + 2.0
+    while read_exit_status(files) is None and time.monotonic() < deadline:
+        time.sleep(0.005)

@@ -1,0 +1,260 @@
+"""The Python API: ``AsyncPinnace`` (the asyncio core) and ``Pinnace`` (its sync facade).
+
+The facade holds no logic: it runs the core's coroutines on a private event loop
+in a background thread, so it also works where the caller already has a loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import threading
+from collections.abc import Coroutine, Iterator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .agent.client import ExecResult
+from .config import MachineConfig
+from .errors import AlreadyExistsError, NotFoundError
+from .images import DEFAULT_IMAGE, AsyncImages, Image, Images
+from .machine import AsyncMachine, MachineStatus, create_disk
+from .store import MachineFiles, Store, validate_name, write_json
+
+T = TypeVar("T")
+
+
+class AsyncMachines:
+    """The machines in a store."""
+
+    def __init__(self, pinnace: AsyncPinnace) -> None:
+        self._pn = pinnace
+
+    def _handle(self, name: str) -> AsyncMachine:
+        return AsyncMachine(self._pn, name)
+
+    async def get(self, name: str) -> AsyncMachine:
+        """A handle on an existing machine."""
+        validate_name("machine", name)
+        m = self._handle(name)
+        if not m.files.config.exists():
+            raise NotFoundError("machine", name, "see 'pinnace ls'")
+        return m
+
+    async def create(self, name: str, *, image: str = DEFAULT_IMAGE, cpus: int | None = None,
+                     memory: str | int | None = None, cmdline: str | None = None,
+                     boot_timeout: float | None = None, accel: str | None = None) -> AsyncMachine:
+        """Create a stopped machine with its own disk overlay on ``image``."""
+        validate_name("machine", name)
+        store = self._pn.store
+        store.ensure()
+        digest = self._pn.images.sync.resolve(image)
+        files = self._pn.images.files_for(digest, image)
+        cfg = MachineConfig.build(name=name, image=image, image_digest=digest, cpus=cpus,
+                                  memory=memory, cmdline=cmdline, boot_timeout=boot_timeout,
+                                  accel=accel)
+        return await asyncio.to_thread(self._materialise, cfg, files.rootfs, None)
+
+    def _materialise(self, cfg: MachineConfig, rootfs: Path, disk_from: Path | None) -> AsyncMachine:
+        """Build the machine's directory in staging and rename it into place whole."""
+        store = self._pn.store
+        m = self._handle(cfg.name)
+        with store.lock("machine", cfg.name, timeout=30):
+            if m.files.dir.exists():
+                raise AlreadyExistsError("machine", cfg.name)
+            with store.staging_dir("machine-") as stage:
+                staged = MachineFiles(stage)
+                if disk_from is not None:
+                    shutil.copyfile(disk_from, staged.disk)
+                else:
+                    create_disk(rootfs, staged.disk)
+                write_json(staged.config, cfg.model_dump())
+                write_json(staged.state, {"state": "created", "reason": ""})
+                os.rename(stage, m.files.dir)
+        m._event("created", image=cfg.image, digest=cfg.image_digest)
+        return m
+
+    async def clone(self, source: str, name: str) -> AsyncMachine:
+        """A new machine with a copy of ``source``'s config and disk; the source must be at rest."""
+        from .machine import AT_REST
+
+        validate_name("machine", name)
+        src = await self.get(source)
+        async with await src._locked():
+            await src._require("clone", AT_REST)
+            cfg = src.config.model_copy(update={"name": name})
+            return await asyncio.to_thread(self._materialise, cfg, Path(), src.files.disk)
+
+    async def list(self) -> list[MachineStatus]:
+        """Every machine's status, reconciled with its process; damaged ones show as broken."""
+        from .machine import MachineState
+
+        out = []
+        d = self._pn.store.machines_dir
+        if not d.is_dir():
+            return out
+        for entry in sorted(d.iterdir()):
+            try:
+                validate_name("machine", entry.name)
+                out.append(await self._handle(entry.name).status())
+            except Exception as exc:  # a damaged directory must not break ls
+                out.append(MachineStatus(entry.name, MachineState.BROKEN, str(exc)))
+        return out
+
+    async def delete(self, name: str, *, force: bool = False) -> None:
+        await (await self.get(name)).delete(force=force)
+
+
+class AsyncPinnace:
+    """The asyncio core of the API: one store, its images and machines."""
+
+    def __init__(self, home: str | os.PathLike[str] | None = None) -> None:
+        self.store = Store(home)
+        self.images = AsyncImages(Images(self.store))
+        self.machines = AsyncMachines(self)
+
+
+# --- the sync facade -------------------------------------------------------------------
+
+
+class _Loop:
+    """A private event loop in a daemon thread; ``run`` waits for a coroutine's result."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="pinnace-loop",
+                                        daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        fut: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return fut.result()
+        except KeyboardInterrupt:
+            fut.cancel()
+            raise
+
+    def close(self) -> None:
+        if self.loop.is_running():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=5)
+        if not self.loop.is_running():
+            self.loop.close()
+
+
+class Machine:
+    """Sync handle on a machine; every method mirrors AsyncMachine's."""
+
+    def __init__(self, amachine: AsyncMachine, loop: _Loop) -> None:
+        self._m = amachine
+        self._loop = loop
+
+    def __repr__(self) -> str:
+        return f"<Machine {self.name}>"
+
+    @property
+    def name(self) -> str:
+        return self._m.name
+
+    @property
+    def config(self) -> MachineConfig:
+        return self._m.config
+
+    @property
+    def path(self) -> Path:
+        return self._m.files.dir
+
+    def status(self) -> MachineStatus:
+        return self._loop.run(self._m.status())
+
+    def start(self, *, wait: bool = True, timeout: float | None = None) -> MachineStatus:
+        return self._loop.run(self._m.start(wait=wait, timeout=timeout))
+
+    def stop(self, *, timeout: float = 10.0) -> MachineStatus:
+        return self._loop.run(self._m.stop(timeout=timeout))
+
+    def halt(self) -> MachineStatus:
+        return self._loop.run(self._m.halt())
+
+    def kill(self) -> MachineStatus:
+        return self._loop.run(self._m.kill())
+
+    def delete(self, *, force: bool = False) -> None:
+        self._loop.run(self._m.delete(force=force))
+
+    def configure(self, **changes: Any) -> MachineConfig:
+        return self._loop.run(self._m.configure(**changes))
+
+    def exec(self, argv: list[str] | str, *, input: bytes | None = None,
+             timeout: float | None = 60.0, env: dict[str, str] | None = None,
+             cwd: str | None = None, user: str | None = None) -> ExecResult:
+        return self._loop.run(self._m.exec(argv, input=input, timeout=timeout, env=env,
+                                           cwd=cwd, user=user))
+
+    def ping(self, timeout: float = 5.0) -> dict[str, Any]:
+        return self._loop.run(self._m.ping(timeout))
+
+    def info(self, timeout: float = 10.0) -> dict[str, Any]:
+        return self._loop.run(self._m.info(timeout))
+
+    def serial_tail(self, lines: int = 30) -> str:
+        return self._m.serial_tail(lines)
+
+    def close(self) -> None:
+        self._loop.run(self._m.close())
+
+    def __enter__(self) -> Machine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Machines:
+    """Sync face of AsyncMachines."""
+
+    def __init__(self, amachines: AsyncMachines, loop: _Loop) -> None:
+        self._ms = amachines
+        self._loop = loop
+
+    def get(self, name: str) -> Machine:
+        return Machine(self._loop.run(self._ms.get(name)), self._loop)
+
+    def create(self, name: str, **options: Any) -> Machine:
+        return Machine(self._loop.run(self._ms.create(name, **options)), self._loop)
+
+    def clone(self, source: str, name: str) -> Machine:
+        return Machine(self._loop.run(self._ms.clone(source, name)), self._loop)
+
+    def list(self) -> list[MachineStatus]:
+        return self._loop.run(self._ms.list())
+
+    def delete(self, name: str, *, force: bool = False) -> None:
+        self._loop.run(self._ms.delete(name, force=force))
+
+    def __iter__(self) -> Iterator[MachineStatus]:
+        return iter(self.list())
+
+
+class Pinnace:
+    """The sync API: ``Pinnace().machines.create(...)``, ``Pinnace().images.build()``."""
+
+    def __init__(self, home: str | os.PathLike[str] | None = None) -> None:
+        self._loop = _Loop()
+        self.aio = AsyncPinnace(home)
+        self.store = self.aio.store
+        self.images: Images = self.aio.images.sync
+        self.machines = Machines(self.aio.machines, self._loop)
+
+    def close(self) -> None:
+        self._loop.close()
+
+    def __enter__(self) -> Pinnace:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = ["AsyncMachines", "AsyncPinnace", "Image", "Machine", "Machines", "Pinnace"]

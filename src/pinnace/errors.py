@@ -1,0 +1,221 @@
+"""Every error pinnace raises, in one tree.
+
+::
+
+    PinnaceError                      the root: catch this to catch everything pinnace raises
+     +-- ConfigError                  bad input: a name, size, path or option (field, value, hint)
+     +-- NotFoundError                no such machine, image or snapshot (kind, name)
+     +-- AlreadyExistsError           the name is taken (kind, name)
+     +-- StateError                   a call in the wrong lifecycle state (name, state, allowed)
+     +-- LockTimeout                  another pinnace call holds the object (path, timeout)
+     +-- HostError                    the host lacks something pinnace needs (what, hint)
+     +-- ImageBuildError              building an image failed (step, command, exit_code, log_tail)
+     +-- MachineError                 a machine misbehaved (name, log_tail)
+     |    +-- LaunchError             QEMU would not start (command, exit_code)
+     |    +-- BootTimeout             the guest did not become ready in time (timeout)
+     |    +-- MachineCrashed          QEMU exited while it should have been running (exit_code)
+     +-- AgentError                   the guest agent channel failed
+          +-- ProtocolError           the guest sent something that breaks the protocol
+          +-- AgentTimeout            the agent did not answer in time (timeout)
+          +-- RemoteError             the agent refused a request (code, message)
+          +-- AgentDisconnected       the channel closed while requests were in flight
+
+Exceptions carry their facts as fields, so a caller can act on them without
+parsing the message; ``str()`` of each is one line a user can act on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class PinnaceError(Exception):
+    """Root of every error pinnace raises."""
+
+
+class ConfigError(PinnaceError):
+    """Bad input: the field, the value given and how to fix it."""
+
+    def __init__(self, field: str, value: object, hint: str) -> None:
+        self.field = field
+        self.value = value
+        self.hint = hint
+        super().__init__(f"invalid {field} {value!r}: {hint}")
+
+
+class NotFoundError(PinnaceError):
+    """No object of this kind with this name exists in the store."""
+
+    def __init__(self, kind: str, name: str, hint: str = "") -> None:
+        self.kind = kind
+        self.name = name
+        msg = f"no {kind} named {name!r}"
+        super().__init__(f"{msg}; {hint}" if hint else msg)
+
+
+class AlreadyExistsError(PinnaceError):
+    """An object of this kind with this name exists already."""
+
+    def __init__(self, kind: str, name: str) -> None:
+        self.kind = kind
+        self.name = name
+        super().__init__(
+            f"a {kind} named {name!r} exists already; choose another name or delete it first"
+        )
+
+
+class StateError(PinnaceError):
+    """A call was made in a lifecycle state that does not allow it."""
+
+    def __init__(self, name: str, action: str, state: str, allowed: Sequence[str]) -> None:
+        self.name = name
+        self.action = action
+        self.state = state
+        self.allowed = tuple(allowed)
+        super().__init__(
+            f"cannot {action} machine {name!r}: it is {state}, "
+            f"and {action} needs it to be {' or '.join(self.allowed)}"
+        )
+
+
+class LockTimeout(PinnaceError):
+    """Another pinnace call holds the object's lock for longer than we waited."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        self.path = path
+        self.timeout = timeout
+        super().__init__(
+            f"another pinnace command is busy with {path} (waited {timeout:g} s); "
+            "try again when it has finished"
+        )
+
+
+class HostError(PinnaceError):
+    """The host lacks a program, device or permission pinnace needs."""
+
+    def __init__(self, what: str, hint: str) -> None:
+        self.what = what
+        self.hint = hint
+        super().__init__(f"{what}; {hint}")
+
+
+def _tail_suffix(log_tail: str) -> str:
+    tail = log_tail.rstrip()
+    return f"\n--- last lines of the log ---\n{tail}" if tail else ""
+
+
+class ImageBuildError(PinnaceError):
+    """A step of an image build failed; nothing was added to the store."""
+
+    def __init__(
+        self,
+        step: str,
+        message: str,
+        *,
+        command: Sequence[str] = (),
+        exit_code: int | None = None,
+        log_tail: str = "",
+    ) -> None:
+        self.step = step
+        self.command = tuple(command)
+        self.exit_code = exit_code
+        self.log_tail = log_tail
+        self.message = message
+        super().__init__(f"image build failed at {step}: {message}")
+
+    def __str__(self) -> str:
+        return super().__str__() + _tail_suffix(self.log_tail)
+
+
+class MachineError(PinnaceError):
+    """A machine misbehaved; ``log_tail`` holds the last lines of its serial console."""
+
+    def __init__(self, name: str, message: str, *, log_tail: str = "") -> None:
+        self.name = name
+        self.message = message
+        self.log_tail = log_tail
+        super().__init__(f"machine {name!r}: {message}")
+
+    def __str__(self) -> str:
+        return super().__str__() + _tail_suffix(self.log_tail)
+
+
+class LaunchError(MachineError):
+    """QEMU refused to start (bad arguments, missing device, no permission)."""
+
+    def __init__(
+        self, name: str, message: str, *, command: Sequence[str], exit_code: int | None,
+        log_tail: str = "",
+    ) -> None:
+        self.command = tuple(command)
+        self.exit_code = exit_code
+        super().__init__(name, message, log_tail=log_tail)
+
+
+class BootTimeout(MachineError):
+    """The guest did not answer on the agent channel within the boot timeout."""
+
+    def __init__(self, name: str, timeout: float, *, log_tail: str = "") -> None:
+        self.timeout = timeout
+        super().__init__(
+            name,
+            f"guest did not become ready within {timeout:g} s (QEMU is still running; "
+            "see the serial log below, raise --boot-timeout if the host is slow)",
+            log_tail=log_tail,
+        )
+
+
+class MachineCrashed(MachineError):
+    """QEMU exited while the machine should have been running."""
+
+    def __init__(self, name: str, exit_code: int | None, *, during: str, log_tail: str = "") -> None:
+        self.exit_code = exit_code
+        self.during = during
+        super().__init__(
+            name, f"QEMU exited during {during} ({describe_exit(exit_code)})", log_tail=log_tail
+        )
+
+
+def describe_exit(code: int | None) -> str:
+    """Say how a process ended, from a shell-style exit status (128+N is signal N)."""
+    if code is None:
+        return "exit status unknown"
+    if code > 128:
+        import signal
+
+        try:
+            name = signal.Signals(code - 128).name
+        except ValueError:
+            name = f"signal {code - 128}"
+        return f"killed by {name}"
+    return f"exit code {code}"
+
+
+class AgentError(PinnaceError):
+    """The channel to the guest agent failed."""
+
+
+class ProtocolError(AgentError):
+    """The other side sent bytes that break the agent protocol."""
+
+
+class AgentTimeout(AgentError):
+    """The agent did not answer within the timeout."""
+
+    def __init__(self, what: str, timeout: float) -> None:
+        self.what = what
+        self.timeout = timeout
+        super().__init__(f"guest agent did not answer {what} within {timeout:g} s")
+
+
+class RemoteError(AgentError):
+    """The agent refused or failed a request; ``code`` is a short machine-readable word."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        self.message = message
+        super().__init__(f"guest: {message} ({code})")
+
+
+class AgentDisconnected(AgentError):
+    """The agent channel closed while requests were in flight (the guest stopped or crashed)."""

@@ -1,0 +1,199 @@
+"""Images: building, naming and removing bootable guests."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigError, NotFoundError, PinnaceError
+from ..store import ImageFiles, Store, read_json, validate_name, write_atomic
+
+if TYPE_CHECKING:
+    from .build import Reporter
+
+DEFAULT_IMAGE = "default"
+_DIGEST_RE = re.compile(r"^[0-9a-f]{6,64}$")
+
+
+@dataclass(frozen=True)
+class Image:
+    """A built image: its digest, the names that point at it, and its manifest."""
+
+    digest: str
+    names: tuple[str, ...]
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def files(self) -> ImageFiles:
+        return ImageFiles(self.path)
+
+    @property
+    def short(self) -> str:
+        return self.digest[:12]
+
+    @property
+    def size(self) -> int:
+        """Bytes the image really takes on disk (its root filesystem is sparse)."""
+        return sum(p.stat().st_blocks * 512 for p in self.path.iterdir() if p.is_file())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"digest": self.digest, "names": list(self.names), "path": str(self.path),
+                "size": self.size, **{k: v for k, v in self.manifest.items() if k != "digest"}}
+
+
+class ImageInUse(PinnaceError):
+    """An image cannot be removed while machines are made from it."""
+
+    def __init__(self, image: str, machines: Sequence[str]) -> None:
+        self.image = image
+        self.machines = tuple(machines)
+        super().__init__(f"image {image!r} is used by machine(s) {', '.join(machines)}; "
+                         "delete them first")
+
+
+class Images:
+    """The images in a store (synchronous: building is subprocess work)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def _ref(self, name: str) -> Path:
+        return self.store.image_refs_dir / name
+
+    def build(self, name: str = DEFAULT_IMAGE, packages: Sequence[str] = (), *,
+              suite: str | None = None, mirror: str | None = None, refresh: bool = False,
+              reporter: Reporter | None = None) -> Image:
+        """Build (or find in the cache) the image for these inputs and point ``name`` at it."""
+        from .build import ImageBuilder, ImageSpec
+
+        validate_name("image", name)
+        spec = ImageSpec.create(packages, suite=suite, mirror=mirror)
+        builder = ImageBuilder(self.store, spec, reporter)
+        if refresh:
+            shutil.rmtree(builder.base_dir(), ignore_errors=True)
+            target = self.store.image_files(spec.digest).dir
+            if target.exists() and not self._users(spec.digest):
+                shutil.rmtree(target)
+        builder.build()
+        self.store.image_refs_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(self._ref(name), spec.digest + "\n")
+        return self.get(name)
+
+    def resolve(self, ref: str) -> str:
+        """The digest a name (or digest prefix) points at."""
+        if not isinstance(ref, str) or not ref:
+            raise ConfigError("image", ref, "give an image name or digest")
+        try:
+            return self._ref(validate_name("image", ref)).read_text().strip()
+        except (FileNotFoundError, ConfigError):
+            pass
+        if _DIGEST_RE.match(ref) and self.store.images_dir.is_dir():
+            matches = [p.name for p in self.store.images_dir.iterdir() if p.name.startswith(ref)]
+            if len(matches) == 1:
+                return matches[0]
+        hint = ("build it with 'pinnace image build'" if ref == DEFAULT_IMAGE
+                else f"build it with 'pinnace image build {ref}', or see 'pinnace image ls'")
+        raise NotFoundError("image", ref, hint)
+
+    def get(self, ref: str) -> Image:
+        digest = self.resolve(ref)
+        return self._load(digest)
+
+    def _load(self, digest: str) -> Image:
+        files = self.store.image_files(digest)
+        try:
+            manifest = read_json(files.manifest)
+        except (FileNotFoundError, ValueError):
+            raise NotFoundError("image", digest,
+                                "its files are gone; rebuild it with 'pinnace image build'") from None
+        names = tuple(sorted(n for n, d in self._refs().items() if d == digest))
+        return Image(digest, names, files.dir, manifest)
+
+    def _refs(self) -> dict[str, str]:
+        refs: dict[str, str] = {}
+        if self.store.image_refs_dir.is_dir():
+            for p in self.store.image_refs_dir.iterdir():
+                if not p.name.startswith("."):
+                    refs[p.name] = p.read_text().strip()
+        return refs
+
+    def list(self) -> list[Image]:
+        if not self.store.images_dir.is_dir():
+            return []
+        out = []
+        for p in sorted(self.store.images_dir.iterdir()):
+            if (p / "image.json").exists():
+                out.append(self._load(p.name))
+        return out
+
+    def files_for(self, digest: str, name: str) -> ImageFiles:
+        files = self.store.image_files(digest)
+        if not files.manifest.exists():
+            raise NotFoundError("image", f"{name} ({digest[:12]})",
+                                "it was removed; rebuild it with 'pinnace image build'")
+        return files
+
+    def _users(self, digest: str) -> list[str]:
+        from ..config import MachineConfig
+
+        users = []
+        if self.store.machines_dir.is_dir():
+            for d in sorted(self.store.machines_dir.iterdir()):
+                try:
+                    cfg = MachineConfig.model_validate_json((d / "config.json").read_text())
+                except (OSError, ValueError):
+                    continue
+                if cfg.image_digest == digest:
+                    users.append(cfg.name)
+        return users
+
+    def remove(self, ref: str) -> Image:
+        """Remove an image name; the image's files go when no name and no machine uses them."""
+        image = self.get(ref)
+        users = self._users(image.digest)
+        is_name = ref in image.names
+        remaining = [n for n in image.names if n != ref] if is_name else []
+        if not remaining and users:
+            raise ImageInUse(ref, users)
+        with self.store.lock("image-build", image.digest, timeout=60):
+            if is_name:
+                os.unlink(self._ref(ref))
+            else:
+                for n in image.names:
+                    os.unlink(self._ref(n))
+            if not remaining:
+                trash = self.store.tmp_dir / f"delete-{os.getpid()}-{image.digest}"
+                self.store.tmp_dir.mkdir(parents=True, exist_ok=True)
+                os.rename(image.path, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+        return image
+
+
+class AsyncImages:
+    """Asyncio face of Images: slow work runs in a thread."""
+
+    def __init__(self, images: Images) -> None:
+        self.sync = images
+
+    async def build(self, name: str = DEFAULT_IMAGE, packages: Sequence[str] = (),
+                    **kwargs: Any) -> Image:
+        return await asyncio.to_thread(self.sync.build, name, packages, **kwargs)
+
+    async def get(self, ref: str) -> Image:
+        return self.sync.get(ref)
+
+    async def list(self) -> list[Image]:
+        return self.sync.list()
+
+    async def remove(self, ref: str) -> Image:
+        return await asyncio.to_thread(self.sync.remove, ref)
+
+    def files_for(self, digest: str, name: str) -> ImageFiles:
+        return self.sync.files_for(digest, name)

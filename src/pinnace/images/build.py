@@ -1,0 +1,396 @@
+"""Building a bootable guest image from Debian's packages.
+
+An image is three files and a manifest, built in a staging directory and renamed
+into ``images/<digest>/`` only when whole, so a failed or interrupted build never
+leaves half an image in the store. The digest covers every input (packages,
+suite, mirror, the agent's and the init script's code, the builder's version),
+so an image is rebuilt exactly when one of them changes.
+
+The slow part, mmdebstrap, is its own cached layer (``cache/base/<key>/``): it
+depends only on the package list, so changing the agent rebuilds in seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from ..errors import ConfigError, HostError, ImageBuildError
+from ..store import Store, fsync_dir, write_json
+from . import kernel as K
+from .cpio import CpioWriter
+
+log = logging.getLogger(__name__)
+
+# Bump when the build recipe changes in a way that changes the output.
+BUILDER_VERSION = 1
+DEFAULT_SUITE = "bookworm"
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+DEFAULT_SECURITY_MIRROR = "http://deb.debian.org/debian-security"
+KERNEL_PACKAGE = "linux-image-amd64"
+BASE_PACKAGES = ("python3", "iproute2", "iputils-ping", "procps", "ca-certificates", "kmod")
+ROOTFS_MIN_SIZE = 2 << 30
+AGENT_DIR = "usr/lib/pinnace"
+_PKG_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+(=[A-Za-z0-9.+~:-]+)?$")
+HOST_TOOLS = {
+    "mmdebstrap": "mmdebstrap", "mkfs.ext4": "e2fsprogs", "dpkg-deb": "dpkg", "depmod": "kmod",
+    "tar": "tar",
+}
+
+
+class Reporter(Protocol):
+    """Receives progress of a build; the CLI draws it, the API logs it."""
+
+    def step(self, name: str) -> contextlib.AbstractContextManager[None]: ...
+
+    def output(self, line: str) -> None: ...
+
+
+class LogReporter:
+    """A Reporter that writes to the module logger."""
+
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        start = time.monotonic()
+        log.info("%s ...", name)
+        yield
+        log.info("%s done in %.1f s", name, time.monotonic() - start)
+
+    def output(self, line: str) -> None:
+        log.debug("%s", line)
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """The declared inputs of an image; its digest names the image."""
+
+    packages: tuple[str, ...] = ()
+    suite: str = DEFAULT_SUITE
+    mirror: str = DEFAULT_MIRROR
+    security_mirror: str = DEFAULT_SECURITY_MIRROR
+    kernel_package: str = KERNEL_PACKAGE
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, packages: Sequence[str] = (), *, suite: str | None = None,
+               mirror: str | None = None) -> ImageSpec:
+        for pkg in packages:
+            if not _PKG_RE.match(pkg):
+                raise ConfigError("package", pkg, "give a Debian package name such as 'curl' "
+                                  "or 'curl=7.88.1-10'")
+        mirror = mirror or os.environ.get("PINNACE_DEBIAN_MIRROR") or DEFAULT_MIRROR
+        if not re.match(r"^(https?|file)://\S+$", mirror):
+            raise ConfigError("mirror", mirror, "give an http(s):// or file:// URL")
+        suite = suite or DEFAULT_SUITE
+        if not re.match(r"^[a-z][a-z0-9-]*$", suite):
+            raise ConfigError("suite", suite, "give a Debian suite name such as 'bookworm'")
+        security = os.environ.get("PINNACE_DEBIAN_SECURITY_MIRROR") or DEFAULT_SECURITY_MIRROR
+        return cls(packages=tuple(sorted(set(packages))), suite=suite, mirror=mirror.rstrip("/"),
+                   security_mirror=security.rstrip("/"))
+
+    @property
+    def all_packages(self) -> tuple[str, ...]:
+        return tuple(sorted(set(BASE_PACKAGES) | set(self.packages)))
+
+    def base_inputs(self) -> dict[str, object]:
+        return {
+            "builder": BUILDER_VERSION, "suite": self.suite, "mirror": self.mirror,
+            "security_mirror": self.security_mirror, "packages": list(self.all_packages),
+            "kernel_package": self.kernel_package,
+        }
+
+    def inputs(self) -> dict[str, object]:
+        return {
+            **self.base_inputs(),
+            "agent": source_digest(agent_sources()),
+            "init": source_digest([init_script()]),
+            "initramfs_modules": list(K.INITRAMFS_MODULES),
+        }
+
+    @property
+    def base_key(self) -> str:
+        return _digest(self.base_inputs())
+
+    @property
+    def digest(self) -> str:
+        return _digest(self.inputs())
+
+
+def _digest(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def agent_sources() -> list[Path]:
+    here = Path(__file__).resolve().parent.parent / "agent"
+    return [here / "protocol.py", here / "guest.py"]
+
+
+def init_script() -> Path:
+    return Path(__file__).resolve().parent / "init.sh"
+
+
+def source_digest(paths: Sequence[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def check_host_tools() -> None:
+    missing = [(tool, pkg) for tool, pkg in HOST_TOOLS.items() if shutil.which(tool) is None]
+    if missing:
+        names = ", ".join(t for t, _ in missing)
+        pkgs = " ".join(sorted({p for _, p in missing}))
+        raise HostError(f"missing host tools for building images: {names}",
+                        f"install them with: apt-get install {pkgs} (or run 'make deps')")
+    if os.geteuid() != 0:
+        raise HostError("building an image needs root (mmdebstrap chroot and file ownership)",
+                        "run the build as root, e.g. with sudo")
+
+
+class Runner:
+    """Runs build commands with their output in a log file and on the reporter."""
+
+    def __init__(self, logfile: Path, reporter: Reporter) -> None:
+        self.logfile = logfile
+        self.reporter = reporter
+
+    def run(self, step: str, argv: Sequence[str], *, cwd: Path | None = None,
+            env: dict[str, str] | None = None) -> None:
+        with open(self.logfile, "a") as logf:
+            logf.write(f"$ {' '.join(argv)}\n")
+            logf.flush()
+            proc = subprocess.Popen(
+                list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, cwd=cwd, env=env, text=True, errors="replace",
+            )
+            assert proc.stdout is not None
+            try:
+                for line in proc.stdout:
+                    logf.write(line)
+                    self.reporter.output(line.rstrip())
+                code = proc.wait()
+            except BaseException:
+                proc.kill()
+                proc.wait()
+                raise
+        if code != 0:
+            from ..store import tail
+
+            raise ImageBuildError(step, f"{argv[0]} exited with code {code}", command=argv,
+                                  exit_code=code, log_tail=tail(self.logfile, 25))
+
+
+class ImageBuilder:
+    """Builds one ImageSpec into the store."""
+
+    def __init__(self, store: Store, spec: ImageSpec, reporter: Reporter | None = None) -> None:
+        self.store = store
+        self.spec = spec
+        self.reporter: Reporter = reporter or LogReporter()
+
+    # -- the base layer: mmdebstrap ------------------------------------------------------
+
+    def base_dir(self) -> Path:
+        return self.store.cache_dir / "base" / self.spec.base_key
+
+    def ensure_base(self) -> Path:
+        """The cached root filesystem tarball and kernel/busybox packages for this spec."""
+        final = self.base_dir()
+        if (final / "manifest.json").exists():
+            return final
+        final.parent.mkdir(parents=True, exist_ok=True)
+        with self.store.staging_dir("base-") as stage:
+            runner = Runner(stage / "build.log", self.reporter)
+            debs = stage / "debs"
+            debs.mkdir()
+            spec = self.spec
+            hook = (
+                'set -e; mkdir -p "$1/var/cache/pinnace-debs"; '
+                f'kpkg=$(chroot "$1" apt-cache depends {spec.kernel_package} '
+                "| sed -n 's/^ *Depends: \\(linux-image-[^ ]*\\).*/\\1/p' | head -n1); "
+                f'[ -n "$kpkg" ] || kpkg={spec.kernel_package}; '
+                'chroot "$1" sh -c "cd /var/cache/pinnace-debs && '
+                'apt-get download -q $kpkg busybox-static"'
+            )
+            sources = [
+                f"deb {spec.mirror} {spec.suite} main",
+                f"deb {spec.mirror} {spec.suite}-updates main",
+                f"deb {spec.security_mirror} {spec.suite}-security main",
+            ]
+            argv = [
+                "mmdebstrap", "--variant=apt", "--mode=root", "--format=tar",
+                f"--include={','.join(spec.all_packages)}",
+                "--dpkgopt=path-exclude=/usr/share/man/*",
+                "--dpkgopt=path-exclude=/usr/share/locale/*",
+                "--dpkgopt=path-exclude=/usr/share/doc/*",
+                "--dpkgopt=path-include=/usr/share/doc/*/copyright",
+                "--dpkgopt=path-exclude=/usr/share/info/*",
+                f"--customize-hook={hook}",
+                f'--customize-hook=copy-out /var/cache/pinnace-debs {debs}',
+                '--customize-hook=rm -rf "$1/var/cache/pinnace-debs"',
+                '--customize-hook=chroot "$1" dpkg-query -W -f "${Package}=${Version}\\n" '
+                '> "$1/.pinnace-packages"',
+                '--customize-hook=copy-out /.pinnace-packages ' + str(stage),
+                '--customize-hook=rm -f "$1/.pinnace-packages"',
+                spec.suite, str(stage / "rootfs.tar"), *sources,
+            ]
+            with self.reporter.step("Installing Debian packages (mmdebstrap)"):
+                runner.run("mmdebstrap", argv)
+            got = sorted(p.name for p in (debs / "pinnace-debs").glob("*.deb"))
+            if not any(n.startswith("linux-image-") for n in got) or not any(
+                    n.startswith("busybox-static") for n in got):
+                raise ImageBuildError("mmdebstrap", f"kernel or busybox package missing: {got}")
+            for p in (debs / "pinnace-debs").glob("*.deb"):
+                p.rename(debs / p.name)
+            (debs / "pinnace-debs").rmdir()
+            packages = (stage / ".pinnace-packages").read_text().split()
+            (stage / ".pinnace-packages").unlink()
+            write_json(stage / "manifest.json", {
+                "inputs": self.spec.base_inputs(), "packages": packages, "debs": got,
+                "created": time.time(),
+            })
+            if final.exists():  # another build raced us and won; theirs is as good
+                return final
+            stage.rename(final)
+            fsync_dir(final.parent)
+        return final
+
+    # -- the image -----------------------------------------------------------------------
+
+    def build(self) -> Path:
+        """Build the image unless the store has it; return its directory."""
+        check_host_tools()
+        digest = self.spec.digest
+        final = self.store.image_files(digest).dir
+        if (final / "image.json").exists():
+            return final
+        self.store.ensure()
+        self.store.clean_tmp()
+        with self.store.lock("image-build", digest, timeout=3600):
+            if (final / "image.json").exists():
+                return final
+            base = self.ensure_base()
+            with self.store.staging_dir("image-") as stage:
+                self._build_into(stage, base)
+                stage.rename(final)
+                fsync_dir(final.parent)
+        return final
+
+    def _build_into(self, stage: Path, base: Path) -> None:
+        runner = Runner(stage / "build.log", self.reporter)
+        work = stage / "work"
+        work.mkdir()
+        base_manifest = json.loads((base / "manifest.json").read_text())
+        debs = base / "debs"
+        kdeb = next(debs.glob("linux-image-*.deb"))
+        bdeb = next(debs.glob("busybox-static_*.deb"))
+
+        with self.reporter.step("Extracting the kernel (vmlinux for PVH boot)"):
+            kroot = work / "kernel"
+            runner.run("kernel", ["dpkg-deb", "-x", str(kdeb), str(kroot)])
+            vmlinuz = sorted((kroot / "boot").glob("vmlinuz-*"))
+            if not vmlinuz:
+                raise ImageBuildError("kernel", f"{kdeb.name} has no /boot/vmlinuz-*")
+            kver = vmlinuz[0].name.removeprefix("vmlinuz-")
+            try:
+                elf = K.extract_vmlinux(vmlinuz[0].read_bytes())
+            except K.KernelError as exc:
+                raise ImageBuildError("kernel", str(exc)) from exc
+            if not K.has_pvh_entry(elf):
+                raise ImageBuildError("kernel", f"{kver} has no PVH entry note (CONFIG_PVH)")
+            (stage / "vmlinux").write_bytes(elf)
+            del elf
+            runner.run("depmod", ["depmod", "-b", str(kroot), kver])
+            mdir = kroot / "lib/modules" / kver
+            deps = K.parse_modules_dep((mdir / "modules.dep").read_text())
+            order = K.load_order(deps, K.INITRAMFS_MODULES)
+
+        with self.reporter.step("Building the initramfs (busybox and virtio modules)"):
+            broot = work / "busybox"
+            runner.run("busybox", ["dpkg-deb", "-x", str(bdeb), str(broot)])
+            busybox = broot / "bin/busybox"
+            buf = io.BytesIO()
+            cw = CpioWriter(buf)
+            for d in ("bin", "dev", "proc", "sys", "newroot", "lib/modules"):
+                cw.mkdir(d)
+            cw.chardev("dev/console", 5, 1)
+            cw.chardev("dev/null", 1, 3, 0o666)
+            cw.file("bin/busybox", busybox.read_bytes(), 0o755)
+            cw.symlink("bin/sh", "busybox")
+            cw.file("init", init_script().read_bytes(), 0o755)
+            names = []
+            for path in order:
+                name = path.rsplit("/", 1)[-1]
+                cw.file(f"lib/modules/{name}", (mdir / path).read_bytes())
+                names.append(name)
+            cw.file("lib/modules/load.order", ("\n".join(names) + "\n").encode())
+            cw.close()
+            (stage / "initrd.img").write_bytes(buf.getvalue())
+
+        with self.reporter.step("Making the root filesystem (ext4)"):
+            root = work / "root"
+            root.mkdir()
+            runner.run("rootfs", ["tar", "--numeric-owner", "-xpf", str(base / "rootfs.tar"),
+                                  "-C", str(root)])
+            agent_dir = root / AGENT_DIR
+            agent_dir.mkdir(parents=True, exist_ok=True)
+            for src in agent_sources():
+                shutil.copy2(src, agent_dir / src.name)
+            (agent_dir / "agent").write_text(
+                "import sys\nsys.path.insert(0, '/usr/lib/pinnace')\nimport guest\nguest.run_main()\n"
+            )
+            # Compile the agent with the guest's own Python so first boots skip that.
+            subprocess.run(["chroot", str(root), "python3", "-m", "compileall", "-q",
+                            "/" + AGENT_DIR], check=False, capture_output=True)
+            K.copy_modules(kroot, root, kver)
+            runner.run("depmod", ["depmod", "-b", str(root), kver])
+            (root / "etc/hostname").write_text("pinnace\n")
+            (root / "etc/hosts").write_text(
+                "127.0.0.1\tlocalhost\n127.0.1.1\tpinnace\n::1\tlocalhost ip6-localhost\n")
+            (root / "etc/fstab").write_text("# the pinnace agent mounts what the guest needs\n")
+            with contextlib.suppress(FileNotFoundError):
+                (root / "etc/resolv.conf").unlink()
+            (root / "etc/resolv.conf").write_text("")
+            used = sum(p.lstat().st_size for p in root.rglob("*"))
+            size = max(ROOTFS_MIN_SIZE, int(used * 1.5) + (512 << 20))
+            size = (size + (1 << 20) - 1) & ~((1 << 20) - 1)
+            rootfs = stage / "rootfs.ext4"
+            runner.run("rootfs", [
+                "mkfs.ext4", "-q", "-F", "-L", "pinnace-root", "-d", str(root),
+                "-E", "lazy_itable_init=0,lazy_journal_init=0",
+                str(rootfs), f"{size >> 20}M",
+            ])
+            shutil.rmtree(work)
+
+        files = {n: (stage / n).stat().st_size for n in ("vmlinux", "initrd.img", "rootfs.ext4")}
+        write_json(stage / "image.json", {
+            "digest": self.spec.digest,
+            "inputs": self.spec.inputs(),
+            "kernel_version": kver,
+            "kernel_package": kdeb.name,
+            "busybox_package": bdeb.name,
+            "initramfs_modules": names,
+            "packages": base_manifest["packages"],
+            "agent_version": _agent_version(),
+            "files": files,
+            "created": time.time(),
+        })
+
+
+def _agent_version() -> str:
+    from ..agent.protocol import AGENT_VERSION
+
+    return AGENT_VERSION

@@ -1,0 +1,432 @@
+"""Machines: their lifecycle, state machine and the commands that move them.
+
+States and the moves between them::
+
+    created --start--> starting --agent answers--> ready --stop/halt/kill--> stopping --> stopped
+       ^                  |   \\--start(wait=False)--> running                             |
+       |                  +--> failed(reason) <-- QEMU died or boot timed out             |
+       +------------------------------------- start again ---------------------------------+
+
+The state on disk is a record of the last move; what a machine *is* comes from
+that record plus a live check of its QEMU process (``status()``), so a QEMU
+that died behind pinnace's back shows as stopped or failed, never as running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import json
+import logging
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .agent.client import AgentClient, ExecResult, Process
+from .backends.qemu import command as qcmd
+from .backends.qemu import host as qhost
+from .backends.qemu import process as qproc
+from .config import MachineConfig
+from .errors import (
+    AgentDisconnected,
+    AgentError,
+    AgentTimeout,
+    BootTimeout,
+    ConfigError,
+    LaunchError,
+    MachineCrashed,
+    NotFoundError,
+    StateError,
+    describe_exit,
+)
+from .store import MachineFiles, read_json, tail, write_json
+
+if TYPE_CHECKING:
+    from .client import AsyncPinnace
+
+log = logging.getLogger(__name__)
+
+STOP_TIMEOUT = 10.0
+QUIT_TIMEOUT = 5.0
+SERIAL_TAIL_LINES = 30
+
+
+class MachineState(enum.StrEnum):
+    CREATED = "created"
+    STARTING = "starting"
+    RUNNING = "running"
+    READY = "ready"
+    PAUSED = "paused"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+    BROKEN = "broken"  # the directory is damaged: shown by ls, never a crash
+
+
+S = MachineState
+LIVE = frozenset({S.STARTING, S.RUNNING, S.READY, S.PAUSED, S.STOPPING})
+STARTABLE = (S.CREATED, S.STOPPED, S.FAILED)
+STOPPABLE = (S.STARTING, S.RUNNING, S.READY, S.PAUSED)
+AT_REST = (S.CREATED, S.STOPPED, S.FAILED)
+
+
+@dataclass(frozen=True)
+class MachineStatus:
+    """What a machine is right now: its state, why, and its process."""
+
+    name: str
+    state: MachineState
+    reason: str = ""
+    pid: int | None = None
+    accel: str | None = None
+    started_at: float | None = None
+    exit_code: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["state"] = str(self.state)
+        return d
+
+
+class AsyncMachine:
+    """One machine in the store. Get it from ``AsyncPinnace.machines``."""
+
+    def __init__(self, pinnace: AsyncPinnace, name: str) -> None:
+        self._pn = pinnace
+        self.name = name
+        self.files: MachineFiles = pinnace.store.machine_files(name)
+        self.log = log.getChild(name)
+        self._agent: AgentClient | None = None
+        self._agent_lock = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        return f"<AsyncMachine {self.name}>"
+
+    @property
+    def config(self) -> MachineConfig:
+        try:
+            return MachineConfig.model_validate_json(self.files.config.read_text())
+        except FileNotFoundError:
+            raise NotFoundError("machine", self.name, "see 'pinnace ls'") from None
+
+    def _lock(self, timeout: float = 120.0) -> Any:
+        return self._pn.store.lock("machine", self.name, timeout)
+
+    async def _locked(self, timeout: float = 120.0) -> contextlib.AbstractAsyncContextManager[None]:
+        lock = self._lock(timeout)
+        await asyncio.to_thread(lock.acquire)
+
+        @contextlib.asynccontextmanager
+        async def holder() -> Any:
+            try:
+                yield
+            finally:
+                lock.release()
+
+        return holder()
+
+    # -- state ---------------------------------------------------------------------------
+
+    def _record(self) -> dict[str, Any]:
+        try:
+            data = read_json(self.files.state)
+            return data if isinstance(data, dict) else {}
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def _write_state(self, state: MachineState, reason: str = "", **fields: Any) -> None:
+        record = {"state": str(state), "reason": reason, "updated_at": time.time(), **fields}
+        write_json(self.files.state, record)
+        self._event(str(state), reason=reason, **{k: v for k, v in fields.items() if k == "pid"})
+
+    def _event(self, event: str, **fields: Any) -> None:
+        line = json.dumps({"time": time.time(), "event": event, **fields})
+        with contextlib.suppress(OSError), open(self.files.events, "a") as f:
+            f.write(line + "\n")
+
+    def _process(self, record: dict[str, Any]) -> qproc.ProcessInfo | None:
+        pid, start = record.get("pid"), record.get("pid_start")
+        if isinstance(pid, int) and isinstance(start, int):
+            return qproc.ProcessInfo(pid, start)
+        return None
+
+    def _alive(self) -> bool:
+        info = self._process(self._record())
+        return info is not None and info.alive()
+
+    async def status(self) -> MachineStatus:
+        """The machine's state, reconciled with whether its QEMU is alive."""
+        if not self.files.dir.is_dir():
+            raise NotFoundError("machine", self.name, "see 'pinnace ls'")
+        record = self._record()
+        try:
+            state = MachineState(record.get("state", ""))
+        except ValueError:
+            return MachineStatus(self.name, S.BROKEN, "state.json is missing or damaged")
+        info = self._process(record)
+        if state in LIVE and (info is None or not info.alive()):
+            state, reason, code = self._settle(state)
+            record = self._record()
+            return MachineStatus(self.name, state, reason, None, record.get("accel"),
+                                 record.get("started_at"), code)
+        return MachineStatus(self.name, state, str(record.get("reason", "")),
+                             info.pid if info and state in LIVE else None, record.get("accel"),
+                             record.get("started_at"), record.get("exit_code"))
+
+    def _settle(self, was: MachineState) -> tuple[MachineState, str, int | None]:
+        """QEMU is gone though the record says it runs: decide stopped or failed, and record it."""
+        code = qproc.read_exit_status(self.files)
+        serial = tail(self.files.serial_log, 200)
+        if was == S.STOPPING:
+            state, reason = S.STOPPED, ""
+        elif "Kernel panic" in serial:
+            state, reason = S.FAILED, "the guest kernel panicked"
+        elif code == 0:
+            state, reason = S.STOPPED, "the guest powered off"
+        else:
+            state, reason = S.FAILED, f"QEMU {describe_exit(code)}"
+        lock = self._lock(0.0)
+        try:
+            lock.acquire()
+        except Exception:
+            return state, reason, code  # someone else is changing it; report, do not write
+        try:
+            if self._record().get("state") == str(was):
+                self._cleanup_runtime()
+                self._write_state(state, reason, exit_code=code, accel=self._record().get("accel"))
+        finally:
+            lock.release()
+        return state, reason, code
+
+    def _cleanup_runtime(self) -> None:
+        for p in self.files.runtime_files():
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+    async def _require(self, action: str, allowed: tuple[MachineState, ...]) -> MachineStatus:
+        """The current status, if its state is one ``action`` accepts; else StateError."""
+        st = await self.status()
+        if st.state not in allowed:
+            raise StateError(self.name, action, str(st.state), [str(s) for s in allowed])
+        return st
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self, *, wait: bool = True, timeout: float | None = None) -> MachineStatus:
+        """Boot the machine; with ``wait``, return once its agent answers (state ready)."""
+        async with await self._locked():
+            await self._require("start", STARTABLE)
+            cfg = self.config
+            image = self._pn.images.files_for(cfg.image_digest, cfg.image)
+            choice = await asyncio.to_thread(
+                qhost.choose_accel, cfg.accel, self._pn.store.cache_dir, image.kernel, image.initrd)
+            if choice.accel == "tcg" and cfg.accel == "auto" and choice.reason:
+                self.log.warning("KVM is not usable (%s); using TCG software emulation, "
+                                 "which is several times slower", choice.reason)
+            spec = qcmd.LaunchSpec(
+                name=self.name, files=self.files, kernel=image.kernel, initrd=image.initrd,
+                cpus=cfg.cpus, memory_mib=cfg.memory_mib, accel=choice.accel,
+                cmdline=cfg.cmdline, tsc_khz=qhost.host_tsc_khz(),
+            )
+            argv = qcmd.build_argv(qhost.qemu_binary(), spec)
+            self._cleanup_runtime()
+            if self.files.serial_log.exists():
+                self.files.serial_log.replace(self.files.dir / "serial.log.prev")
+            with contextlib.suppress(FileNotFoundError):
+                self.files.qemu_log.unlink()
+            self._write_state(S.STARTING, accel=choice.accel)
+            self.log.debug("launching: %s", qcmd.render(argv))
+            started = time.time()
+            try:
+                launched = await asyncio.to_thread(qproc.launch, argv, self.files)
+            except TimeoutError as exc:
+                self._write_state(S.FAILED, f"QEMU did not start: {exc}", accel=choice.accel)
+                raise LaunchError(self.name, str(exc), command=argv, exit_code=None,
+                                  log_tail=tail(self.files.qemu_log)) from exc
+            if isinstance(launched, int):
+                qlog = tail(self.files.qemu_log)
+                first = qlog.strip().splitlines()[-1] if qlog.strip() else describe_exit(launched)
+                self._write_state(S.FAILED, f"QEMU would not start: {first}",
+                                  accel=choice.accel, exit_code=launched)
+                raise LaunchError(self.name, f"QEMU would not start: {first}", command=argv,
+                                  exit_code=launched, log_tail=qlog)
+            fields = {"pid": launched.pid, "pid_start": launched.start_time,
+                      "accel": choice.accel, "started_at": started}
+            self._write_state(S.STARTING if wait else S.RUNNING, **fields)
+            if not wait:
+                return await self.status()
+            boot_timeout = timeout if timeout is not None else cfg.boot_timeout
+            try:
+                await self._connect_agent(boot_timeout, alive=launched.alive)
+            except (AgentTimeout, AgentDisconnected, AgentError) as exc:
+                await asyncio.to_thread(qproc.kill, launched, self.files)
+                serial = tail(self.files.serial_log, SERIAL_TAIL_LINES)
+                code = qproc.read_exit_status(self.files)
+                if isinstance(exc, AgentTimeout) and code in (None, 137):
+                    self._cleanup_runtime()
+                    self._write_state(S.FAILED, f"boot timed out after {boot_timeout:g} s",
+                                      accel=choice.accel)
+                    raise BootTimeout(self.name, boot_timeout, log_tail=serial) from None
+                self._cleanup_runtime()
+                crashed = MachineCrashed(self.name, code, during="boot", log_tail=serial)
+                self._write_state(S.FAILED, crashed.message, accel=choice.accel, exit_code=code)
+                raise crashed from exc
+            self._write_state(S.READY, **fields, ready_at=time.time())
+            return await self.status()
+
+    async def _connect_agent(self, timeout: float, alive: Callable[[], bool]) -> AgentClient:
+        async with self._agent_lock:
+            if self._agent is not None and not self._agent.closed:
+                return self._agent
+            self._agent = await AgentClient.connect(self.files, timeout=timeout, alive=alive)
+            return self._agent
+
+    async def agent(self, timeout: float = 10.0) -> AgentClient:
+        """The agent connection, opened on first use and kept."""
+        if self._agent is not None and not self._agent.closed:
+            return self._agent
+        st = await self.status()
+        if st.state not in (S.READY, S.RUNNING):
+            raise StateError(self.name, "talk to the agent of", str(st.state), ["ready", "running"])
+        return await self._connect_agent(timeout, alive=self._alive)
+
+    async def _drop_agent(self) -> None:
+        async with self._agent_lock:
+            if self._agent is not None:
+                await self._agent.close()
+                self._agent = None
+
+    async def stop(self, *, timeout: float = STOP_TIMEOUT) -> MachineStatus:
+        """Power the guest off through its agent; quit QEMU, then kill it, if that takes too long."""
+        return await self._shutdown("stop", graceful=True, timeout=timeout)
+
+    async def halt(self) -> MachineStatus:
+        """Stop at once without asking the guest: QEMU quits (disk caches flushed), or is killed."""
+        return await self._shutdown("halt", graceful=False, timeout=0)
+
+    async def kill(self) -> MachineStatus:
+        """SIGKILL the machine's QEMU."""
+        return await self._shutdown("kill", graceful=False, timeout=0, kill=True)
+
+    async def _shutdown(self, action: str, *, graceful: bool, timeout: float,
+                        kill: bool = False) -> MachineStatus:
+        async with await self._locked():
+            st = await self._require(action, STOPPABLE)
+            record = self._record()
+            info = self._process(record)
+            assert info is not None
+            self._write_state(S.STOPPING, **{k: record[k] for k in
+                                             ("pid", "pid_start", "accel", "started_at")
+                                             if k in record})
+            how = await self._bring_down(info, graceful=graceful and st.state != S.PAUSED,
+                                         timeout=timeout, kill=kill)
+            await self._drop_agent()
+            self._cleanup_runtime()
+            self._write_state(S.STOPPED, how, accel=record.get("accel"),
+                              exit_code=qproc.read_exit_status(self.files))
+            return await self.status()
+
+    async def _bring_down(self, info: qproc.ProcessInfo, *, graceful: bool, timeout: float,
+                          kill: bool) -> str:
+        """Escalate: agent poweroff, QMP quit, SIGKILL. Return how it went down."""
+        from .backends.qemu.qmp import quit_qemu
+
+        if not kill and graceful:
+            try:
+                agent = await self._connect_agent(min(timeout, 3.0), alive=info.alive)
+                await agent.request("poweroff", timeout=min(timeout, 3.0))
+            except AgentError as exc:
+                self.log.debug("agent poweroff failed: %s", exc)
+            if await asyncio.to_thread(qproc.wait_exit, info, timeout):
+                return "powered off by the agent"
+        if not kill:
+            if await quit_qemu(self.files.qmp_sock, self.name, QUIT_TIMEOUT):
+                if await asyncio.to_thread(qproc.wait_exit, info, QUIT_TIMEOUT):
+                    return "QEMU quit" if not graceful else "the guest did not power off; QEMU quit"
+        await asyncio.to_thread(qproc.kill, info, self.files)
+        return "killed"
+
+    async def delete(self, *, force: bool = False) -> None:
+        """Remove the machine and everything in its directory; ``force`` kills it first."""
+        async with await self._locked():
+            st = await self.status()
+            if st.state in LIVE or st.state == S.BROKEN:
+                if not force and st.state != S.BROKEN:
+                    raise StateError(self.name, "delete", str(st.state),
+                                     [str(s) for s in AT_REST] + ["any state, with --force"])
+                info = self._process(self._record())
+                if info is not None:
+                    await asyncio.to_thread(qproc.kill, info, self.files)
+            await self._drop_agent()
+            trash = self._pn.store.tmp_dir / f"delete-{os.getpid()}-{self.name}"
+            self._pn.store.tmp_dir.mkdir(parents=True, exist_ok=True)
+            os.rename(self.files.dir, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+
+    async def configure(self, **changes: Any) -> MachineConfig:
+        """Change cpus, memory, cmdline, boot_timeout or accel; only while the machine is at rest."""
+        allowed = {"cpus", "memory", "memory_mib", "cmdline", "boot_timeout", "accel"}
+        unknown = set(changes) - allowed
+        if unknown:
+            raise ConfigError("option", sorted(unknown)[0],
+                              f"configure can change {', '.join(sorted(allowed))}")
+        async with await self._locked():
+            await self._require("configure", AT_REST)
+            cfg = self.config.with_changes(**changes)
+            write_json(self.files.config, cfg.model_dump())
+            self._event("configured", changes={k: v for k, v in changes.items() if v is not None})
+            return cfg
+
+    # -- the guest -----------------------------------------------------------------------
+
+    async def exec(self, argv: list[str] | str, *, input: bytes | None = None,
+                   timeout: float | None = 60.0, env: dict[str, str] | None = None,
+                   cwd: str | None = None, user: str | None = None) -> ExecResult:
+        """Run a command in the guest and return its output and exit code.
+
+        ``argv`` as a list runs that program; as a string it runs under ``/bin/sh -c``.
+        """
+        agent = await self.agent()
+        shell = argv if isinstance(argv, str) else None
+        return await agent.exec(None if shell is not None else list(argv), shell=shell,
+                                input=input, timeout=timeout, env=env, cwd=cwd, user=user)
+
+    async def start_process(self, argv: list[str] | str, *, stdin: bool = False,
+                            pty: dict[str, Any] | None = None, timeout: float | None = None,
+                            env: dict[str, str] | None = None, cwd: str | None = None,
+                            user: str | None = None) -> Process:
+        """Start a command and stream its output: ``async for stream, data in proc``."""
+        agent = await self.agent()
+        shell = argv if isinstance(argv, str) else None
+        return agent.start_exec(None if shell is not None else list(argv), shell=shell,
+                                stdin=stdin, pty=pty, timeout=timeout, env=env, cwd=cwd, user=user)
+
+    async def ping(self, timeout: float = 5.0) -> dict[str, Any]:
+        agent = await self.agent(timeout)
+        return await agent.request("ping", timeout=timeout)
+
+    async def info(self, timeout: float = 10.0) -> dict[str, Any]:
+        agent = await self.agent(timeout)
+        return await agent.request("info", timeout=timeout)
+
+    def serial_tail(self, lines: int = SERIAL_TAIL_LINES) -> str:
+        return tail(self.files.serial_log, lines)
+
+    async def close(self) -> None:
+        """Drop this handle's agent connection (the machine keeps running)."""
+        await self._drop_agent()
+
+
+def create_disk(image_rootfs: Path, disk: Path) -> None:
+    """A qcow2 overlay on the image's root filesystem: the machine's writes go here only."""
+    subprocess.run(
+        [qhost.qemu_img(), "create", "-q", "-f", "qcow2", "-b", str(image_rootfs), "-F", "raw",
+         str(disk)],
+        check=True, capture_output=True, text=True,
+    )
