@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from .agent.client import ExecResult
 from .config import MachineConfig
-from .errors import AlreadyExistsError, NotFoundError
+from .errors import AlreadyExistsError, ConfigError, NotFoundError
 from .images import DEFAULT_IMAGE, AsyncImages, Image, Images
 from .machine import AsyncMachine, MachineStatus, create_disk
 from .store import MachineFiles, Store, validate_name, write_json
@@ -59,6 +59,9 @@ class AsyncMachines:
     def _materialise(self, cfg: MachineConfig, rootfs: Path, disk_from: Path | None) -> AsyncMachine:
         """Build the machine's directory in staging and rename it into place whole."""
         store = self._pn.store
+        if not store.socket_paths_fit(cfg.name):
+            raise ConfigError("machine name", cfg.name, "it is too long for this PINNACE_HOME's "
+                              "socket paths; choose a shorter name or a shorter PINNACE_HOME")
         m = self._handle(cfg.name)
         with store.lock("machine", cfg.name, timeout=30):
             if m.files.dir.exists():

@@ -49,12 +49,10 @@ def host_memory_bytes() -> int:
 
 
 def format_size(n: int) -> str:
+    """1073741824 -> '1G', 454197248 -> '433.2M'."""
     for unit, scale in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
-        if n >= scale and n % scale == 0:
-            return f"{n // scale}{unit}"
-    for unit, scale in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
         if n >= scale:
-            return f"{n / scale:.1f}{unit}"
+            return f"{n // scale}{unit}" if n % scale == 0 else f"{n / scale:.1f}{unit}"
     return f"{n}B"
 
 

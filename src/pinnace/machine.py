@@ -232,7 +232,7 @@ class AsyncMachine:
             spec = qcmd.LaunchSpec(
                 name=self.name, files=self.files, kernel=image.kernel, initrd=image.initrd,
                 cpus=cfg.cpus, memory_mib=cfg.memory_mib, accel=choice.accel,
-                cmdline=cfg.cmdline, tsc_khz=qhost.host_tsc_khz(),
+                cmdline=cfg.cmdline, tsc_khz=qhost.cached_tsc_khz(self._pn.store.cache_dir),
             )
             argv = qcmd.build_argv(qhost.qemu_binary(), spec)
             self._cleanup_runtime()

@@ -139,13 +139,19 @@ class Store:
     def __init__(self, home: str | os.PathLike[str] | None = None) -> None:
         self.home = Path(home).expanduser() if home is not None else default_home()
         self.home = self.home.absolute()
-        # Socket paths must fit in sun_path (108 bytes); refuse a home that makes them too long.
-        longest = self.machine_files("x" * 63).agent_sock(9)
-        if len(os.fsencode(longest)) > 107:
+        # Socket paths must fit in sun_path (108 bytes): refuse a home that leaves no room.
+        if not self.socket_paths_fit("x" * 16):
             raise ConfigError(
                 "PINNACE_HOME", str(self.home),
                 "the path is too long for unix sockets inside it; choose a shorter directory",
             )
+
+    def socket_paths_fit(self, machine: str) -> bool:
+        """True if the unix sockets of a machine with this name fit in sun_path."""
+        from .agent.protocol import AGENT_PORTS
+
+        longest = self.machine_files(machine).agent_sock(AGENT_PORTS - 1)
+        return len(os.fsencode(longest)) <= 107
 
     # --- directories -----------------------------------------------------------------
 

@@ -116,7 +116,7 @@ class ImageSpec:
             **self.base_inputs(),
             "agent": source_digest(agent_sources()),
             "init": source_digest([init_script()]),
-            "initramfs_modules": list(K.INITRAMFS_MODULES),
+            "initramfs_modules": [*K.INITRAMFS_MODULES, *K.INITRAMFS_PCI_MODULES],
         }
 
     @property
@@ -321,24 +321,10 @@ class ImageBuilder:
         with self.reporter.step("Building the initramfs (busybox and virtio modules)"):
             broot = work / "busybox"
             runner.run("busybox", ["dpkg-deb", "-x", str(bdeb), str(broot)])
-            busybox = broot / "bin/busybox"
-            buf = io.BytesIO()
-            cw = CpioWriter(buf)
-            for d in ("bin", "dev", "proc", "sys", "newroot", "lib/modules"):
-                cw.mkdir(d)
-            cw.chardev("dev/console", 5, 1)
-            cw.chardev("dev/null", 1, 3, 0o666)
-            cw.file("bin/busybox", busybox.read_bytes(), 0o755)
-            cw.symlink("bin/sh", "busybox")
-            cw.file("init", init_script().read_bytes(), 0o755)
-            names = []
-            for path in order:
-                name = path.rsplit("/", 1)[-1]
-                cw.file(f"lib/modules/{name}", (mdir / path).read_bytes())
-                names.append(name)
-            cw.file("lib/modules/load.order", ("\n".join(names) + "\n").encode())
-            cw.close()
-            (stage / "initrd.img").write_bytes(buf.getvalue())
+            pci_order = [m for m in K.load_order(deps, K.INITRAMFS_PCI_MODULES) if m not in order]
+            (stage / "initrd.img").write_bytes(
+                initramfs(broot / "bin/busybox", mdir, kver, order + pci_order, deps))
+            names = [K.module_name(m) for m in order + pci_order]
 
         with self.reporter.step("Making the root filesystem (ext4)"):
             root = work / "root"
@@ -388,6 +374,49 @@ class ImageBuilder:
             "files": files,
             "created": time.time(),
         })
+
+
+FSTAB_EARLY = """\
+sysfs /sys sysfs nosuid,nodev,noexec 0 0
+devtmpfs /dev devtmpfs nosuid,mode=0755 0 0
+"""
+# The new root's mounts, made before switch_root so the agent starts with them.
+FSTAB_NEWROOT = """\
+proc /newroot/proc proc nosuid,nodev,noexec 0 0
+sysfs /newroot/sys sysfs nosuid,nodev,noexec 0 0
+devtmpfs /newroot/dev devtmpfs nosuid,mode=0755 0 0
+devpts /newroot/dev/pts devpts nosuid,noexec,gid=5,mode=620,ptmxmode=666 0 0
+tmpfs /newroot/dev/shm tmpfs nosuid,nodev,mode=1777 0 0
+tmpfs /newroot/run tmpfs nosuid,nodev,mode=0755 0 0
+tmpfs /newroot/tmp tmpfs nosuid,nodev,mode=1777 0 0
+"""
+
+
+def initramfs(busybox: Path, moddir: Path, kver: str, modules: Sequence[str],
+              deps: dict[str, list[str]]) -> bytes:
+    """The initramfs: busybox, /init, and the listed modules laid out for busybox modprobe."""
+    buf = io.BytesIO()
+    cw = CpioWriter(buf)
+    for d in ("bin", "dev", "proc", "sys", "newroot", "etc"):
+        cw.mkdir(d)
+    cw.chardev("dev/console", 5, 1)
+    cw.chardev("dev/null", 1, 3, 0o666)
+    cw.file("bin/busybox", busybox.read_bytes(), 0o755)
+    cw.symlink("bin/sh", "busybox")
+    cw.file("init", init_script().read_bytes(), 0o755)
+    base = f"lib/modules/{kver}"
+    for path in modules:
+        cw.file(f"{base}/{path}", (moddir / path).read_bytes())
+    dep_lines = [f"{m}: {' '.join(deps.get(m, []))}".rstrip() for m in modules]
+    cw.file(f"{base}/modules.dep", ("\n".join(dep_lines) + "\n").encode())
+    wanted = {n.replace("-", "_") for n in K.INITRAMFS_MODULES}
+    boot = [K.module_name(m) for m in modules if K.module_name(m).replace("-", "_") in wanted]
+    cw.file("etc/modules.boot", (" ".join(boot) + "\n").encode())
+    cw.file("etc/modules.pci", (" ".join(K.INITRAMFS_PCI_MODULES) + "\n").encode())
+    cw.file("etc/fstab.early", FSTAB_EARLY.encode())
+    cw.file("etc/fstab.newroot", FSTAB_NEWROOT.encode())
+    cw.close()
+    return buf.getvalue()
 
 
 def _agent_version() -> str:

@@ -22,12 +22,14 @@ _GZIP = b"\x1f\x8b\x08"
 _ZSTD = b"\x28\xb5\x2f\xfd"
 XEN_ELFNOTE_PHYS32_ENTRY = 18
 
-# What the initramfs loads, in dependency order, so the root disk and the agent
-# channel appear: virtio transports, block, console, net, rng, and ext4.
+# What the initramfs loads so the root disk and the agent channel appear: the
+# virtio-mmio transport, block, console, net, rng, and ext4 (with dependencies).
 INITRAMFS_MODULES = (
-    "virtio_mmio", "virtio_pci", "virtio_blk", "virtio_console", "virtio_net",
-    "virtio-rng", "crc32c_generic", "ext4",
+    "virtio_mmio", "virtio_blk", "virtio_console", "virtio_net", "virtio_rng",
+    "crc32c_generic", "ext4",
 )
+# Loaded only when the machine has a PCI bus (microvm has none).
+INITRAMFS_PCI_MODULES = ("virtio_pci",)
 
 # Module trees copied into the root filesystem for later use (modprobe in the guest).
 ROOTFS_MODULE_DIRS = (

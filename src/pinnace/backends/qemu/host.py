@@ -46,6 +46,32 @@ def qemu_version(binary: str) -> str:
     return m.group(1) if m else "unknown"
 
 
+def boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def cached_tsc_khz(cache_dir: Path) -> int | None:
+    """host_tsc_khz(), remembered in the store until the host reboots (reading it costs ~0.1 s)."""
+    cache = cache_dir / "host.json"
+    bid = boot_id()
+    try:
+        data = json.loads(cache.read_text())
+        if data.get("boot_id") == bid:
+            value = data.get("tsc_khz")
+            return value if isinstance(value, int) else None
+    except (OSError, ValueError):
+        pass
+    value = host_tsc_khz()
+    from ...store import write_json
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    write_json(cache, {"boot_id": bid, "tsc_khz": value})
+    return value
+
+
 @functools.cache
 def host_tsc_khz() -> int | None:
     """The host's TSC frequency in kHz, from the most exact source available.
@@ -108,13 +134,9 @@ class AccelChoice:
 
 
 def _probe_key(binary: str) -> dict[str, str]:
-    try:
-        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        boot_id = ""
     st = os.stat(binary)
     return {"qemu": binary, "qemu_mtime": str(st.st_mtime_ns), "host": os.uname().release,
-            "boot_id": boot_id}
+            "boot_id": boot_id()}
 
 
 def choose_accel(requested: str, cache_dir: Path, kernel: Path, initrd: Path) -> AccelChoice:

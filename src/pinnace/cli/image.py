@@ -1,0 +1,161 @@
+"""Image verbs: build, ls, inspect, rm."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import click
+
+from . import fail
+
+
+def _images(ctx: click.Context) -> Any:
+    from ..images import Images
+    from ..store import Store
+
+    return Images(Store(ctx.obj.get("home")))
+
+
+class RichReporter:
+    """Draws build steps with a spinner, the latest output line, and each step's time."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+
+        self.console = Console(stderr=True)
+        self._status: Any = None
+        self._name = ""
+
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        start = time.monotonic()
+        self._name = name
+        with self.console.status(name) as status:
+            self._status = status
+            try:
+                yield
+            except BaseException:
+                self.console.print(f"[red]x[/red] {name} (failed after {time.monotonic() - start:.1f} s)")
+                raise
+            finally:
+                self._status = None
+        self.console.print(f"[green]\u2713[/green] {name} [dim]{time.monotonic() - start:.1f} s[/dim]")
+
+    def output(self, line: str) -> None:
+        if self._status is not None and line.strip():
+            from rich.markup import escape
+
+            self._status.update(f"{self._name} [dim]{escape(line.strip()[:80])}[/dim]")
+
+
+@click.group()
+def image() -> None:
+    """Build, list, inspect and remove images."""
+
+
+@image.command()
+@click.argument("name", default="default")
+@click.option("--package", "-p", "packages", multiple=True, metavar="PKG",
+              help="Add a Debian package to the root filesystem (repeatable).")
+@click.option("--suite", metavar="SUITE", help="Debian suite (default bookworm).")
+@click.option("--mirror", metavar="URL", help="Debian mirror (default deb.debian.org; "
+              "or $PINNACE_DEBIAN_MIRROR).")
+@click.option("--refresh", is_flag=True, help="Rebuild even if cached (fetch newer packages).")
+@click.pass_context
+def build(ctx: click.Context, name: str, packages: tuple[str, ...], suite: str | None,
+          mirror: str | None, refresh: bool) -> None:
+    """Build an image from Debian's packages; cached by a digest of its inputs.
+
+    \b
+    Examples:
+      pinnace image build
+      pinnace image build web --package nginx --package curl
+    """
+    from ..errors import PinnaceError
+
+    start = time.monotonic()
+    try:
+        img = _images(ctx).build(name, packages, suite=suite, mirror=mirror, refresh=refresh,
+                                 reporter=RichReporter())
+    except PinnaceError as exc:
+        fail(exc)
+    except KeyboardInterrupt:
+        click.echo("pinnace: build interrupted; nothing was added to the store", err=True)
+        raise SystemExit(130) from None
+    click.echo(f"{name}: {img.short} ({time.monotonic() - start:.1f} s)", err=True)
+    click.echo(img.digest)
+
+
+@image.command(name="ls")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@click.option("--quiet", "-q", is_flag=True, help="Only digests.")
+@click.pass_context
+def ls(ctx: click.Context, fmt: str, quiet: bool) -> None:
+    """List built images.
+
+    \b
+    Example:
+      pinnace image ls
+    """
+    from ..config import format_size
+
+    images = _images(ctx).list()
+    if quiet:
+        for img in images:
+            click.echo(img.digest)
+        return
+    if fmt == "json":
+        click.echo(json.dumps([img.to_dict() for img in images], indent=2))
+        return
+    rows = [("NAME", "DIGEST", "KERNEL", "SIZE", "CREATED")]
+    for img in images:
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(img.manifest.get("created", 0)))
+        rows.append((",".join(img.names) or "<none>", img.short,
+                     str(img.manifest.get("kernel_version", "?")), format_size(img.size), created))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+@image.command()
+@click.argument("ref", default="default")
+@click.pass_context
+def inspect(ctx: click.Context, ref: str) -> None:
+    """Print an image's manifest: inputs, packages, kernel, files.
+
+    \b
+    Example:
+      pinnace image inspect default
+    """
+    from ..errors import PinnaceError
+
+    try:
+        img = _images(ctx).get(ref)
+    except PinnaceError as exc:
+        fail(exc)
+    click.echo(json.dumps(img.to_dict(), indent=2))
+
+
+@image.command()
+@click.argument("refs", nargs=-1, required=True)
+@click.pass_context
+def rm(ctx: click.Context, refs: tuple[str, ...]) -> None:
+    """Remove image names; an image's files go with its last name, unless machines use it.
+
+    \b
+    Example:
+      pinnace image rm web
+    """
+    from ..errors import PinnaceError
+
+    images = _images(ctx)
+    for ref in refs:
+        try:
+            img = images.remove(ref)
+        except PinnaceError as exc:
+            fail(exc)
+        click.echo(f"{ref}: removed ({img.short})", err=True)

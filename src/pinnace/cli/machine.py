@@ -1,0 +1,435 @@
+"""Machine verbs: create, clone, configure, ls, status, start, stop, halt, kill, delete, logs, exec."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from . import fail, run
+
+if TYPE_CHECKING:
+    from ..client import AsyncPinnace
+    from ..machine import MachineStatus
+
+PASSTHROUGH = {"ignore_unknown_options": True, "allow_interspersed_args": False}
+
+
+def _size_option(fn: Any) -> Any:
+    return click.option("--memory", "-m", metavar="SIZE",
+                        help="Guest memory, e.g. 512M or 2G (default 512M).")(fn)
+
+
+def _shape_options(fn: Any) -> Any:
+    for opt in reversed([
+        click.option("--cpus", "-c", type=int, help="Virtual CPUs (default 1)."),
+        click.option("--cmdline", metavar="ARGS", help="Extra kernel command line arguments."),
+        click.option("--boot-timeout", type=float, metavar="SECONDS",
+                     help="How long start waits for the guest agent (default 90)."),
+        click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]),
+                     help="Accelerator; auto uses KVM only where a probe guest boots on it."),
+    ]):
+        fn = opt(fn)
+    return _size_option(fn)
+
+
+@click.command()
+@click.argument("name")
+@click.option("--image", "-i", default="default", show_default=True, help="Image name or digest.")
+@_shape_options
+@click.option("--start", "start_now", is_flag=True, help="Start the machine right away.")
+@click.pass_context
+def create(ctx: click.Context, name: str, image: str, cpus: int | None, memory: str | None,
+           cmdline: str | None, boot_timeout: float | None, accel: str | None,
+           start_now: bool) -> None:
+    """Create a stopped machine from an image.
+
+    \b
+    Example:
+      pinnace create web --cpus 2 --memory 1G
+    """
+
+    async def go(pn: AsyncPinnace) -> None:
+        m = await pn.machines.create(name, image=image, cpus=cpus, memory=memory,
+                                     cmdline=cmdline, boot_timeout=boot_timeout, accel=accel)
+        if start_now:
+            await m.start()
+        click.echo(name)
+
+    run(ctx, go)
+
+
+@click.command()
+@click.argument("source")
+@click.argument("name")
+@click.pass_context
+def clone(ctx: click.Context, source: str, name: str) -> None:
+    """Create NAME as a copy of the stopped machine SOURCE (config and disk).
+
+    \b
+    Example:
+      pinnace clone web web2
+    """
+
+    async def go(pn: AsyncPinnace) -> None:
+        await pn.machines.clone(source, name)
+        click.echo(name)
+
+    run(ctx, go)
+
+
+@click.command()
+@click.argument("name")
+@_shape_options
+@click.pass_context
+def configure(ctx: click.Context, name: str, cpus: int | None, memory: str | None,
+              cmdline: str | None, boot_timeout: float | None, accel: str | None) -> None:
+    """Change a stopped machine's shape.
+
+    \b
+    Example:
+      pinnace configure web --memory 2G --cpus 2
+    """
+
+    async def go(pn: AsyncPinnace) -> None:
+        m = await pn.machines.get(name)
+        cfg = await m.configure(cpus=cpus, memory=memory, cmdline=cmdline,
+                                boot_timeout=boot_timeout, accel=accel)
+        click.echo(json.dumps(cfg.model_dump(), indent=2))
+
+    run(ctx, go)
+
+
+def _uptime(st: MachineStatus) -> str:
+    if st.started_at is None or st.pid is None:
+        return "-"
+    secs = int(time.time() - st.started_at)
+    if secs < 120:
+        return f"{secs}s"
+    if secs < 7200:
+        return f"{secs // 60}m"
+    return f"{secs // 3600}h"
+
+
+@click.command(name="ls")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
+              show_default=True)
+@click.option("--quiet", "-q", is_flag=True, help="Only names.")
+@click.pass_context
+def ls(ctx: click.Context, fmt: str, quiet: bool) -> None:
+    """List machines; a machine whose QEMU died shows as stopped or failed.
+
+    \b
+    Examples:
+      pinnace ls
+      pinnace ls --format json
+      pinnace ls -q | xargs pinnace delete --force
+    """
+
+    async def go(pn: AsyncPinnace) -> list[tuple[MachineStatus, dict[str, Any]]]:
+        rows = []
+        for st in await pn.machines.list():
+            try:
+                cfg = (await pn.machines.get(st.name)).config.model_dump()
+            except Exception:
+                cfg = {}
+            rows.append((st, cfg))
+        return rows
+
+    rows = run(ctx, go)
+    if quiet:
+        for st, _ in rows:
+            click.echo(st.name)
+        return
+    if fmt == "json":
+        click.echo(json.dumps([{**st.to_dict(), "config": cfg} for st, cfg in rows], indent=2))
+        return
+    from ..config import format_size
+
+    table = [("NAME", "STATE", "CPUS", "MEMORY", "IMAGE", "PID", "UP", "REASON")]
+    for st, cfg in rows:
+        table.append((
+            st.name, str(st.state), str(cfg.get("cpus", "-")),
+            format_size(cfg["memory_mib"] << 20) if "memory_mib" in cfg else "-",
+            str(cfg.get("image", "-")), str(st.pid or "-"), _uptime(st), st.reason[:60],
+        ))
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    for r in table:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+@click.command()
+@click.argument("name")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@click.pass_context
+def status(ctx: click.Context, name: str, fmt: str) -> None:
+    """Show one machine's state, reconciled with its process.
+
+    \b
+    Example:
+      pinnace status web
+    """
+
+    async def go(pn: AsyncPinnace) -> MachineStatus:
+        return await (await pn.machines.get(name)).status()
+
+    st = run(ctx, go)
+    if fmt == "json":
+        click.echo(json.dumps(st.to_dict(), indent=2))
+        return
+    click.echo(f"{st.name}: {st.state}" + (f" ({st.reason})" if st.reason else ""))
+    if st.pid:
+        click.echo(f"  pid {st.pid}, accel {st.accel}, up {_uptime(st)}")
+
+
+@click.command()
+@click.argument("names", nargs=-1, required=True)
+@click.option("--no-wait", is_flag=True, help="Return once QEMU runs, without waiting for the agent.")
+@click.option("--timeout", type=float, metavar="SECONDS", help="Boot timeout for this start.")
+@click.pass_context
+def start(ctx: click.Context, names: tuple[str, ...], no_wait: bool,
+          timeout: float | None) -> None:
+    """Boot machines and wait until their agents answer.
+
+    \b
+    Example:
+      pinnace start web
+    """
+
+    async def go(pn: AsyncPinnace) -> None:
+        for name in names:
+            t0 = time.monotonic()
+            m = await pn.machines.get(name)
+            st = await m.start(wait=not no_wait, timeout=timeout)
+            click.echo(f"{name}: {st.state} in {time.monotonic() - t0:.2f} s", err=True)
+
+    run(ctx, go)
+
+
+def _lifecycle(verb: str, doc: str, example: str) -> click.Command:
+    @click.command(name=verb, help=f"{doc}\n\n\b\nExample:\n  {example}")
+    @click.argument("names", nargs=-1, required=True)
+    @click.pass_context
+    def cmd(ctx: click.Context, names: tuple[str, ...], **kw: Any) -> None:
+        async def go(pn: AsyncPinnace) -> None:
+            for name in names:
+                m = await pn.machines.get(name)
+                if verb == "stop":
+                    st = await m.stop(timeout=kw["timeout"])
+                else:
+                    st = await getattr(m, verb)()
+                click.echo(f"{name}: {st.state}" + (f" ({st.reason})" if st.reason else ""),
+                           err=True)
+
+        run(ctx, go)
+
+    if verb == "stop":
+        cmd = click.option("--timeout", type=float, default=10.0, show_default=True,
+                           help="Seconds for the guest to power off before QEMU is told to quit.")(cmd)
+    return cmd
+
+
+stop = _lifecycle("stop", "Power machines off through their agents (then quit, then kill).",
+                  "pinnace stop web")
+halt = _lifecycle("halt", "Stop machines at once without asking the guest; nothing is saved.",
+                  "pinnace halt web")
+kill = _lifecycle("kill", "SIGKILL machines' QEMU processes.", "pinnace kill web")
+
+
+@click.command()
+@click.argument("names", nargs=-1, required=True)
+@click.option("--force", "-f", is_flag=True, help="Kill running machines first.")
+@click.pass_context
+def delete(ctx: click.Context, names: tuple[str, ...], force: bool) -> None:
+    """Delete machines and their disks.
+
+    \b
+    Example:
+      pinnace delete --force web
+    """
+
+    async def go(pn: AsyncPinnace) -> None:
+        for name in names:
+            await pn.machines.delete(name, force=force)
+            click.echo(f"{name}: deleted", err=True)
+
+    run(ctx, go)
+
+
+@click.command()
+@click.argument("name")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing as the guest writes.")
+@click.option("--tail", "-n", "lines", type=int, default=None, help="Only the last N lines.")
+@click.pass_context
+def logs(ctx: click.Context, name: str, follow: bool, lines: int | None) -> None:
+    """Print a machine's serial console log.
+
+    \b
+    Examples:
+      pinnace logs web
+      pinnace logs -f web
+    """
+
+    async def go(pn: AsyncPinnace) -> Any:
+        return await pn.machines.get(name)
+
+    m = run(ctx, go)
+    path = m.files.serial_log
+    out = sys.stdout.buffer
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        if not follow:
+            return
+        while not path.exists():
+            time.sleep(0.2)
+        f = open(path, "rb")
+    with f:
+        if lines is not None:
+            from ..store import tail
+
+            out.write((tail(path, lines) + "\n").encode())
+            f.seek(0, 2)
+        while True:
+            chunk = f.read(65536)
+            if chunk:
+                out.write(chunk)
+                out.flush()
+                continue
+            if not follow:
+                break
+            try:
+                time.sleep(0.2)
+            except KeyboardInterrupt:
+                break
+
+
+@click.command(name="exec", context_settings=PASSTHROUGH)
+@click.argument("name")
+@click.argument("command", nargs=-1, required=True)
+@click.option("--interactive", "-i", is_flag=True, help="Send this terminal's stdin to the command.")
+@click.option("--env", "-e", "envs", multiple=True, metavar="KEY=VALUE", help="Set a variable.")
+@click.option("--workdir", "-w", metavar="DIR", help="Working directory in the guest.")
+@click.option("--user", "-u", metavar="USER", help="Run as this guest user.")
+@click.option("--timeout", "-t", type=float, metavar="SECONDS",
+              help="Kill the command after this long (exit status 124).")
+@click.pass_context
+def exec_(ctx: click.Context, name: str, command: tuple[str, ...], interactive: bool,
+          envs: tuple[str, ...], workdir: str | None, user: str | None,
+          timeout: float | None) -> None:
+    """Run a command in a machine; its output streams live and its exit code is ours.
+
+    \b
+    Examples:
+      pinnace exec web -- uname -a
+      pinnace exec web -- sh -c 'exit 7'; echo $?     # prints 7
+      tar c src | pinnace exec -i web -- tar x -C /tmp
+    """
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise click.UsageError("give the command to run after the machine name, e.g. -- uname -a")
+    env = {}
+    for item in envs:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r}: use KEY=VALUE", param_hint="--env")
+        env[key] = value
+    code = run(ctx, lambda pn: stream_exec(pn, name, list(command), interactive=interactive,
+                                           env=env or None, cwd=workdir, user=user,
+                                           timeout=timeout))
+    sys.exit(code)
+
+
+async def stream_exec(pn: AsyncPinnace, name: str, argv: list[str], *, interactive: bool,
+                      env: dict[str, str] | None, cwd: str | None, user: str | None,
+                      timeout: float | None) -> int:
+    """Run argv in the guest, copying its output to ours as it comes; return its exit code."""
+    import asyncio
+    import signal
+
+    m = await pn.machines.get(name)
+    proc = await m.start_process(argv, stdin=interactive, timeout=timeout, env=env, cwd=cwd,
+                                 user=user)
+    loop = asyncio.get_running_loop()
+    interrupts = 0
+    tasks: set[asyncio.Task[None]] = set()
+
+    def on_sigint() -> None:
+        # The first Ctrl-C interrupts the guest command, the second kills it.
+        nonlocal interrupts
+        interrupts += 1
+        task = loop.create_task(proc.signal(signal.SIGINT if interrupts == 1 else signal.SIGKILL))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    loop.add_signal_handler(signal.SIGINT, on_sigint)
+    pump = None
+    if interactive:
+        async def pump_stdin() -> None:
+            await copy_stdin(proc)
+
+        pump = loop.create_task(pump_stdin())
+    outs = {1: sys.stdout.buffer, 2: sys.stderr.buffer}
+    try:
+        async for stream, data in proc:
+            out = outs.get(stream, sys.stdout.buffer)
+            out.write(data)
+            out.flush()
+        result = await proc.wait()
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+        if pump is not None:
+            pump.cancel()
+        proc.abandon()
+        await m.close()
+    if result.timed_out:
+        click.echo(f"pinnace: command timed out after {timeout:g} s and was killed", err=True)
+        return 124
+    return result.exit_code
+
+
+async def copy_stdin(proc: Any) -> None:
+    """Copy our stdin to the guest command, then close its stdin."""
+    import asyncio
+    import os
+
+    fd = sys.stdin.fileno()
+    loop = asyncio.get_running_loop()
+    ready = asyncio.Event()
+    try:
+        loop.add_reader(fd, ready.set)
+    except (PermissionError, OSError, ValueError):
+        # A regular file cannot be polled, and never blocks: just read it.
+        while data := os.read(fd, 1 << 20):
+            await proc.write(data)
+        await proc.close_stdin()
+        return
+    os.set_blocking(fd, False)
+    try:
+        while True:
+            await ready.wait()
+            ready.clear()
+            try:
+                data = os.read(fd, 1 << 16)
+            except BlockingIOError:
+                continue
+            if not data:
+                break
+            await proc.write(data)
+    finally:
+        loop.remove_reader(fd)
+        os.set_blocking(fd, True)
+    await proc.close_stdin()
+
+
+def register(group: click.Group) -> None:
+    for cmd in (create, clone, configure, start, stop, halt, kill, delete, ls, status, logs,
+                exec_):
+        group.add_command(cmd)
+
+
+__all__ = ["fail", "register"]

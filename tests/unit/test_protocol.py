@@ -1,0 +1,265 @@
+"""The agent framing, and the host client against a hostile guest."""
+
+import asyncio
+import json
+import os
+import struct
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pinnace.agent import protocol as P
+from pinnace.agent.client import AgentClient
+from pinnace.errors import AgentDisconnected, AgentError, ProtocolError, RemoteError
+from pinnace.store import MachineFiles
+
+frames = st.builds(
+    lambda kind, chan, flags, payload: P.Frame(kind, chan, flags, payload),
+    st.sampled_from(sorted(P.KINDS)), st.integers(0, 2**32 - 1), st.integers(0, 255),
+    st.binary(max_size=2048),
+)
+
+
+@given(st.lists(frames, max_size=20), st.integers(1, 64))
+def test_frames_survive_any_chunking(items, chunk):
+    data = b"".join(P.encode(f.kind, f.chan, f.payload, f.flags) for f in items)
+    reader = P.FrameReader()
+    got = []
+    for i in range(0, len(data), chunk):
+        got += reader.feed(data[i:i + chunk])
+    assert got == items
+    assert reader.pending() == 0
+
+
+def test_oversized_frame_is_refused_before_buffering():
+    reader = P.FrameReader(max_frame=1024)
+    header = P.HEADER.pack(P.MAGIC, P.DATA, 1, 1, 1 << 30)
+    with pytest.raises(P.FrameError, match="exceeds"):
+        reader.feed(header)
+    with pytest.raises(ValueError):
+        P.encode(P.DATA, 1, b"x" * (P.MAX_FRAME + 1))
+
+
+def test_guest_side_resyncs_after_garbage():
+    reader = P.FrameReader(resync=True)
+    good = P.encode_json(P.REQUEST, 7, {"op": "ping"})
+    got = reader.feed(b"garbage!" * 5 + good)
+    assert [f.chan for f in got] == [7]
+    assert len(reader.errors) == 1
+
+
+def test_json_payload_errors_are_not_fatal():
+    frame = P.Frame(P.REQUEST, 3, 0, b"{not json")
+    with pytest.raises(P.FrameError) as exc:
+        frame.json()
+    assert exc.value.fatal is False and exc.value.chan == 3
+    with pytest.raises(P.FrameError):
+        P.Frame(P.REQUEST, 3, 0, b"[1, 2]").json()
+
+
+# --- the host client against a fake, hostile guest ---------------------------------------
+
+
+async def fake_guest(tmp_path, behave):
+    """A unix-socket server on port 0 that answers HELLO, then runs ``behave``."""
+    files = MachineFiles(tmp_path)
+
+    async def handler(reader, writer):
+        try:
+            buf = P.FrameReader()
+            hello = None
+            while hello is None:
+                for f in buf.feed(await reader.read(4096)):
+                    if f.kind == P.HELLO:
+                        hello = f.json()
+            writer.write(P.encode_json(P.WELCOME, 0, {"version": P.PROTOCOL_VERSION,
+                                                      "nonce": hello["nonce"]}))
+            await behave(buf, reader, writer)
+            await writer.drain()
+        except ConnectionError:
+            pass  # the client hung up on us, as it should on a bad guest
+        finally:
+            writer.close()
+
+    server = await asyncio.start_unix_server(handler, path=str(files.agent_sock(0)))
+    return files, server
+
+
+async def next_request(buf, reader):
+    while True:
+        for f in buf.feed(await reader.read(4096)):
+            if f.kind == P.REQUEST:
+                return f
+
+
+def run_against(tmp_path, behave, call):
+    async def main():
+        files, server = await fake_guest(tmp_path, behave)
+        async with server:
+            client = await AgentClient.connect(files, timeout=5)
+            try:
+                return await asyncio.wait_for(call(client), 10)
+            finally:
+                await client.close()
+
+    return asyncio.run(main())
+
+
+def test_reply_and_remote_error(tmp_path):
+    async def behave(buf, reader, writer):
+        req = await next_request(buf, reader)
+        writer.write(P.encode_json(P.REPLY, req.chan, {"pong": True}))
+        req = await next_request(buf, reader)
+        writer.write(P.encode_json(P.ERROR, req.chan, {"code": "nope", "message": "refused"}))
+
+    async def call(client):
+        assert await client.request("ping") == {"pong": True}
+        with pytest.raises(RemoteError, match="refused"):
+            await client.request("ping")
+
+    run_against(tmp_path, behave, call)
+
+
+hostile = st.one_of(
+    st.binary(min_size=1, max_size=200).map(lambda b: ("raw", b)),
+    st.tuples(st.sampled_from(sorted(P.KINDS)), st.binary(max_size=100)).map(
+        lambda t: ("frame", t)),
+    st.integers(P.MAX_FRAME + 1, 2**32 - 1).map(lambda n: ("huge", n)),
+    st.integers(1, 5000).map(lambda n: ("overflow", n)),
+    st.just(("truncate", None)),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(hostile)
+def test_hostile_guest_gets_clean_errors(tmp_path, attack):
+    """Whatever the guest sends, the client raises an AgentError or works; it never hangs."""
+    kind, arg = attack
+
+    async def behave(buf, reader, writer):
+        req = await next_request(buf, reader)
+        if kind == "raw":
+            writer.write(arg)
+        elif kind == "frame":
+            fkind, payload = arg
+            writer.write(P.encode(fkind, req.chan, payload, 1))
+        elif kind == "huge":
+            writer.write(P.HEADER.pack(P.MAGIC, P.DATA, 1, req.chan, arg))
+        elif kind == "overflow":
+            # More stdout than the window allows, in legal-sized frames.
+            chunk = b"x" * (P.MAX_FRAME)
+            for _ in range(P.STREAM_WINDOW // P.MAX_FRAME + 1):
+                writer.write(P.encode(P.DATA, req.chan, chunk, P.STDOUT))
+        elif kind == "truncate":
+            writer.write(P.encode(P.DATA, req.chan, b"abcdef", P.STDOUT)[:9])
+        await writer.drain()
+        writer.close()
+
+    async def call(client):
+        try:
+            await client.exec(["true"], timeout=5)
+        except AgentError:
+            pass
+        return client.closed
+
+    assert run_against(tmp_path, behave, call) in (True, False)
+
+
+def test_output_beyond_window_is_a_protocol_error(tmp_path):
+    async def behave(buf, reader, writer):
+        req = await next_request(buf, reader)
+        chunk = b"x" * P.MAX_FRAME
+        for _ in range(P.STREAM_WINDOW // P.MAX_FRAME + 1):
+            writer.write(P.encode(P.DATA, req.chan, chunk, P.STDOUT))
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    async def call(client):
+        proc = client.start_exec(["cat"], timeout=5)
+        # Read nothing (so grant nothing) until the guest has overrun its window.
+        for _ in range(500):
+            if client.closed:
+                break
+            await asyncio.sleep(0.01)
+        assert client.closed
+        with pytest.raises(ProtocolError, match="window"):
+            async for _ in proc:
+                pass
+
+    run_against(tmp_path, behave, call)
+
+
+def test_guest_hanging_up_fails_requests(tmp_path):
+    async def behave(buf, reader, writer):
+        await next_request(buf, reader)
+        writer.close()
+
+    async def call(client):
+        with pytest.raises(AgentDisconnected):
+            await client.request("ping", timeout=5)
+
+    run_against(tmp_path, behave, call)
+
+
+def test_wrong_protocol_version_is_refused(tmp_path):
+    files = MachineFiles(tmp_path)
+
+    async def main():
+        async def handler(reader, writer):
+            buf = P.FrameReader()
+            for f in buf.feed(await reader.read(4096)):
+                nonce = f.json()["nonce"]
+            writer.write(P.encode_json(P.WELCOME, 0, {"version": 99, "nonce": nonce}))
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_unix_server(handler, path=str(files.agent_sock(0)))
+        async with server:
+            with pytest.raises(ProtocolError, match="rebuild the image"):
+                await AgentClient.connect(files, timeout=5)
+
+    asyncio.run(main())
+
+
+def test_ports_are_taken_one_client_each(tmp_path):
+    files = MachineFiles(tmp_path)
+
+    async def main():
+        servers = []
+        for port in range(2):
+            async def handler(reader, writer, port=port):
+                buf = P.FrameReader()
+                while True:
+                    data = await reader.read(4096)
+                    if not data:
+                        writer.close()
+                        return
+                    for f in buf.feed(data):
+                        if f.kind == P.HELLO:
+                            writer.write(P.encode_json(P.WELCOME, 0, {
+                                "version": P.PROTOCOL_VERSION, "nonce": f.json()["nonce"]}))
+            servers.append(await asyncio.start_unix_server(
+                handler, path=str(files.agent_sock(port))))
+        a = await AgentClient.connect(files, timeout=5)
+        b = await AgentClient.connect(files, timeout=5)
+        assert (a.port, b.port) == (0, 1)
+        await a.close()
+        c = await AgentClient.connect(files, timeout=5)
+        assert c.port == 0
+        for x in (b, c):
+            await x.close()
+        await asyncio.sleep(0.1)  # let the fake guests see the hang-ups and close
+        for s in servers:
+            s.close()
+            await s.wait_closed()
+
+    asyncio.run(main())
+
+
+def test_window_frame_layout():
+    frame = P.FrameReader().feed(P.encode_window(5, P.STDIN, 1234))[0]
+    assert (frame.kind, frame.chan, frame.flags, frame.window()) == (P.WINDOW, 5, 0, 1234)
+    assert struct.unpack("!I", frame.payload) == (1234,)
+    assert json.loads(P.encode_json(P.REQUEST, 1, {"a": 1})[P.HEADER.size:]) == {"a": 1}
+    assert os.path.basename(P.__file__) == "protocol.py"
