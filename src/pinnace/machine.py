@@ -181,7 +181,7 @@ class AsyncMachine:
 
     def _settle(self, was: MachineState) -> tuple[MachineState, str, int | None]:
         """QEMU is gone though the record says it runs: decide stopped or failed, and record it."""
-        code = qproc.read_exit_status(self.files)
+        code = qproc.await_exit_status(self.files)
         serial = tail(self.files.serial_log, 200)
         if was == S.STOPPING:
             state, reason = S.STOPPED, ""
@@ -329,7 +329,7 @@ class AsyncMachine:
             await self._drop_agent()
             self._cleanup_runtime()
             self._write_state(S.STOPPED, how, accel=record.get("accel"),
-                              exit_code=qproc.read_exit_status(self.files))
+                              exit_code=qproc.await_exit_status(self.files))
             return await self.status()
 
     async def _bring_down(self, info: qproc.ProcessInfo, *, graceful: bool, timeout: float,

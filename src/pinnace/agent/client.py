@@ -137,6 +137,8 @@ class AgentClient:
                     if alive is not None and not alive():
                         raise AgentDisconnected("QEMU exited before the agent answered") from None
                     continue
+                except (ConnectionError, OSError) as exc:
+                    raise AgentDisconnected(f"the agent channel failed: {exc}") from exc
                 if not data:
                     raise AgentDisconnected("the agent channel closed during the handshake")
                 try:

@@ -778,11 +778,10 @@ class Agent:
         self.ports: list[Port] = []
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        # Handlers (not SIG_IGN) so children start with default dispositions; PID 1 is
+        # immune to default-action signals anyway.
         for sig in (signal.SIGCHLD, signal.SIGIO):
             signal.signal(sig, lambda *_: None)
-        if IS_INIT:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         self.sel.register(self.wake_r, selectors.EVENT_READ, ("wake", None))
 
     def open_ports(self, wait: float = 10.0) -> None:

@@ -338,10 +338,23 @@ def exec_(ctx: click.Context, name: str, command: tuple[str, ...], interactive: 
         if not sep or not key:
             raise click.BadParameter(f"{item!r}: use KEY=VALUE", param_hint="--env")
         env[key] = value
-    code = run(ctx, lambda pn: stream_exec(pn, name, list(command), interactive=interactive,
+    code = run(ctx, lambda pn: _exit_code_of(stream_exec(pn, name, list(command), interactive=interactive,
                                            env=env or None, cwd=workdir, user=user,
-                                           timeout=timeout))
+                                           timeout=timeout)))
     sys.exit(code)
+
+
+async def _exit_code_of(coro: Any) -> int:
+    """Like a shell: 127 when the command is missing, 126 when it cannot be run."""
+    from ..errors import RemoteError
+
+    try:
+        return int(await coro)
+    except RemoteError as exc:
+        if exc.code in ("not-found", "permission"):
+            click.echo(f"pinnace: {exc.message}", err=True)
+            return 127 if exc.code == "not-found" else 126
+        raise
 
 
 async def stream_exec(pn: AsyncPinnace, name: str, argv: list[str], *, interactive: bool,

@@ -172,20 +172,19 @@ class Runner:
         with open(self.logfile, "a") as logf:
             logf.write(f"$ {' '.join(argv)}\n")
             logf.flush()
-            proc = subprocess.Popen(
+            with subprocess.Popen(
                 list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT, cwd=cwd, env=env, text=True, errors="replace",
-            )
-            assert proc.stdout is not None
-            try:
-                for line in proc.stdout:
-                    logf.write(line)
-                    self.reporter.output(line.rstrip())
-                code = proc.wait()
-            except BaseException:
-                proc.kill()
-                proc.wait()
-                raise
+            ) as proc:
+                assert proc.stdout is not None
+                try:
+                    for line in proc.stdout:
+                        logf.write(line)
+                        self.reporter.output(line.rstrip())
+                    code = proc.wait()
+                except BaseException:
+                    proc.kill()
+                    raise
         if code != 0:
             from ..store import tail
 

@@ -79,6 +79,14 @@ def read_pid(files: MachineFiles) -> int | None:
     return int(text) if text.isdigit() else None
 
 
+def await_exit_status(files: MachineFiles, timeout: float = 1.0) -> int | None:
+    """QEMU's exit status once its launcher shell has written it (just after QEMU ends)."""
+    deadline = time.monotonic() + timeout
+    while (code := read_exit_status(files)) is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return code
+
+
 def read_exit_status(files: MachineFiles) -> int | None:
     try:
         text = files.exit_status.read_text().strip()
@@ -112,6 +120,4 @@ def kill(info: ProcessInfo, files: MachineFiles, timeout: float = 5.0) -> None:
     """SIGKILL QEMU and wait until it and its exit status are gone/written."""
     signal_process(info, signal.SIGKILL)
     wait_exit(info, timeout)
-    deadline = time.monotonic() + 2.0
-    while read_exit_status(files) is None and time.monotonic() < deadline:
-        time.sleep(0.005)
+    await_exit_status(files, 2.0)

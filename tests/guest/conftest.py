@@ -1,0 +1,59 @@
+"""Fixtures that boot real guests. The image is built once per store and cached."""
+
+import itertools
+import os
+import sys
+
+import pytest
+
+from pinnace import Pinnace
+
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def pn(pinnace_home):
+    with Pinnace(pinnace_home) as p:
+        p.images.build()
+        yield p
+
+
+@pytest.fixture
+def make_machine(pn, request):
+    """A factory for machines that are killed and deleted after the test.
+
+    When the test fails, the serial log of each machine is printed first.
+    """
+    made = []
+
+    def make(**options):
+        name = f"t{os.getpid() % 10000}-{next(_counter)}"
+        m = pn.machines.create(name, **options)
+        made.append(m)
+        return m
+
+    yield make
+    failed = getattr(request.node, "rep_call", None)
+    for m in made:
+        if failed is not None and failed.failed:
+            sys.stderr.write(f"\n--- serial log of {m.name} ---\n{m.serial_tail(60)}\n")
+        try:
+            m.delete(force=True)
+        except Exception as exc:  # already deleted by the test
+            sys.stderr.write(f"cleanup of {m.name}: {exc}\n")
+        assert not m.path.exists()
+
+
+@pytest.fixture
+def machine(make_machine):
+    """A started machine."""
+    m = make_machine()
+    m.start()
+    return m
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, f"rep_{rep.when}", rep)
