@@ -93,7 +93,7 @@ class AsyncMachines:
         """Every machine's status, reconciled with its process; damaged ones show as broken."""
         from .machine import MachineState
 
-        out = []
+        out: list[MachineStatus] = []
         d = self._pn.store.machines_dir
         if not d.is_dir():
             return out

@@ -140,7 +140,7 @@ class AsyncMachine:
         except (FileNotFoundError, ValueError):
             return {}
 
-    def _write_state(self, state: MachineState, reason: str = "", **fields: Any) -> None:
+    def _write_state(self, state: MachineState, reason: str = "", /, **fields: Any) -> None:
         record = {"state": str(state), "reason": reason, "updated_at": time.time(), **fields}
         write_json(self.files.state, record)
         self._event(str(state), reason=reason, **{k: v for k, v in fields.items() if k == "pid"})
@@ -256,7 +256,7 @@ class AsyncMachine:
                                   accel=choice.accel, exit_code=launched)
                 raise LaunchError(self.name, f"QEMU would not start: {first}", command=argv,
                                   exit_code=launched, log_tail=qlog)
-            fields = {"pid": launched.pid, "pid_start": launched.start_time,
+            fields: dict[str, Any] = {"pid": launched.pid, "pid_start": launched.start_time,
                       "accel": choice.accel, "started_at": started}
             self._write_state(S.STARTING if wait else S.RUNNING, **fields)
             if not wait:

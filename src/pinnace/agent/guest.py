@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 if __package__:
     from . import protocol as P
 else:  # in the guest, protocol.py sits next to this file
-    import protocol as P  # type: ignore[no-redef]
+    import protocol as P  # type: ignore[import-not-found,no-redef]
 
 IS_INIT = os.getpid() == 1
 LOG_PREFIX = "pinnace-agent:"

@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
@@ -59,7 +59,7 @@ def run(ctx: click.Context, fn: Callable[[AsyncPinnace], Coroutine[Any, Any, T]]
         sys.exit(130)
 
 
-def fail(exc: BaseException) -> None:
+def fail(exc: BaseException) -> NoReturn:
     """Print an error as one line (plus the log tail it carries) and exit non-zero."""
     from ..errors import ImageBuildError, MachineError
 
@@ -98,10 +98,10 @@ def main(ctx: click.Context, verbose: int) -> None:
     ctx.obj["home"] = os.environ.get("PINNACE_HOME") or None
 
 
-from . import image as _image  # noqa: E402
-from . import machine as _machine  # noqa: E402
+from .image import image as _image_group  # noqa: E402
+from .machine import register as _register_machine_verbs  # noqa: E402
 
-_machine.register(main)
-main.add_command(_image.image)
+_register_machine_verbs(main)
+main.add_command(_image_group)
 
 __all__ = ["main"]

@@ -213,7 +213,7 @@ def _lifecycle(verb: str, doc: str, example: str) -> click.Command:
     @click.command(name=verb, help=f"{doc}\n\n\b\nExample:\n  {example}")
     @click.argument("names", nargs=-1, required=True)
     @click.pass_context
-    def cmd(ctx: click.Context, names: tuple[str, ...], **kw: Any) -> None:
+    def cmd(ctx: click.Context, /, names: tuple[str, ...], **kw: Any) -> None:
         async def go(pn: AsyncPinnace) -> None:
             for name in names:
                 m = await pn.machines.get(name)

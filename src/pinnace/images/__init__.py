@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 import os
 import re
 import shutil
@@ -124,7 +125,7 @@ class Images:
                     refs[p.name] = p.read_text().strip()
         return refs
 
-    def list(self) -> list[Image]:
+    def list(self) -> builtins.list[Image]:
         if not self.store.images_dir.is_dir():
             return []
         out = []
@@ -140,7 +141,7 @@ class Images:
                                 "it was removed; rebuild it with 'pinnace image build'")
         return files
 
-    def _users(self, digest: str) -> list[str]:
+    def _users(self, digest: str) -> builtins.list[str]:
         from ..config import MachineConfig
 
         users = []

@@ -145,9 +145,9 @@ def load_order(deps: dict[str, list[str]], wanted: Iterable[str]) -> list[str]:
         order.append(path)
 
     for name in wanted:
-        path = by_name.get(name) or by_name.get(name.replace("-", "_"))
-        if path is not None:
-            visit(path)
+        found = by_name.get(name) or by_name.get(name.replace("-", "_"))
+        if found is not None:
+            visit(found)
     return order
 
 
