@@ -31,6 +31,7 @@ from .errors import (
     ProtocolError,
     RemoteError,
     StateError,
+    UnsafeArchive,
 )
 from .images import Image, ImageInUse
 from .machine import AsyncMachine, MachineState, MachineStatus
@@ -70,5 +71,6 @@ __all__ = [
     "ProtocolError",
     "RemoteError",
     "StateError",
+    "UnsafeArchive",
     "__version__",
 ]

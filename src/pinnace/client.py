@@ -38,7 +38,7 @@ class AsyncMachines:
         """A handle on an existing machine."""
         validate_name("machine", name)
         m = self._handle(name)
-        if not m.files.config.exists():
+        if not m.paths.config.exists():
             raise NotFoundError("machine", name, "see 'pinnace ls'")
         return m
 
@@ -64,7 +64,7 @@ class AsyncMachines:
                               "socket paths; choose a shorter name or a shorter PINNACE_HOME")
         m = self._handle(cfg.name)
         with store.lock("machine", cfg.name, timeout=30):
-            if m.files.dir.exists():
+            if m.paths.dir.exists():
                 raise AlreadyExistsError("machine", cfg.name)
             with store.staging_dir("machine-") as stage:
                 staged = MachineFiles(stage)
@@ -74,7 +74,7 @@ class AsyncMachines:
                     create_disk(rootfs, staged.disk)
                 write_json(staged.config, cfg.model_dump())
                 write_json(staged.state, {"state": "created", "reason": ""})
-                os.rename(stage, m.files.dir)
+                os.rename(stage, m.paths.dir)
         m._event("created", image=cfg.image, digest=cfg.image_digest)
         return m
 
@@ -87,7 +87,7 @@ class AsyncMachines:
         async with await src._locked():
             await src._require("clone", AT_REST)
             cfg = src.config.model_copy(update={"name": name})
-            return await asyncio.to_thread(self._materialise, cfg, Path(), src.files.disk)
+            return await asyncio.to_thread(self._materialise, cfg, Path(), src.paths.disk)
 
     async def list(self) -> list[MachineStatus]:
         """Every machine's status, reconciled with its process; damaged ones show as broken."""
@@ -146,12 +146,27 @@ class _Loop:
             self.loop.close()
 
 
+class Files:
+    """``machine.files`` in the sync API."""
+
+    def __init__(self, amachine: AsyncMachine, loop: _Loop) -> None:
+        self._m = amachine
+        self._loop = loop
+
+    def put(self, local: str | os.PathLike[str], remote: str) -> int:
+        return self._loop.run(self._m.files.put(local, remote))
+
+    def get(self, remote: str, local: str | os.PathLike[str]) -> int:
+        return self._loop.run(self._m.files.get(remote, local))
+
+
 class Machine:
     """Sync handle on a machine; every method mirrors AsyncMachine's."""
 
     def __init__(self, amachine: AsyncMachine, loop: _Loop) -> None:
         self._m = amachine
         self._loop = loop
+        self.files = Files(amachine, loop)
 
     def __repr__(self) -> str:
         return f"<Machine {self.name}>"
@@ -166,7 +181,7 @@ class Machine:
 
     @property
     def path(self) -> Path:
-        return self._m.files.dir
+        return self._m.paths.dir
 
     def status(self) -> MachineStatus:
         return self._loop.run(self._m.status())

@@ -19,6 +19,7 @@
           +-- AgentTimeout            the agent did not answer in time (timeout)
           +-- RemoteError             the agent refused a request (code, message)
           +-- AgentDisconnected       the channel closed while requests were in flight
+          +-- UnsafeArchive           a directory from the guest tried to write outside its target
 
 Exceptions carry their facts as fields, so a caller can act on them without
 parsing the message; ``str()`` of each is one line a user can act on.
@@ -219,3 +220,7 @@ class RemoteError(AgentError):
 
 class AgentDisconnected(AgentError):
     """The agent channel closed while requests were in flight (the guest stopped or crashed)."""
+
+
+class UnsafeArchive(AgentError):
+    """A tar stream from the guest tried to write outside its target directory."""

@@ -100,8 +100,11 @@ class AsyncMachine:
     def __init__(self, pinnace: AsyncPinnace, name: str) -> None:
         self._pn = pinnace
         self.name = name
-        self.files: MachineFiles = pinnace.store.machine_files(name)
+        self.paths: MachineFiles = pinnace.store.machine_files(name)
         self.log = log.getChild(name)
+        from .files import AsyncFiles
+
+        self.files = AsyncFiles(self)
         self._agent: AgentClient | None = None
         self._agent_lock = asyncio.Lock()
 
@@ -111,7 +114,7 @@ class AsyncMachine:
     @property
     def config(self) -> MachineConfig:
         try:
-            return MachineConfig.model_validate_json(self.files.config.read_text())
+            return MachineConfig.model_validate_json(self.paths.config.read_text())
         except FileNotFoundError:
             raise NotFoundError("machine", self.name, "see 'pinnace ls'") from None
 
@@ -135,19 +138,19 @@ class AsyncMachine:
 
     def _record(self) -> dict[str, Any]:
         try:
-            data = read_json(self.files.state)
+            data = read_json(self.paths.state)
             return data if isinstance(data, dict) else {}
         except (FileNotFoundError, ValueError):
             return {}
 
     def _write_state(self, state: MachineState, reason: str = "", /, **fields: Any) -> None:
         record = {"state": str(state), "reason": reason, "updated_at": time.time(), **fields}
-        write_json(self.files.state, record)
+        write_json(self.paths.state, record)
         self._event(str(state), reason=reason, **{k: v for k, v in fields.items() if k == "pid"})
 
     def _event(self, event: str, **fields: Any) -> None:
         line = json.dumps({"time": time.time(), "event": event, **fields})
-        with contextlib.suppress(OSError), open(self.files.events, "a") as f:
+        with contextlib.suppress(OSError), open(self.paths.events, "a") as f:
             f.write(line + "\n")
 
     def _process(self, record: dict[str, Any]) -> qproc.ProcessInfo | None:
@@ -162,7 +165,7 @@ class AsyncMachine:
 
     async def status(self) -> MachineStatus:
         """The machine's state, reconciled with whether its QEMU is alive."""
-        if not self.files.dir.is_dir():
+        if not self.paths.dir.is_dir():
             raise NotFoundError("machine", self.name, "see 'pinnace ls'")
         record = self._record()
         try:
@@ -181,8 +184,8 @@ class AsyncMachine:
 
     def _settle(self, was: MachineState) -> tuple[MachineState, str, int | None]:
         """QEMU is gone though the record says it runs: decide stopped or failed, and record it."""
-        code = qproc.await_exit_status(self.files)
-        serial = tail(self.files.serial_log, 200)
+        code = qproc.await_exit_status(self.paths)
+        serial = tail(self.paths.serial_log, 200)
         if was == S.STOPPING:
             state, reason = S.STOPPED, ""
         elif "Kernel panic" in serial:
@@ -205,7 +208,7 @@ class AsyncMachine:
         return state, reason, code
 
     def _cleanup_runtime(self) -> None:
-        for p in self.files.runtime_files():
+        for p in self.paths.runtime_files():
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
 
@@ -230,27 +233,27 @@ class AsyncMachine:
                 self.log.warning("KVM is not usable (%s); using TCG software emulation, "
                                  "which is several times slower", choice.reason)
             spec = qcmd.LaunchSpec(
-                name=self.name, files=self.files, kernel=image.kernel, initrd=image.initrd,
+                name=self.name, files=self.paths, kernel=image.kernel, initrd=image.initrd,
                 cpus=cfg.cpus, memory_mib=cfg.memory_mib, accel=choice.accel,
                 cmdline=cfg.cmdline, tsc_khz=qhost.cached_tsc_khz(self._pn.store.cache_dir),
             )
             argv = qcmd.build_argv(qhost.qemu_binary(), spec)
             self._cleanup_runtime()
-            if self.files.serial_log.exists():
-                self.files.serial_log.replace(self.files.dir / "serial.log.prev")
+            if self.paths.serial_log.exists():
+                self.paths.serial_log.replace(self.paths.dir / "serial.log.prev")
             with contextlib.suppress(FileNotFoundError):
-                self.files.qemu_log.unlink()
+                self.paths.qemu_log.unlink()
             self._write_state(S.STARTING, accel=choice.accel)
             self.log.debug("launching: %s", qcmd.render(argv))
             started = time.time()
             try:
-                launched = await asyncio.to_thread(qproc.launch, argv, self.files)
+                launched = await asyncio.to_thread(qproc.launch, argv, self.paths)
             except TimeoutError as exc:
                 self._write_state(S.FAILED, f"QEMU did not start: {exc}", accel=choice.accel)
                 raise LaunchError(self.name, str(exc), command=argv, exit_code=None,
-                                  log_tail=tail(self.files.qemu_log)) from exc
+                                  log_tail=tail(self.paths.qemu_log)) from exc
             if isinstance(launched, int):
-                qlog = tail(self.files.qemu_log)
+                qlog = tail(self.paths.qemu_log)
                 first = qlog.strip().splitlines()[-1] if qlog.strip() else describe_exit(launched)
                 self._write_state(S.FAILED, f"QEMU would not start: {first}",
                                   accel=choice.accel, exit_code=launched)
@@ -265,9 +268,9 @@ class AsyncMachine:
             try:
                 await self._connect_agent(boot_timeout, alive=launched.alive)
             except (AgentTimeout, AgentDisconnected, AgentError) as exc:
-                await asyncio.to_thread(qproc.kill, launched, self.files)
-                serial = tail(self.files.serial_log, SERIAL_TAIL_LINES)
-                code = qproc.read_exit_status(self.files)
+                await asyncio.to_thread(qproc.kill, launched, self.paths)
+                serial = tail(self.paths.serial_log, SERIAL_TAIL_LINES)
+                code = qproc.read_exit_status(self.paths)
                 if isinstance(exc, AgentTimeout) and code in (None, 137):
                     self._cleanup_runtime()
                     self._write_state(S.FAILED, f"boot timed out after {boot_timeout:g} s",
@@ -284,7 +287,7 @@ class AsyncMachine:
         async with self._agent_lock:
             if self._agent is not None and not self._agent.closed:
                 return self._agent
-            self._agent = await AgentClient.connect(self.files, timeout=timeout, alive=alive)
+            self._agent = await AgentClient.connect(self.paths, timeout=timeout, alive=alive)
             return self._agent
 
     async def agent(self, timeout: float = 10.0) -> AgentClient:
@@ -329,7 +332,7 @@ class AsyncMachine:
             await self._drop_agent()
             self._cleanup_runtime()
             self._write_state(S.STOPPED, how, accel=record.get("accel"),
-                              exit_code=qproc.await_exit_status(self.files))
+                              exit_code=qproc.await_exit_status(self.paths))
             return await self.status()
 
     async def _bring_down(self, info: qproc.ProcessInfo, *, graceful: bool, timeout: float,
@@ -346,10 +349,10 @@ class AsyncMachine:
             if await asyncio.to_thread(qproc.wait_exit, info, timeout):
                 return "powered off by the agent"
         if not kill:
-            if await quit_qemu(self.files.qmp_sock, self.name, QUIT_TIMEOUT):
+            if await quit_qemu(self.paths.qmp_sock, self.name, QUIT_TIMEOUT):
                 if await asyncio.to_thread(qproc.wait_exit, info, QUIT_TIMEOUT):
                     return "QEMU quit" if not graceful else "the guest did not power off; QEMU quit"
-        await asyncio.to_thread(qproc.kill, info, self.files)
+        await asyncio.to_thread(qproc.kill, info, self.paths)
         return "killed"
 
     async def delete(self, *, force: bool = False) -> None:
@@ -362,11 +365,11 @@ class AsyncMachine:
                                      [str(s) for s in AT_REST] + ["any state, with --force"])
                 info = self._process(self._record())
                 if info is not None:
-                    await asyncio.to_thread(qproc.kill, info, self.files)
+                    await asyncio.to_thread(qproc.kill, info, self.paths)
             await self._drop_agent()
             trash = self._pn.store.tmp_dir / f"delete-{os.getpid()}-{self.name}"
             self._pn.store.tmp_dir.mkdir(parents=True, exist_ok=True)
-            os.rename(self.files.dir, trash)
+            os.rename(self.paths.dir, trash)
             shutil.rmtree(trash, ignore_errors=True)
 
     async def configure(self, **changes: Any) -> MachineConfig:
@@ -379,7 +382,7 @@ class AsyncMachine:
         async with await self._locked():
             await self._require("configure", AT_REST)
             cfg = self.config.with_changes(**changes)
-            write_json(self.files.config, cfg.model_dump())
+            write_json(self.paths.config, cfg.model_dump())
             self._event("configured", changes={k: v for k, v in changes.items() if v is not None})
             return cfg
 
@@ -416,7 +419,7 @@ class AsyncMachine:
         return await agent.request("info", timeout=timeout)
 
     def serial_tail(self, lines: int = SERIAL_TAIL_LINES) -> str:
-        return tail(self.files.serial_log, lines)
+        return tail(self.paths.serial_log, lines)
 
     async def close(self) -> None:
         """Drop this handle's agent connection (the machine keeps running)."""

@@ -312,6 +312,10 @@ class AgentClient:
         shown = ["sh", "-c", shell] if shell is not None else list(argv or [])
         return Process(self, self._open("exec", args), shown, timeout)
 
+    def start_transfer(self, op: str, **args: Any) -> Process:
+        """Start a get or put: data flows on stdout (get) or stdin (put) like an exec's."""
+        return Process(self, self._open(op, args), [op, str(args.get("path"))], None)
+
     async def exec(self, argv: list[str] | None = None, *, shell: str | None = None,
                    input: bytes | None = None, timeout: float | None = None,
                    **kwargs: Any) -> ExecResult:
@@ -361,6 +365,7 @@ class Process:
         self._open_streams = {P.STDOUT, P.STDERR}
         self._result: ExecResult | None = None
         self._consumed = {P.STDOUT: 0, P.STDERR: 0}
+        self.stat: dict[str, Any] | None = None
 
     def _deadline_left(self) -> float | None:
         if self._timeout is None:
@@ -414,9 +419,12 @@ class Process:
             elif frame.kind == P.EOF:
                 self._open_streams.discard(frame.flags)
             elif frame.kind == P.EVENT:
-                started = frame.json().get("started")
+                event = frame.json()
+                started = event.get("started")
                 if isinstance(started, int):
                     self.pid = started
+                if isinstance(event.get("stat"), dict):
+                    self.stat = event["stat"]
             elif frame.kind in (P.REPLY, P.ERROR):
                 self._handle_final(frame)
 

@@ -574,6 +574,73 @@ def op_exec(session: Session, chan: int, msg: dict[str, Any]) -> None:
     return None
 
 
+# put of one file: write beside the target, then set mode and mtime and rename into place,
+# so a reader never sees half a file and a failed copy leaves the old one.
+PUT_FILE = (
+    'set -e; t="$1.pinnace-put.$$"; trap \'rm -f "$t"\' EXIT; cat > "$t"; '
+    'chmod "$2" "$t"; touch -m -d "@$3" "$t"; mv -f "$t" "$1"; trap - EXIT'
+)
+
+
+def _path_arg(msg: dict[str, Any]) -> str:
+    path = msg.get("path")
+    if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
+        raise RequestFailed("bad-request", "path must be an absolute path")
+    return path
+
+
+def _stat(path: str) -> os.stat_result:
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        raise RequestFailed("not-found", f"{path}: no such file or directory") from None
+    except PermissionError:
+        raise RequestFailed("permission", f"{path}: permission denied") from None
+    except OSError as exc:
+        raise RequestFailed("io", f"{path}: {exc.strerror}") from None
+
+
+def op_get(session: Session, chan: int, msg: dict[str, Any]) -> None:
+    """Stream a file (or, as a tar archive, a directory) out on stdout."""
+    import stat as st
+
+    path = _path_arg(msg)
+    info = _stat(path)
+    is_dir = st.S_ISDIR(info.st_mode)
+    if is_dir and not msg.get("archive"):
+        raise RequestFailed("is-a-directory", f"{path} is a directory; copy it as an archive")
+    if not is_dir and not st.S_ISREG(info.st_mode):
+        raise RequestFailed("not-a-file", f"{path} is not a regular file")
+    if not os.access(path, os.R_OK):
+        raise RequestFailed("permission", f"{path}: permission denied")
+    session.send(P.encode_json(P.EVENT, chan, {"stat": {
+        "mode": info.st_mode & 0o7777, "mtime": info.st_mtime, "size": info.st_size,
+        "dir": is_dir}}))
+    argv = ["tar", "-C", path, "-cf", "-", "."] if is_dir else ["cat", "--", path]
+    session.requests[chan] = Exec(session.agent, session, chan, {"argv": argv})
+
+
+def op_put(session: Session, chan: int, msg: dict[str, Any]) -> None:
+    """Take a file (or a tar archive to unpack into a directory) from stdin."""
+    path = _path_arg(msg)
+    if msg.get("archive"):
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as exc:
+            raise RequestFailed("io", f"{path}: {exc.strerror}") from None
+        argv = ["tar", "-C", path, "-xpf", "-"]
+    else:
+        parent = os.path.dirname(path) or "/"
+        if not os.path.isdir(parent):
+            raise RequestFailed("not-found", f"{parent}: no such directory")
+        if os.path.isdir(path):
+            raise RequestFailed("is-a-directory", f"{path} is a directory")
+        mode = int(msg.get("mode", 0o644)) & 0o7777
+        mtime = float(msg.get("mtime", time.time()))
+        argv = ["sh", "-c", PUT_FILE, "put", path, f"{mode:o}", f"{mtime:.9f}"]
+    session.requests[chan] = Exec(session.agent, session, chan, {"argv": argv, "stdin": True})
+
+
 def op_info(session: Session, chan: int, msg: dict[str, Any]) -> dict[str, Any]:
     u = os.uname()
     with open("/proc/uptime") as f:
@@ -636,6 +703,8 @@ OPS = {
     "reboot": op_power,
     "set_time": op_set_time,
     "set_hostname": op_set_hostname,
+    "get": op_get,
+    "put": op_put,
 }
 
 

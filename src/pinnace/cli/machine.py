@@ -277,7 +277,7 @@ def logs(ctx: click.Context, name: str, follow: bool, lines: int | None) -> None
         return await pn.machines.get(name)
 
     m = run(ctx, go)
-    path = m.files.serial_log
+    path = m.paths.serial_log
     out = sys.stdout.buffer
     try:
         f = open(path, "rb")
@@ -439,9 +439,108 @@ async def copy_stdin(proc: Any) -> None:
     await proc.close_stdin()
 
 
+def _split_remote(arg: str) -> tuple[str | None, str]:
+    """'vm:/path' -> ('vm', '/path'); a host path -> (None, path)."""
+    head, sep, rest = arg.partition(":")
+    if sep and head and "/" not in head:
+        return head, rest
+    return None, arg
+
+
+@click.command()
+@click.argument("src")
+@click.argument("dst")
+@click.pass_context
+def cp(ctx: click.Context, src: str, dst: str) -> None:
+    """Copy a file or directory between the host and a machine (VM:/path on one side).
+
+    \b
+    Examples:
+      pinnace cp ./app.tar web:/tmp/app.tar
+      pinnace cp web:/var/log ./guest-logs
+    """
+    (src_vm, src_path), (dst_vm, dst_path) = _split_remote(src), _split_remote(dst)
+    if (src_vm is None) == (dst_vm is None):
+        raise click.UsageError("exactly one of SRC and DST must be VM:/path")
+
+    async def go(pn: AsyncPinnace) -> None:
+        t0 = time.monotonic()
+        if src_vm is not None:
+            m = await pn.machines.get(src_vm)
+            n = await m.files.get(src_path, dst_path)
+        else:
+            assert dst_vm is not None
+            m = await pn.machines.get(dst_vm)
+            n = await m.files.put(src_path, dst_path)
+        await m.close()
+        took = time.monotonic() - t0
+        click.echo(f"{n} bytes in {took:.2f} s ({n / took / 1e6:.1f} MB/s)", err=True)
+
+    run(ctx, go)
+
+
+@click.command()
+@click.argument("name")
+@click.option("--user", "-u", metavar="USER", help="Log in as this guest user.")
+@click.pass_context
+def shell(ctx: click.Context, name: str, user: str | None) -> None:
+    """Open an interactive shell (a PTY) in a machine.
+
+    \b
+    Example:
+      pinnace shell web
+    """
+    code = run(ctx, lambda pn: pty_shell(pn, name, user))
+    sys.exit(code)
+
+
+async def pty_shell(pn: AsyncPinnace, name: str, user: str | None) -> int:
+    """Run a login shell on a guest PTY, with this terminal in raw mode."""
+    import asyncio
+    import os
+    import shutil
+    import signal
+    import termios
+    import tty
+
+    m = await pn.machines.get(name)
+    size = shutil.get_terminal_size()
+    proc = await m.start_process(["/bin/bash", "-l"], stdin=True, user=user, pty={
+        "rows": size.lines, "cols": size.columns, "term": os.environ.get("TERM", "xterm")})
+    loop = asyncio.get_running_loop()
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd) if os.isatty(fd) else None
+    if saved is not None:
+        tty.setraw(fd)
+
+    tasks: set[asyncio.Task[None]] = set()
+
+    def on_winch() -> None:
+        s = shutil.get_terminal_size()
+        task = loop.create_task(proc.resize(s.lines, s.columns))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    loop.add_signal_handler(signal.SIGWINCH, on_winch)
+    pump = loop.create_task(copy_stdin(proc))
+    try:
+        async for _, data in proc:
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+        result = await proc.wait()
+    finally:
+        loop.remove_signal_handler(signal.SIGWINCH)
+        pump.cancel()
+        if saved is not None:
+            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+        proc.abandon()
+        await m.close()
+    return result.exit_code
+
+
 def register(group: click.Group) -> None:
     for cmd in (create, clone, configure, start, stop, halt, kill, delete, ls, status, logs,
-                exec_):
+                exec_, shell, cp):
         group.add_command(cmd)
 
 

@@ -1,0 +1,130 @@
+"""The guest agent against a real guest: streams, concurrency, files, the PTY shell."""
+
+import asyncio
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pinnace import RemoteError
+
+
+def test_stdout_and_stderr_keep_their_order(machine):
+    r = machine.exec("for i in 1 2 3; do echo out$i; echo err$i >&2; done")
+    assert r.stdout == b"out1\nout2\nout3\n" and r.stderr == b"err1\nerr2\nerr3\n"
+
+
+def test_100mb_through_stdout_streams_without_buffering(pn, machine):
+    async def go():
+        m = await pn.aio.machines.get(machine.name)
+        proc = await m.start_process("head -c 100000000 /dev/zero")
+        total, biggest = 0, 0
+        async for _, data in proc:
+            total += len(data)
+            biggest = max(biggest, len(data))
+        result = await proc.wait()
+        await m.close()
+        return total, biggest, result
+
+    total, biggest, result = asyncio.run(go())
+    assert result.exit_code == 0 and total == 100_000_000
+    assert biggest <= 1 << 20  # delivered in frames, never as one buffer
+
+
+def test_eight_concurrent_execs(pn, machine):
+    async def go():
+        m = await pn.aio.machines.get(machine.name)
+        t0 = time.monotonic()
+        results = await asyncio.gather(*[m.exec(f"sleep 1; echo {i}") for i in range(8)])
+        took = time.monotonic() - t0
+        await m.close()
+        return results, took
+
+    results, took = asyncio.run(go())
+    assert [r.stdout_text.strip() for r in results] == [str(i) for i in range(8)]
+    assert took < 6  # in parallel, not one after another
+
+
+def test_file_round_trip_100mb(machine, tmp_path):
+    src = tmp_path / "big.bin"
+    with open(src, "wb") as f:
+        for _ in range(100):
+            f.write(os.urandom(1 << 20))
+    os.chmod(src, 0o640)
+    machine.files.put(src, "/root/big.bin")
+    guest_sum = machine.exec(["sha256sum", "/root/big.bin"]).stdout_text.split()[0]
+    assert guest_sum == hashlib.sha256(src.read_bytes()).hexdigest()
+    assert machine.exec(["stat", "-c", "%a", "/root/big.bin"]).stdout_text.strip() == "640"
+    back = tmp_path / "back.bin"
+    machine.files.get("/root/big.bin", back)
+    assert hashlib.sha256(back.read_bytes()).hexdigest() == guest_sum
+    assert int(back.stat().st_mtime) == int(src.stat().st_mtime)
+
+
+def test_directory_both_ways(machine, tmp_path):
+    src = tmp_path / "tree"
+    (src / "a" / "b").mkdir(parents=True)
+    (src / "a" / "b" / "f.txt").write_text("deep")
+    (src / "top.txt").write_text("top")
+    machine.files.put(src, "/srv/tree")
+    assert machine.exec(["cat", "/srv/tree/a/b/f.txt"]).stdout == b"deep"
+    machine.exec("echo made-in-guest > /srv/tree/new.txt")
+    out = tmp_path / "out"
+    machine.files.get("/srv/tree", out)
+    assert (out / "a" / "b" / "f.txt").read_text() == "deep"
+    assert (out / "new.txt").read_text() == "made-in-guest\n"
+
+
+def test_copy_errors_are_clear(machine, tmp_path):
+    with pytest.raises(RemoteError, match="no such file"):
+        machine.files.get("/nope", tmp_path / "x")
+    with pytest.raises(RemoteError, match="no such directory"):
+        machine.files.put(__file__, "/no/such/dir/file")
+    assert not list(tmp_path.iterdir())  # no half-written file left behind
+
+
+def test_cli_cp_and_exit_7(machine, tmp_path):
+    f = tmp_path / "f.txt"
+    f.write_text("via cli")
+    cli = [sys.executable, "-m", "pinnace.cli"]
+    subprocess.run([*cli, "cp", str(f), f"{machine.name}:/tmp/f.txt"], check=True,
+                   capture_output=True)
+    subprocess.run([*cli, "cp", f"{machine.name}:/tmp/f.txt", str(tmp_path / "g.txt")],
+                   check=True, capture_output=True)
+    assert (tmp_path / "g.txt").read_text() == "via cli"
+    r = subprocess.run([*cli, "exec", machine.name, "--", "sh", "-c", "exit 7"])
+    assert r.returncode == 7
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+def test_pty_shell_through_tmux(machine, tmp_path):
+    session = f"pinnace-test-{os.getpid()}"
+    cmd = f"{sys.executable} -m pinnace.cli shell {machine.name}"
+    env = {**os.environ, "PINNACE_HOME": str(machine.path.parent.parent)}
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "120", "-y", "30", cmd],
+                   check=True, env=env)
+    try:
+        def screen():
+            return subprocess.run(["tmux", "capture-pane", "-p", "-t", session],
+                                  capture_output=True, text=True).stdout
+
+        def wait_for(text, timeout=30):
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if text in screen():
+                    return True
+                time.sleep(0.2)
+            return False
+
+        assert wait_for("#"), screen()
+        subprocess.run(["tmux", "send-keys", "-t", session, "stty size; tty; echo $((6*7))",
+                        "Enter"], check=True)
+        assert wait_for("42"), screen()
+        assert "30 120" in screen() and "/dev/pts/" in screen()
+        subprocess.run(["tmux", "send-keys", "-t", session, "exit", "Enter"], check=True)
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
