@@ -1,0 +1,68 @@
+"""Agent speed: exec round trip of `true`, file copy in and out, stdout throughput.
+
+    python bench/agent.py [-n 200] [--mb 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from pinnace import AsyncPinnace
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(p / 100 * len(xs)))]
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("-n", type=int, default=200, help="exec round trips")
+    ap.add_argument("--mb", type=int, default=100, help="MB for copy and stdout")
+    args = ap.parse_args()
+    pn = AsyncPinnace()
+    m = await pn.machines.create(f"bench-agent-{os.getpid()}")
+    try:
+        st = await m.start()
+        await m.exec(["true"])
+        rtt = []
+        for _ in range(args.n):
+            t0 = time.perf_counter()
+            await m.exec(["true"])
+            rtt.append(time.perf_counter() - t0)
+        size = args.mb << 20
+        with tempfile.TemporaryDirectory() as tmp:
+            src = Path(tmp) / "in.bin"
+            src.write_bytes(os.urandom(size))
+            t0 = time.perf_counter()
+            await m.files.put(src, "/root/in.bin")
+            put_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            await m.files.get("/root/in.bin", Path(tmp) / "out.bin")
+            get_s = time.perf_counter() - t0
+        proc = await m.start_process(f"head -c {size} /dev/zero")
+        t0 = time.perf_counter()
+        async for _ in proc:
+            pass
+        await proc.wait()
+        out_s = time.perf_counter() - t0
+    finally:
+        await m.delete(force=True)
+    mb = size / 1e6
+    print(f"\nagent, accel={st.accel}, {os.cpu_count()} CPUs, {args.n} round trips, {args.mb} MiB transfers")
+    print(f"{'measure':34} {'value':>12}")
+    print(f"{'exec true round trip p50':34} {statistics.median(rtt) * 1000:9.1f} ms")
+    print(f"{'exec true round trip p95':34} {pct(rtt, 95) * 1000:9.1f} ms")
+    print(f"{'file copy in (put)':34} {mb / put_s:8.1f} MB/s")
+    print(f"{'file copy out (get)':34} {mb / get_s:8.1f} MB/s")
+    print(f"{'stdout throughput':34} {mb / out_s:8.1f} MB/s")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
