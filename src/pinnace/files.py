@@ -31,10 +31,10 @@ def _remote(path: str) -> str:
     return path
 
 
-async def _finish(proc: Process, what: str) -> None:
-    result = await proc.wait()
-    if not result.ok:
-        raise RemoteError("copy-failed", f"{what} failed (exit code {result.exit_code})")
+def _failure(what: str, stderr: bytes) -> RemoteError:
+    """The error for a failed copy, with the last line the guest's tool printed."""
+    detail = stderr.decode("utf-8", "replace").strip().splitlines()
+    return RemoteError("copy-failed", f"{what}: {detail[-1] if detail else 'failed'}")
 
 
 class AsyncFiles:
@@ -84,8 +84,7 @@ class AsyncFiles:
         finally:
             proc.abandon()
         if not result.ok:
-            detail = err.decode("utf-8", "replace").strip().splitlines()
-            raise RemoteError("copy-failed", f"{what}: {detail[-1] if detail else 'failed'}")
+            raise _failure(what, bytes(err))
 
     async def get(self, remote: str, local: str | os.PathLike[str]) -> int:
         """Copy ``remote`` (a file or a directory) from the guest to the host; return bytes."""
@@ -110,9 +109,7 @@ class AsyncFiles:
                         err += data[: 4096 - len(err)]
             result = await proc.wait()
             if not result.ok:
-                detail = err.decode("utf-8", "replace").strip().splitlines()
-                raise RemoteError("copy-failed",
-                                  f"reading {remote}: {detail[-1] if detail else 'failed'}")
+                raise _failure(f"reading {remote}", bytes(err))
             stat = proc.stat or {}
             if stat.get("dir"):
                 dst.mkdir(exist_ok=True)

@@ -23,7 +23,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -81,7 +81,6 @@ class ImageSpec:
     mirror: str = DEFAULT_MIRROR
     security_mirror: str = DEFAULT_SECURITY_MIRROR
     kernel_package: str = KERNEL_PACKAGE
-    extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def create(cls, packages: Sequence[str] = (), *, suite: str | None = None,
