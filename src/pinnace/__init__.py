@@ -11,7 +11,7 @@
 import logging
 
 from .agent.client import ExecResult, Process
-from .client import AsyncMachines, AsyncPinnace, Machine, Machines, Pinnace
+from .client import AsyncMachines, AsyncPinnace, Machine, Machines, Pinnace, SyncProcess
 from .config import MachineConfig
 from .errors import (
     AgentDisconnected,
@@ -19,6 +19,7 @@ from .errors import (
     AgentTimeout,
     AlreadyExistsError,
     BootTimeout,
+    CommandFailed,
     ConfigError,
     HostError,
     ImageBuildError,
@@ -49,6 +50,7 @@ __all__ = [
     "AsyncMachines",
     "AsyncPinnace",
     "BootTimeout",
+    "CommandFailed",
     "ConfigError",
     "ExecResult",
     "HostError",
@@ -71,6 +73,7 @@ __all__ = [
     "ProtocolError",
     "RemoteError",
     "StateError",
+    "SyncProcess",
     "UnsafeArchive",
     "__version__",
 ]

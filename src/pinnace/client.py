@@ -15,7 +15,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .agent.client import ExecResult
+from .agent.client import ExecResult, Process
 from .config import MachineConfig
 from .errors import AlreadyExistsError, ConfigError, NotFoundError
 from .images import DEFAULT_IMAGE, AsyncImages, Image, Images
@@ -160,6 +160,52 @@ class Files:
         return self._loop.run(self._m.files.get(remote, local))
 
 
+class SyncProcess:
+    """Sync face of a running guest command: iterate for ``(stream, bytes)`` as output
+    arrives, then ``wait()``; ``write``/``close_stdin``/``signal`` as in Process."""
+
+    def __init__(self, proc: Process, loop: _Loop) -> None:
+        self._proc = proc
+        self._loop = loop
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid
+
+    def __iter__(self) -> Iterator[tuple[int, bytes]]:
+        it = self._proc.__aiter__()
+
+        async def step() -> tuple[int, bytes] | None:
+            try:
+                return await it.__anext__()
+            except StopAsyncIteration:
+                return None
+
+        while (item := self._loop.run(step())) is not None:
+            yield item
+
+    def write(self, data: bytes) -> None:
+        self._loop.run(self._proc.write(data))
+
+    def close_stdin(self) -> None:
+        self._loop.run(self._proc.close_stdin())
+
+    def signal(self, sig: int) -> None:
+        self._loop.run(self._proc.signal(sig))
+
+    def wait(self) -> ExecResult:
+        return self._loop.run(self._proc.wait())
+
+    def abandon(self) -> None:
+        self._loop.loop.call_soon_threadsafe(self._proc.abandon)
+
+    def __enter__(self) -> SyncProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.abandon()
+
+
 class Machine:
     """Sync handle on a machine; every method mirrors AsyncMachine's."""
 
@@ -210,8 +256,24 @@ class Machine:
         return self._loop.run(self._m.exec(argv, input=input, timeout=timeout, env=env,
                                            cwd=cwd, user=user))
 
+    def start_process(self, argv: list[str] | str, **options: Any) -> SyncProcess:
+        """Start a command and stream its output: ``for stream, data in proc``."""
+        return SyncProcess(self._loop.run(self._m.start_process(argv, **options)), self._loop)
+
     def ping(self, timeout: float = 5.0) -> dict[str, Any]:
         return self._loop.run(self._m.ping(timeout))
+
+    def set_time(self, epoch: float | None = None) -> float:
+        return self._loop.run(self._m.set_time(epoch))
+
+    def set_hostname(self, hostname: str) -> None:
+        self._loop.run(self._m.set_hostname(hostname))
+
+    def reseed(self, nbytes: int = 64) -> None:
+        self._loop.run(self._m.reseed(nbytes))
+
+    def set_network(self, ifname: str, addresses: list[str], **options: Any) -> list[dict[str, Any]]:
+        return self._loop.run(self._m.set_network(ifname, addresses, **options))
 
     def info(self, timeout: float = 10.0) -> dict[str, Any]:
         return self._loop.run(self._m.info(timeout))
@@ -275,4 +337,4 @@ class Pinnace:
         self.close()
 
 
-__all__ = ["AsyncMachines", "AsyncPinnace", "Image", "Machine", "Machines", "Pinnace"]
+__all__ = ["AsyncMachines", "AsyncPinnace", "Image", "Machine", "Machines", "Pinnace", "SyncProcess"]

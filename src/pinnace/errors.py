@@ -14,6 +14,7 @@
      |    +-- LaunchError             QEMU would not start (command, exit_code)
      |    +-- BootTimeout             the guest did not become ready in time (timeout)
      |    +-- MachineCrashed          QEMU exited while it should have been running (exit_code)
+     +-- CommandFailed                a guest command exited non-zero, from ExecResult.check() (result)
      +-- AgentError                   the guest agent channel failed
           +-- ProtocolError           the guest sent something that breaks the protocol
           +-- AgentTimeout            the agent did not answer in time (timeout)
@@ -190,6 +191,18 @@ def describe_exit(code: int | None) -> str:
             name = f"signal {code - 128}"
         return f"killed by {name}"
     return f"exit code {code}"
+
+
+class CommandFailed(PinnaceError):
+    """A command in the guest failed; raised by ``ExecResult.check()``, carries the result."""
+
+    def __init__(self, result: object, argv: Sequence[str], exit_code: int, detail: str) -> None:
+        self.result = result
+        self.argv = list(argv)
+        self.exit_code = exit_code
+        shown = " ".join(self.argv)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        super().__init__(f"{shown!r} failed with exit code {exit_code}{detail}")
 
 
 class AgentError(PinnaceError):

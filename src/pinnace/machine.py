@@ -15,11 +15,14 @@ that died behind pinnace's back shows as stopped or failed, never as running.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import enum
+import ipaddress
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -51,6 +54,8 @@ if TYPE_CHECKING:
     from .client import AsyncPinnace
 
 log = logging.getLogger(__name__)
+
+HOSTNAME_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,61}[A-Za-z0-9])?")
 
 STOP_TIMEOUT = 10.0
 QUIT_TIMEOUT = 5.0
@@ -417,6 +422,40 @@ class AsyncMachine:
     async def info(self, timeout: float = 10.0) -> dict[str, Any]:
         agent = await self.agent(timeout)
         return await agent.request("info", timeout=timeout)
+
+    async def set_time(self, epoch: float | None = None) -> float:
+        """Set the guest's clock (to the host's by default); return the guest's new time."""
+        agent = await self.agent()
+        reply = await agent.request("set_time", epoch=time.time() if epoch is None else epoch)
+        return float(reply["time"])
+
+    async def set_hostname(self, hostname: str) -> None:
+        if not isinstance(hostname, str) or not HOSTNAME_RE.fullmatch(hostname):
+            raise ConfigError("hostname", hostname, "use 1-63 letters, digits, '-' and '.', "
+                              "starting and ending with a letter or digit")
+        agent = await self.agent()
+        await agent.request("set_hostname", hostname=hostname)
+
+    async def reseed(self, nbytes: int = 64) -> None:
+        """Feed the guest kernel fresh randomness from the host and reseed its CRNG."""
+        agent = await self.agent()
+        await agent.request("reseed", seed=base64.b64encode(os.urandom(nbytes)).decode())
+
+    async def set_network(self, ifname: str, addresses: list[str], *, gateway: str | None = None,
+                          mtu: int | None = None, nameservers: list[str] | None = None,
+                          up: bool = True) -> list[dict[str, Any]]:
+        """Give a guest interface static addresses ("10.77.0.5/24"), replacing its old ones;
+        optionally a default route, MTU and name servers. No DHCP involved."""
+        for a in [*addresses, *([gateway] if gateway else []), *(nameservers or [])]:
+            try:
+                ipaddress.ip_interface(a)
+            except ValueError:
+                raise ConfigError("address", a, "give an IP address, with /prefix for an interface "
+                                  "address (e.g. 10.77.0.5/24)") from None
+        agent = await self.agent()
+        reply = await agent.request("set_network", ifname=ifname, addresses=list(addresses),
+                                    gateway=gateway, mtu=mtu, nameservers=nameservers or [], up=up)
+        return list(reply.get("addresses") or [])
 
     def serial_tail(self, lines: int = SERIAL_TAIL_LINES) -> str:
         return tail(self.paths.serial_log, lines)

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from pinnace import RemoteError
+from pinnace import CommandFailed, ConfigError, RemoteError
 
 
 def test_stdout_and_stderr_keep_their_order(machine):
@@ -80,10 +80,14 @@ def test_directory_both_ways(machine, tmp_path):
 
 
 def test_copy_errors_are_clear(machine, tmp_path):
-    with pytest.raises(RemoteError, match="no such file"):
+    with pytest.raises(RemoteError, match=r"(?i)no such file"):
         machine.files.get("/nope", tmp_path / "x")
     with pytest.raises(RemoteError, match="no such directory"):
         machine.files.put(__file__, "/no/such/dir/file")
+    with pytest.raises(RemoteError, match="/proc/nope"):
+        machine.files.put(__file__, "/proc/nope")
+    with pytest.raises(RemoteError, match="is a directory"):
+        machine.files.put(__file__, "/root")
     assert not list(tmp_path.iterdir())  # no half-written file left behind
 
 
@@ -128,3 +132,43 @@ def test_pty_shell_through_tmux(machine, tmp_path):
         subprocess.run(["tmux", "send-keys", "-t", session, "exit", "Enter"], check=True)
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+
+
+def test_guest_control_hostname_clock_entropy(machine):
+    machine.set_hostname("renamed-1")
+    assert machine.exec(["hostname"]).stdout_text.strip() == "renamed-1"
+    with pytest.raises(ConfigError, match="hostname"):
+        machine.set_hostname("-bad name")
+    later = time.time() + 3600
+    machine.set_time(later)
+    guest_now = float(machine.exec(["date", "+%s"]).stdout_text)
+    assert abs(guest_now - later) < 60
+    machine.set_time()  # back to the host's clock
+    assert abs(float(machine.exec(["date", "+%s"]).stdout_text) - time.time()) < 60
+    machine.reseed()
+    assert int(machine.exec(["cat", "/proc/sys/kernel/random/entropy_avail"]).stdout) >= 256
+
+
+def test_set_network_without_dhcp(machine):
+    # A dummy interface: the addresses are real kernel state, and no packet goes anywhere.
+    machine.exec("modprobe dummy && ip link add pn0 type dummy").check()
+    machine.set_network("pn0", ["10.77.0.5/24"], gateway="10.77.0.1", mtu=1400)
+    show = machine.exec("ip -4 -o addr show pn0; ip route; cat /sys/class/net/pn0/mtu").stdout_text
+    assert "10.77.0.5/24" in show and "default via 10.77.0.1 dev pn0" in show and "1400" in show
+    addrs = machine.set_network("pn0", ["10.77.0.6/24"])  # replaces, not adds
+    assert [a["address"] for a in addrs if a["family"] == "inet"] == ["10.77.0.6"]
+    with pytest.raises(RemoteError, match="no network interface"):
+        machine.set_network("nope0", ["10.77.0.7/24"])
+    with pytest.raises(ConfigError, match="address"):
+        machine.set_network("pn0", ["10.77.0.300/24"])
+
+
+def test_check_and_sync_streaming(machine):
+    with pytest.raises(CommandFailed, match="exit code 3: boom") as info:
+        machine.exec("echo boom >&2; exit 3").check()
+    assert info.value.exit_code == 3 and info.value.result.stderr == b"boom\n"
+    assert machine.exec(["true"]).check().ok
+    with machine.start_process("for i in 1 2 3; do echo $i; sleep 0.2; done") as proc:
+        chunks = [data for stream, data in proc if stream == 1]
+        assert proc.wait().exit_code == 0
+    assert b"".join(chunks) == b"1\n2\n3\n" and len(chunks) >= 2  # arrived as produced

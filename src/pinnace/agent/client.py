@@ -19,7 +19,14 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import AgentDisconnected, AgentError, AgentTimeout, ProtocolError, RemoteError
+from ..errors import (
+    AgentDisconnected,
+    AgentError,
+    AgentTimeout,
+    CommandFailed,
+    ProtocolError,
+    RemoteError,
+)
 from ..store import MachineFiles, try_lock
 from . import protocol as P
 
@@ -52,6 +59,15 @@ class ExecResult:
     @property
     def stderr_text(self) -> str:
         return self.stderr.decode("utf-8", "replace")
+
+    def check(self) -> ExecResult:
+        """Return self if the command succeeded, else raise CommandFailed with its last stderr line."""
+        if self.ok:
+            return self
+        lines = self.stderr_text.strip().splitlines()
+        detail = " (timed out)" if self.timed_out else ""
+        detail += f": {lines[-1][:200]}" if lines else ""
+        raise CommandFailed(self, self.argv, self.exit_code, detail)
 
 
 @dataclass

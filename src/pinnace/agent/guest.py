@@ -33,6 +33,8 @@ IS_INIT = os.getpid() == 1
 LOG_PREFIX = "pinnace-agent:"
 OUTBUF_HIGH = 8 << 20  # stop reading child output while this much waits for the port
 READ_CHUNK = 256 << 10
+PORT_PAGE = 4096  # virtio_console's receive buffers: one page each
+PORT_WRITE = 32 << 10  # and the most it takes in one write()
 
 
 def log(*args: object) -> None:
@@ -147,6 +149,18 @@ def power(action: str) -> None:
 
 
 # --- sessions and requests ------------------------------------------------------------
+
+
+F_SETPIPE_SZ = 1031
+DEFAULT_PIPE = 64 << 10
+PIPE_SIZE = 1 << 20  # the default pipe-max-size: 16x fewer wake-ups than a default pipe
+
+
+def grow_pipe(fd: int) -> None:
+    try:
+        fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        pass  # over pipe-max-size or the user's pipe quota: the default size works too
 
 
 class RequestFailed(Exception):
@@ -269,8 +283,13 @@ class Exec:
         if not data:
             self._close_out(fd)
             self.session.send(P.encode(P.EOF, self.chan, b"", stream))
-            self.maybe_finish()
+            if not self.out_fds and self.status is None:
+                self.agent.reap(self.pid)  # it has usually exited: answer now, not at SIGCHLD
+            else:
+                self.maybe_finish()
             return
+        if len(data) == DEFAULT_PIPE and fd != self.master:
+            grow_pipe(fd)  # a fast writer: fewer, bigger reads from now on
         self.credit[stream] -= len(data)
         self.session.send(P.encode(P.DATA, self.chan, data, stream))
         if self.credit[stream] <= 0 or self.session.congested():
@@ -451,7 +470,7 @@ class Session:
         self.port = port
         self.reader = P.FrameReader(resync=True)
         self.active = False
-        self.requests: dict[int, Exec | None] = {}
+        self.requests: dict[int, Exec | Transfer | None] = {}
         self.waiting: set[Exec] = set()
 
     def congested(self) -> bool:
@@ -574,14 +593,6 @@ def op_exec(session: Session, chan: int, msg: dict[str, Any]) -> None:
     return None
 
 
-# put of one file: write beside the target, then set mode and mtime and rename into place,
-# so a reader never sees half a file and a failed copy leaves the old one.
-PUT_FILE = (
-    'set -e; t="$1.pinnace-put.$$"; trap \'rm -f "$t"\' EXIT; cat > "$t"; '
-    'chmod "$2" "$t"; touch -m -d "@$3" "$t"; mv -f "$t" "$1"; trap - EXIT'
-)
-
-
 def _path_arg(msg: dict[str, Any]) -> str:
     path = msg.get("path")
     if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
@@ -589,15 +600,146 @@ def _path_arg(msg: dict[str, Any]) -> str:
     return path
 
 
-def _stat(path: str) -> os.stat_result:
-    try:
-        return os.stat(path)
-    except FileNotFoundError:
-        raise RequestFailed("not-found", f"{path}: no such file or directory") from None
-    except PermissionError:
-        raise RequestFailed("permission", f"{path}: permission denied") from None
-    except OSError as exc:
-        raise RequestFailed("io", f"{path}: {exc.strerror}") from None
+def _os_failure(path: str, exc: OSError) -> RequestFailed:
+    code = {errno.ENOENT: "not-found", errno.EACCES: "permission", errno.EPERM: "permission",
+            errno.EISDIR: "is-a-directory", errno.ENOSPC: "no-space"}.get(exc.errno or 0, "io")
+    return RequestFailed(code, f"{path}: {exc.strerror}")
+
+
+class Transfer:
+    """A file copy served by the agent itself: no child process, no pipe in between.
+
+    It answers the same frames as an Exec (stdin data and EOF, windows, control), so
+    the session does not care which one a request is.
+    """
+
+    def __init__(self, session: Session, chan: int, path: str) -> None:
+        self.agent = session.agent
+        self.session = session
+        self.chan = chan
+        self.path = path
+        self.fd: int | None = None
+
+    def on_stdin(self, data: bytes) -> None:
+        pass
+
+    def on_stdin_eof(self) -> None:
+        pass
+
+    def grant(self, stream: int, credit: int) -> None:
+        pass
+
+    def on_control(self, msg: dict[str, Any]) -> None:
+        if "signal" in msg:  # cancel
+            self.abandon()
+            self.session.error(self.chan, "cancelled", f"{self.path}: copy cancelled")
+
+    def _close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def fail(self, exc: OSError) -> None:
+        err = _os_failure(self.path, exc)
+        self.abandon()
+        self.session.error(self.chan, err.code, err.message)
+
+    def done(self, **extra: Any) -> None:
+        self.session.finish(self.chan, P.encode_json(P.REPLY, self.chan, {
+            "exit_code": 0, "signal": None, "timed_out": False, **extra}))
+
+    def abandon(self) -> None:
+        self._close()
+        self.session = NullSession(self.agent)
+
+
+class PutFile(Transfer):
+    """Write the host's stdin beside the target, then set mode and mtime and rename it into
+    place, so a reader never sees half a file and a failed copy leaves the old one."""
+
+    def __init__(self, session: Session, chan: int, path: str, mode: int, mtime: float) -> None:
+        super().__init__(session, chan, path)
+        self.mode = mode
+        self.mtime = mtime
+        self.size = 0
+        self.tmp = f"{path}.pinnace-put.{os.getpid()}.{chan}"
+        try:
+            self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise _os_failure(path, exc) from None
+
+    def on_stdin(self, data: bytes) -> None:
+        if self.fd is None:
+            return
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.fd, view):]
+        except OSError as exc:
+            self.fail(exc)
+            return
+        self.size += len(data)
+        self.session.send(P.encode_window(self.chan, P.STDIN, len(data)))
+
+    def on_stdin_eof(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.fchmod(self.fd, self.mode)
+            os.utime(self.fd, (self.mtime, self.mtime))
+            self._close()
+            os.rename(self.tmp, self.path)
+        except OSError as exc:
+            self.fail(exc)
+            return
+        self.done(size=self.size)
+
+    def abandon(self) -> None:
+        if self.fd is not None:
+            self._close()
+            try:
+                os.unlink(self.tmp)
+            except OSError:
+                pass
+        super().abandon()
+
+
+class GetFile(Transfer):
+    """Stream a file to the host as it grants window; pumped by the agent's loop, since a
+    regular file is always readable and cannot sit in the selector."""
+
+    def __init__(self, session: Session, chan: int, path: str, fd: int) -> None:
+        super().__init__(session, chan, path)
+        self.fd = fd
+        self.credit = P.STREAM_WINDOW
+        self.agent.pumps.add(self)
+
+    def grant(self, stream: int, credit: int) -> None:
+        if stream == P.STDOUT:
+            self.credit = min(self.credit + credit, 1 << 30)
+
+    def ready(self) -> bool:
+        return self.fd is not None and self.credit > 0 and not self.session.congested()
+
+    def pump(self) -> None:
+        while self.ready():
+            assert self.fd is not None
+            try:
+                data = os.read(self.fd, min(self.credit, P.MAX_FRAME))
+            except OSError as exc:
+                self.fail(exc)
+                return
+            if not data:
+                self._close()
+                self.session.send(P.encode(P.EOF, self.chan, b"", P.STDOUT))
+                self.done()
+                return
+            self.credit -= len(data)
+            self.session.send(P.encode(P.DATA, self.chan, data, P.STDOUT))
+
+    def _close(self) -> None:
+        super()._close()
+        self.agent.pumps.discard(self)
 
 
 def op_get(session: Session, chan: int, msg: dict[str, Any]) -> None:
@@ -605,19 +747,28 @@ def op_get(session: Session, chan: int, msg: dict[str, Any]) -> None:
     import stat as st
 
     path = _path_arg(msg)
-    info = _stat(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        raise _os_failure(path, exc) from None
+    info = os.fstat(fd)
     is_dir = st.S_ISDIR(info.st_mode)
     if is_dir and not msg.get("archive"):
+        os.close(fd)
         raise RequestFailed("is-a-directory", f"{path} is a directory; copy it as an archive")
     if not is_dir and not st.S_ISREG(info.st_mode):
+        os.close(fd)
         raise RequestFailed("not-a-file", f"{path} is not a regular file")
-    if not os.access(path, os.R_OK):
-        raise RequestFailed("permission", f"{path}: permission denied")
     session.send(P.encode_json(P.EVENT, chan, {"stat": {
         "mode": info.st_mode & 0o7777, "mtime": info.st_mtime, "size": info.st_size,
         "dir": is_dir}}))
-    argv = ["tar", "-C", path, "-cf", "-", "."] if is_dir else ["cat", "--", path]
-    session.requests[chan] = Exec(session.agent, session, chan, {"argv": argv})
+    if is_dir:
+        os.close(fd)
+        argv = ["tar", "-C", path, "-cf", "-", "."]
+        session.requests[chan] = Exec(session.agent, session, chan, {"argv": argv})
+    else:
+        os.set_blocking(fd, True)
+        session.requests[chan] = GetFile(session, chan, path, fd)
 
 
 def op_put(session: Session, chan: int, msg: dict[str, Any]) -> None:
@@ -627,18 +778,18 @@ def op_put(session: Session, chan: int, msg: dict[str, Any]) -> None:
         try:
             os.makedirs(path, exist_ok=True)
         except OSError as exc:
-            raise RequestFailed("io", f"{path}: {exc.strerror}") from None
+            raise _os_failure(path, exc) from None
         argv = ["tar", "-C", path, "-xpf", "-"]
-    else:
-        parent = os.path.dirname(path) or "/"
-        if not os.path.isdir(parent):
-            raise RequestFailed("not-found", f"{parent}: no such directory")
-        if os.path.isdir(path):
-            raise RequestFailed("is-a-directory", f"{path} is a directory")
-        mode = int(msg.get("mode", 0o644)) & 0o7777
-        mtime = float(msg.get("mtime", time.time()))
-        argv = ["sh", "-c", PUT_FILE, "put", path, f"{mode:o}", f"{mtime:.9f}"]
-    session.requests[chan] = Exec(session.agent, session, chan, {"argv": argv, "stdin": True})
+        session.requests[chan] = Exec(session.agent, session, chan, {"argv": argv, "stdin": True})
+        return
+    parent = os.path.dirname(path) or "/"
+    if not os.path.isdir(parent):
+        raise RequestFailed("not-found", f"{parent}: no such directory")
+    if os.path.isdir(path):
+        raise RequestFailed("is-a-directory", f"{path} is a directory")
+    mode = int(msg.get("mode", 0o644)) & 0o7777
+    mtime = float(msg.get("mtime", time.time()))
+    session.requests[chan] = PutFile(session, chan, path, mode, mtime)
 
 
 def op_info(session: Session, chan: int, msg: dict[str, Any]) -> dict[str, Any]:
@@ -682,7 +833,9 @@ def op_power(session: Session, chan: int, msg: dict[str, Any]) -> None:
 
 
 def op_set_time(session: Session, chan: int, msg: dict[str, Any]) -> dict[str, Any]:
-    epoch = float(msg["epoch"])
+    epoch = msg.get("epoch")
+    if not isinstance(epoch, (int, float)) or not 0 < epoch < 2**34:
+        raise RequestFailed("bad-request", "epoch must be seconds since 1970")
     time.clock_settime(time.CLOCK_REALTIME, epoch)
     return {"time": time.time()}
 
@@ -695,6 +848,68 @@ def op_set_hostname(session: Session, chan: int, msg: dict[str, Any]) -> dict[st
     return {"hostname": socket.gethostname()}
 
 
+RNDADDENTROPY, RNDRESEEDCRNG = 0x40085203, 0x5207
+MAX_SEED = 512
+
+
+def op_reseed(session: Session, chan: int, msg: dict[str, Any]) -> dict[str, Any]:
+    """Mix host randomness into the kernel's pool, credit it, and reseed the CRNG now: a
+    clone restored from a snapshot must not share its random stream with its siblings."""
+    import base64
+    import binascii
+
+    try:
+        seed = base64.b64decode(str(msg.get("seed", "")), validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestFailed("bad-request", "seed must be base64") from None
+    if not 16 <= len(seed) <= MAX_SEED:
+        raise RequestFailed("bad-request", f"seed must be 16-{MAX_SEED} bytes")
+    with open("/dev/random", "wb", buffering=0) as f:
+        fcntl.ioctl(f.fileno(), RNDADDENTROPY, struct.pack("ii", len(seed) * 8, len(seed)) + seed)
+        try:
+            fcntl.ioctl(f.fileno(), RNDRESEEDCRNG)
+        except OSError:
+            pass  # older kernels: the added entropy reseeds at the next interval
+    return {"bytes": len(seed)}
+
+
+def op_set_network(session: Session, chan: int, msg: dict[str, Any]) -> dict[str, Any]:
+    """Give an interface its addresses (replacing the old ones), MTU, default route and
+    name servers, with no DHCP: one ``ip -batch`` run."""
+    import ipaddress
+
+    ifname = msg.get("ifname")
+    if not (isinstance(ifname, str) and 0 < len(ifname) < 16
+            and ifname.replace("-", "").replace("_", "").replace(".", "").isalnum()):
+        raise RequestFailed("bad-request", "ifname must be an interface name")
+    if not os.path.exists(f"/sys/class/net/{ifname}"):
+        raise RequestFailed("not-found", f"no network interface {ifname}")
+    try:
+        addrs = [ipaddress.ip_interface(str(a)) for a in msg.get("addresses") or []]
+        gateway = ipaddress.ip_address(str(msg["gateway"])) if msg.get("gateway") else None
+        servers = [ipaddress.ip_address(str(a)) for a in msg.get("nameservers") or []]
+    except ValueError as exc:
+        raise RequestFailed("bad-request", str(exc)) from None
+    mtu = msg.get("mtu")
+    if mtu is not None and not (isinstance(mtu, int) and 68 <= mtu <= 65535):
+        raise RequestFailed("bad-request", "mtu must be 68-65535")
+    lines = [f"address flush dev {ifname}"]
+    lines += [f"address add {a} dev {ifname}" for a in addrs]
+    if mtu is not None:
+        lines.append(f"link set dev {ifname} mtu {mtu}")
+    lines.append(f"link set dev {ifname} {'up' if msg.get('up', True) else 'down'}")
+    if gateway is not None:
+        lines.append(f"route replace default via {gateway} dev {ifname}")
+    run = subprocess.run(["ip", "-batch", "-"], input="\n".join(lines) + "\n",
+                         capture_output=True, text=True, timeout=10)
+    if run.returncode != 0:
+        raise RequestFailed("failed", f"ip: {run.stderr.strip()[-500:]}")
+    if servers:
+        with open("/etc/resolv.conf", "w") as f:
+            f.writelines(f"nameserver {a}\n" for a in servers)
+    return {"addresses": [a for a in addresses() if a["ifname"] == ifname]}
+
+
 OPS = {
     "ping": op_ping,
     "exec": op_exec,
@@ -705,6 +920,8 @@ OPS = {
     "set_hostname": op_set_hostname,
     "get": op_get,
     "put": op_put,
+    "reseed": op_reseed,
+    "set_network": op_set_network,
 }
 
 
@@ -726,6 +943,9 @@ class Port:
         except OSError as exc:
             log(f"{name}: no SIGIO ({exc}); polling for the host")
         self.outbuf = bytearray()
+        self.rbuf = bytearray(READ_CHUNK)
+        self.rview = memoryview(self.rbuf)
+        self.rsegs = [self.rview[i:i + PORT_PAGE] for i in range(0, READ_CHUNK, PORT_PAGE)]
         self.session = Session(agent, self)
         self.connected = True  # until a read says otherwise
         self.events = 0
@@ -753,10 +973,16 @@ class Port:
         if mask & selectors.EVENT_WRITE and self.connected:
             self.flush()
 
+    def _recv(self) -> bytes:
+        """Read what the host sent. The driver hands out one page-sized buffer per read(),
+        but readv() takes one per segment, so page-sized segments get many in one call."""
+        n = os.readv(self.fd, self.rsegs)
+        return bytes(self.rview[:n])
+
     def read(self) -> None:
         for _ in range(16):
             try:
-                data = os.read(self.fd, READ_CHUNK)
+                data = self._recv()
             except BlockingIOError:
                 break
             except OSError as exc:
@@ -781,7 +1007,7 @@ class Port:
         if self.connected:
             return
         try:
-            data = os.read(self.fd, READ_CHUNK)
+            data = self._recv()
         except BlockingIOError:
             self.connected = True
             self._update()
@@ -794,15 +1020,29 @@ class Port:
             self._update()
 
     def write(self, data: bytes) -> None:
+        """Queue bytes for the host; the loop flushes once per turn (one kick for many
+        small frames), or at once when a lot is waiting."""
         if not self.connected:
             return
         self.outbuf += data
-        self.flush()
+        if len(self.outbuf) >= READ_CHUNK:
+            self.flush()
+
+    def _send_some(self) -> int:
+        """Write from outbuf. The driver takes at most PORT_WRITE bytes per write();
+        writev() takes that much per segment, all in one call."""
+        with memoryview(self.outbuf) as view:
+            segs = [view[i:i + PORT_WRITE] for i in range(0, min(len(view), READ_CHUNK), PORT_WRITE)]
+            try:
+                return os.writev(self.fd, segs)
+            finally:
+                for seg in segs:
+                    seg.release()
 
     def flush(self) -> None:
         while self.outbuf:
             try:
-                n = os.write(self.fd, self.outbuf[:READ_CHUNK])
+                n = self._send_some()
             except BlockingIOError:
                 break
             except OSError as exc:
@@ -844,6 +1084,7 @@ class Agent:
     def __init__(self) -> None:
         self.sel = selectors.DefaultSelector()
         self.procs: dict[int, Exec] = {}
+        self.pumps: set[GetFile] = set()
         self.ports: list[Port] = []
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
@@ -868,10 +1109,11 @@ class Agent:
         if not self.ports:
             log("no agent ports found; is the virtio-serial device missing?")
 
-    def reap(self) -> None:
+    def reap(self, which: int = -1) -> None:
+        """Collect exited children (or only ``which``) without blocking."""
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                pid, status = os.waitpid(which, os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:
@@ -879,12 +1121,16 @@ class Agent:
             ex = self.procs.get(pid)
             if ex is not None:
                 ex.on_exit(status)
+            if which != -1:
+                return
 
     def run(self) -> None:
         log(f"ready on {len(self.ports)} ports at {uptime()} s")
         while True:
             now = time.monotonic()
             timeout = 0.5 if any(not p.connected for p in self.ports) else 5.0
+            if any(g.ready() for g in self.pumps):
+                timeout = 0.0
             for ex in list(self.procs.values()):
                 left = ex.check_deadline(now)
                 if left is not None:
@@ -908,8 +1154,12 @@ class Agent:
                     except BlockingIOError:
                         pass
             self.reap()
+            for g in list(self.pumps):
+                g.pump()
             for port in self.ports:
                 port.poll_host()
+                if port.outbuf:
+                    port.flush()
 
 
 def uptime() -> str:
