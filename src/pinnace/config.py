@@ -69,6 +69,7 @@ class MachineConfig(BaseModel):
     cmdline: str = ""
     boot_timeout: float = DEFAULT_BOOT_TIMEOUT
     accel: Accel = "auto"
+    snapshot: str = ""  # the snapshot its disk and RAM come from (a path under the store)
 
     @field_validator("name")
     @classmethod

@@ -10,6 +10,7 @@
      +-- LockTimeout                  another pinnace call holds the object (path, timeout)
      +-- HostError                    the host lacks something pinnace needs (what, hint)
      +-- ImageBuildError              building an image failed (step, command, exit_code, log_tail)
+     +-- SnapshotError                a snapshot is damaged, in use or unusable here (name, problem)
      +-- MachineError                 a machine misbehaved (name, log_tail)
      |    +-- LaunchError             QEMU would not start (command, exit_code)
      |    +-- BootTimeout             the guest did not become ready in time (timeout)
@@ -191,6 +192,15 @@ def describe_exit(code: int | None) -> str:
             name = f"signal {code - 128}"
         return f"killed by {name}"
     return f"exit code {code}"
+
+
+class SnapshotError(PinnaceError):
+    """A snapshot cannot be used (damaged, made for another QEMU or shape) or removed."""
+
+    def __init__(self, name: str, problem: str) -> None:
+        self.name = name
+        self.problem = problem
+        super().__init__(f"snapshot {name!r}: {problem}")
 
 
 class CommandFailed(PinnaceError):

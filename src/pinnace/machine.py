@@ -7,6 +7,12 @@ States and the moves between them::
        |                  +--> failed(reason) <-- QEMU died or boot timed out             |
        +------------------------------------- start again ---------------------------------+
 
+    ready --stop(save=True)--> saved --start--> ready (resumed: processes and /tmp kept)
+                               saved --halt--> stopped (the saved state is discarded)
+
+A machine made from a snapshot is ``created`` with a pending restore (resume.json):
+its first start loads the snapshot instead of booting, then gets its own identity.
+
 The state on disk is a record of the last move; what a machine *is* comes from
 that record plus a live check of its QEMU process (``status()``), so a QEMU
 that died behind pinnace's back shows as stopped or failed, never as running.
@@ -44,7 +50,9 @@ from .errors import (
     ConfigError,
     LaunchError,
     MachineCrashed,
+    MachineError,
     NotFoundError,
+    SnapshotError,
     StateError,
     describe_exit,
 )
@@ -70,15 +78,17 @@ class MachineState(enum.StrEnum):
     PAUSED = "paused"
     STOPPING = "stopping"
     STOPPED = "stopped"
+    SAVED = "saved"  # stopped with its running state on disk: start resumes it
     FAILED = "failed"
     BROKEN = "broken"  # the directory is damaged: shown by ls, never a crash
 
 
 S = MachineState
 LIVE = frozenset({S.STARTING, S.RUNNING, S.READY, S.PAUSED, S.STOPPING})
-STARTABLE = (S.CREATED, S.STOPPED, S.FAILED)
+STARTABLE = (S.CREATED, S.STOPPED, S.SAVED, S.FAILED)
 STOPPABLE = (S.STARTING, S.RUNNING, S.READY, S.PAUSED)
-AT_REST = (S.CREATED, S.STOPPED, S.FAILED)
+AT_REST = (S.CREATED, S.STOPPED, S.FAILED)  # and not SAVED: its state fixes its shape
+RESTORE_AGENT_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)
@@ -237,10 +247,13 @@ class AsyncMachine:
             if choice.accel == "tcg" and cfg.accel == "auto" and choice.reason:
                 self.log.warning("KVM is not usable (%s); using TCG software emulation, "
                                  "which is several times slower", choice.reason)
+            resume = self._resume_plan(cfg, choice.accel)
             spec = qcmd.LaunchSpec(
                 name=self.name, files=self.paths, kernel=image.kernel, initrd=image.initrd,
                 cpus=cfg.cpus, memory_mib=cfg.memory_mib, accel=choice.accel,
                 cmdline=cfg.cmdline, tsc_khz=qhost.cached_tsc_khz(self._pn.store.cache_dir),
+                memory_file=Path(resume["memory"]) if resume and resume.get("memory") else None,
+                incoming=resume is not None,
             )
             argv = qcmd.build_argv(qhost.qemu_binary(), spec)
             self._cleanup_runtime()
@@ -269,6 +282,8 @@ class AsyncMachine:
             self._write_state(S.STARTING if wait else S.RUNNING, **fields)
             if not wait:
                 return await self.status()
+            if resume is not None:
+                return await self._restore(resume, launched, fields, timeout)
             boot_timeout = timeout if timeout is not None else cfg.boot_timeout
             try:
                 await self._connect_agent(boot_timeout, alive=launched.alive)
@@ -287,6 +302,72 @@ class AsyncMachine:
                 raise crashed from exc
             self._write_state(S.READY, **fields, ready_at=time.time())
             return await self.status()
+
+    def _resume_plan(self, cfg: MachineConfig, accel: str) -> dict[str, Any] | None:
+        """What the next start restores (resume.json), checked against this host; or None."""
+        try:
+            plan = read_json(self.paths.resume)
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            raise MachineError(self.name, "resume.json is damaged; 'pinnace halt' discards "
+                               "the saved state") from None
+        if plan.get("snapshot"):
+            from .snapshots import machine_key, verify
+
+            snap = self._pn.snapshots.by_ref(plan["snapshot"])
+            verify(snap)
+            want = machine_key(self._pn, cfg, accel)
+            changed = want.changes(snap.key)
+            if changed:
+                raise SnapshotError(snap.name, f"it cannot be loaded here: {'; '.join(changed)}")
+        else:
+            want_key = plan.get("key") or {}
+            from .snapshots import machine_key
+
+            changed = machine_key(self._pn, cfg, accel).changes(want_key)
+            if changed:
+                raise MachineError(self.name, f"its saved state does not fit this host: "
+                                   f"{'; '.join(changed)}; 'pinnace halt' discards it")
+            if not Path(plan["state"]).is_file():
+                raise MachineError(self.name, "the saved state file is missing; 'pinnace halt' "
+                                   "discards the saved state")
+        return dict(plan)
+
+    async def _restore(self, plan: dict[str, Any], launched: qproc.ProcessInfo,
+                       fields: dict[str, Any], timeout: float | None) -> MachineStatus:
+        """Load a saved state into the QEMU just launched, run it, and reconnect the agent;
+        a clone of a snapshot also gets its own hostname, the host's clock and fresh entropy."""
+        from .backends.qemu.qmp import MigrationFailed, load_state
+
+        try:
+            await load_state(self.paths.qmp_sock, self.name, Path(plan["state"]),
+                             ignore_shared=bool(plan.get("ignore_shared")))
+            agent = await self._connect_agent(timeout or RESTORE_AGENT_TIMEOUT,
+                                              alive=launched.alive)
+            await asyncio.gather(
+                agent.request("set_time", epoch=time.time()),
+                agent.request("reseed", seed=base64.b64encode(os.urandom(64)).decode()),
+                *([agent.request("set_hostname", hostname=self.name)]
+                  if plan.get("snapshot") else []))
+        except (MigrationFailed, ConnectionError, AgentError) as exc:
+            await asyncio.to_thread(qproc.kill, launched, self.paths)
+            await self._drop_agent()
+            self._cleanup_runtime()
+            reason = f"restoring the saved state failed: {exc}"
+            self._write_state(S.FAILED, reason, accel=fields.get("accel"))
+            raise MachineError(self.name, reason, log_tail=tail(self.paths.qemu_log)) from None
+        self.paths.resume.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            self.paths.saved_state.unlink()
+        self._write_state(S.READY, **fields, ready_at=time.time(), restored=True)
+        return await self.status()
+
+    async def _resume_cpus(self) -> None:
+        from .backends.qemu.qmp import execute, qmp_session
+
+        async with qmp_session(self.paths.qmp_sock, self.name) as client:
+            await execute(client, "cont")
 
     async def _connect_agent(self, timeout: float, alive: Callable[[], bool]) -> AgentClient:
         async with self._agent_lock:
@@ -310,13 +391,60 @@ class AsyncMachine:
                 await self._agent.close()
                 self._agent = None
 
-    async def stop(self, *, timeout: float = STOP_TIMEOUT) -> MachineStatus:
-        """Power the guest off through its agent; quit QEMU, then kill it, if that takes too long."""
+    async def stop(self, *, timeout: float = STOP_TIMEOUT, save: bool = False) -> MachineStatus:
+        """Power the guest off through its agent; quit QEMU, then kill it, if that takes too long.
+
+        With ``save``, write the running state (RAM, devices) instead: the next ``start``
+        resumes exactly there, running processes and /tmp included.
+        """
+        if save:
+            return await self._save()
         return await self._shutdown("stop", graceful=True, timeout=timeout)
 
+    async def _save(self) -> MachineStatus:
+        from .backends.qemu.qmp import MigrationFailed, save_state
+        from .snapshots import machine_key
+
+        async with await self._locked():
+            st = await self._require("save", (S.READY, S.RUNNING, S.PAUSED))
+            record = self._record()
+            info = self._process(record)
+            assert info is not None
+            key = machine_key(self._pn, self.config, st.accel or "tcg")
+            await self._drop_agent()
+            try:
+                await save_state(self.paths.qmp_sock, self.name, self.paths.saved_state,
+                                 ignore_shared=False)
+            except (MigrationFailed, ConnectionError) as exc:
+                with contextlib.suppress(Exception):
+                    await self._resume_cpus()
+                with contextlib.suppress(FileNotFoundError):
+                    self.paths.saved_state.unlink()
+                raise MachineError(self.name, f"saving failed, the machine keeps running: {exc}",
+                                   log_tail=tail(self.paths.qemu_log)) from None
+            write_json(self.paths.resume, {"state": str(self.paths.saved_state), "memory": None,
+                                           "ignore_shared": False, "snapshot": "",
+                                           "key": asdict(key)})
+            await self._bring_down(info, graceful=False, timeout=0, kill=False)
+            self._cleanup_runtime()
+            self._write_state(S.SAVED, "state saved; start resumes it", accel=record.get("accel"))
+            return await self.status()
+
     async def halt(self) -> MachineStatus:
-        """Stop at once without asking the guest: QEMU quits (disk caches flushed), or is killed."""
+        """Stop at once without asking the guest: QEMU quits (disk caches flushed), or is killed.
+        A saved machine's saved state is discarded (it becomes stopped)."""
+        if (await self.status()).state == S.SAVED:
+            async with await self._locked():
+                await self._require("halt", (S.SAVED,))
+                self._discard_saved()
+                self._write_state(S.STOPPED, "saved state discarded")
+                return await self.status()
         return await self._shutdown("halt", graceful=False, timeout=0)
+
+    def _discard_saved(self) -> None:
+        for p in (self.paths.resume, self.paths.saved_state):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
 
     async def kill(self) -> MachineStatus:
         """SIGKILL the machine's QEMU."""

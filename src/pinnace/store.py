@@ -100,6 +100,15 @@ class MachineFiles:
     def events(self) -> Path:
         return self.dir / "events.jsonl"
 
+    @property
+    def resume(self) -> Path:
+        """Present when the next start restores a saved state instead of booting."""
+        return self.dir / "resume.json"
+
+    @property
+    def saved_state(self) -> Path:
+        return self.dir / "saved.state"
+
     def runtime_files(self) -> list[Path]:
         """Files that belong to one run of QEMU and are removed when it ends."""
         from .agent.protocol import AGENT_PORTS

@@ -30,7 +30,18 @@ class LaunchSpec:
     cmdline: str = ""
     tsc_khz: int | None = None
     agent_ports: int = AGENT_PORTS
+    # Guest RAM: anonymous memory unless ``memory_file`` is given; that file is mapped
+    # shared (writes go to the file: a snapshot template) or private (copy-on-write: a clone).
+    memory_file: Path | None = None
+    memory_shared: bool = False
+    incoming: bool = False  # wait for QMP migrate-incoming instead of booting
     extra_args: tuple[str, ...] = field(default=())
+
+
+CPU_MODEL = {"kvm": "host", "tcg": "max"}
+# What a saved device state depends on besides CPUs and memory: change the device
+# list below and this string, and old snapshots are rebuilt rather than mis-loaded.
+DEVICES = f"microvm:virtio-blk,virtio-rng,virtio-serial*{AGENT_PORTS},isa-serial"
 
 
 def kernel_cmdline(spec: LaunchSpec) -> str:
@@ -49,14 +60,21 @@ def kernel_cmdline(spec: LaunchSpec) -> str:
 
 def build_argv(binary: str, spec: LaunchSpec) -> list[str]:
     f = spec.files
-    cpu = "host" if spec.accel == "kvm" else "max"
+    if spec.memory_file is not None:
+        share = "on" if spec.memory_shared else "off"
+        backend = (f"memory-backend-file,id=mem,size={spec.memory_mib}M,"
+                   f"mem-path={spec.memory_file},share={share}")
+    else:
+        backend = f"memory-backend-ram,id=mem,size={spec.memory_mib}M"
     argv = [
         binary,
         "-name", f"pinnace-{spec.name},debug-threads=on",
-        "-machine", f"microvm,accel={spec.accel},rtc=on,isa-serial=on,x-option-roms=off",
-        "-cpu", cpu,
+        "-machine", f"microvm,accel={spec.accel},rtc=on,isa-serial=on,x-option-roms=off,"
+                    "memory-backend=mem",
+        "-cpu", CPU_MODEL[spec.accel],
         "-smp", str(spec.cpus),
         "-m", f"{spec.memory_mib}M",
+        "-object", backend,
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-kernel", str(spec.kernel),
         "-initrd", str(spec.initrd),
@@ -77,6 +95,8 @@ def build_argv(binary: str, spec: LaunchSpec) -> list[str]:
         "-qmp", f"unix:{f.qmp_sock},server=on,wait=off",
         "-pidfile", str(f.pid),
     ]
+    if spec.incoming:
+        argv += ["-incoming", "defer"]
     argv += list(spec.extra_args)
     return argv
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import HostError
+from ...store import write_json
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,25 @@ def qemu_version(binary: str) -> str:
     out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10).stdout
     m = re.search(r"version (\S+)", out)
     return m.group(1) if m else "unknown"
+
+
+def cached_qemu_version(binary: str, cache_dir: Path) -> str:
+    """``qemu_version`` remembered per binary (path, size, mtime): it is part of every
+    snapshot key, and running ``qemu --version`` costs a process start each time."""
+    st = os.stat(binary)
+    key = f"{binary}:{st.st_size}:{st.st_mtime_ns}"
+    path = cache_dir / "qemu-version.json"
+    try:
+        data = json.loads(path.read_text())
+        if data.get("key") == key:
+            return str(data["version"])
+    except (OSError, ValueError, KeyError):
+        pass
+    version = qemu_version(binary)
+    with contextlib.suppress(OSError):
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        write_json(path, {"key": key, "version": version})
+    return version
 
 
 def boot_id() -> str:

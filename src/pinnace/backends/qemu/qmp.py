@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shlex
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,13 +18,21 @@ __all__ = ["ExecuteError", "qmp_session", "quit_qemu"]
 
 
 @contextlib.asynccontextmanager
-async def qmp_session(sock: Path, name: str, timeout: float = 5.0) -> AsyncIterator[QMPClient]:
-    """A connected QMP client for one machine, disconnected on exit."""
+async def qmp_session(sock: Path, name: str, timeout: float = 5.0, *,
+                      starting: bool = False) -> AsyncIterator[QMPClient]:
+    """A connected QMP client for one machine, disconnected on exit. With ``starting``,
+    keep trying until ``timeout``: a QEMU just launched may not have made its socket yet."""
     client = QMPClient(name)
-    try:
-        await asyncio.wait_for(client.connect(str(sock)), timeout)
-    except (ConnectError, OSError, TimeoutError) as exc:
-        raise ConnectionError(f"cannot connect to QMP at {sock}: {exc}") from exc
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            await asyncio.wait_for(client.connect(str(sock)), max(deadline - loop.time(), 0.01))
+            break
+        except (ConnectError, OSError, TimeoutError) as exc:
+            if not starting or loop.time() >= deadline or isinstance(exc, TimeoutError):
+                raise ConnectionError(f"cannot connect to QMP at {sock}: {exc}") from exc
+            await asyncio.sleep(0.005)
     try:
         yield client
     finally:
@@ -48,3 +57,59 @@ async def quit_qemu(sock: Path, name: str, timeout: float = 5.0) -> bool:
 
 
 __all__ += ["EventListener", "execute"]
+
+
+# --- saving and loading a machine's state (QEMU migration to and from a file) -----------
+
+MIGRATION_POLL = 0.003
+
+
+async def _set_caps(client: QMPClient, ignore_shared: bool) -> None:
+    await execute(client, "migrate-set-capabilities", {"capabilities": [
+        {"capability": "x-ignore-shared", "state": ignore_shared}]})
+
+
+async def _await_migration(client: QMPClient, what: str, timeout: float) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        st = await execute(client, "query-migrate")
+        status = st.get("status")
+        if status == "completed":
+            return
+        if status in ("failed", "cancelled"):
+            raise MigrationFailed(f"{what} {status}: {st.get('error-desc', 'no reason given')}")
+        if loop.time() > deadline:
+            raise MigrationFailed(f"{what} did not finish within {timeout:g} s")
+        await asyncio.sleep(MIGRATION_POLL)
+
+
+class MigrationFailed(Exception):
+    """QEMU could not save or load a state."""
+
+
+async def save_state(sock: Path, name: str, state: Path, *, ignore_shared: bool,
+                     resume: bool = False, timeout: float = 300.0) -> None:
+    """Pause the guest and write its device state (and RAM, unless it lives in a shared
+    file and ``ignore_shared``) to ``state``; the guest stays paused unless ``resume``."""
+    async with qmp_session(sock, name) as client:
+        await execute(client, "stop")
+        await _set_caps(client, ignore_shared)
+        await execute(client, "migrate", {"uri": f"exec:cat > {shlex.quote(str(state))}"})
+        await _await_migration(client, "saving the state", timeout)
+        if resume:
+            await execute(client, "cont")
+
+
+async def load_state(sock: Path, name: str, state: Path, *, ignore_shared: bool,
+                     run: bool = True, timeout: float = 300.0) -> None:
+    """Load a saved state into a QEMU started with ``-incoming defer``; then run it."""
+    async with qmp_session(sock, name, starting=True) as client:
+        await _set_caps(client, ignore_shared)
+        await execute(client, "migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(state))}"})
+        await _await_migration(client, "loading the state", timeout)
+        if run:
+            await execute(client, "cont")
+
+
+__all__ += ["MigrationFailed", "load_state", "save_state"]
