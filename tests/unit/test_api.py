@@ -8,8 +8,9 @@ def test_all_is_complete():
     public = {n for n, v in vars(pinnace).items()
               if not n.startswith("_") and (inspect.isclass(v) or inspect.isfunction(v))}
     assert public <= set(pinnace.__all__)
+    assert set(pinnace._WHERE) <= set(pinnace.__all__)
     for name in pinnace.__all__:
-        assert hasattr(pinnace, name)
+        assert hasattr(pinnace, name)  # each lazily imported name resolves
 
 
 def test_every_error_is_a_pinnace_error_and_drawn_in_the_tree():

@@ -100,8 +100,10 @@ def main(ctx: click.Context, verbose: int) -> None:
 
 from .image import image as _image_group  # noqa: E402
 from .machine import register as _register_machine_verbs  # noqa: E402
+from .snapshot import snapshot as _snapshot_group  # noqa: E402
 
 _register_machine_verbs(main)
 main.add_command(_image_group)
+main.add_command(_snapshot_group)
 
 __all__ = ["main"]
