@@ -49,6 +49,8 @@ test: deps venv lint
 
 bench: deps venv
 	PINNACE_HOME=$(TEST_HOME) $(BIN)/python bench/boot.py
+	PINNACE_HOME=$(TEST_HOME) $(BIN)/python bench/agent.py
+	PINNACE_HOME=$(TEST_HOME) $(BIN)/python bench/snapshot.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache

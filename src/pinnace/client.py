@@ -308,8 +308,8 @@ class Machine:
     def start(self, *, wait: bool = True, timeout: float | None = None) -> MachineStatus:
         return self._loop.run(self._m.start(wait=wait, timeout=timeout))
 
-    def stop(self, *, timeout: float = 10.0) -> MachineStatus:
-        return self._loop.run(self._m.stop(timeout=timeout))
+    def stop(self, *, timeout: float = 10.0, save: bool = False) -> MachineStatus:
+        return self._loop.run(self._m.stop(timeout=timeout, save=save))
 
     def halt(self) -> MachineStatus:
         return self._loop.run(self._m.halt())
@@ -380,6 +380,10 @@ class Machines:
     def clone(self, source: str, name: str) -> Machine:
         return Machine(self._loop.run(self._ms.clone(source, name)), self._loop)
 
+    def run(self, **options: Any) -> list[Machine]:
+        """Start machines from the image's ready snapshot (see AsyncMachines.run)."""
+        return [Machine(m, self._loop) for m in self._loop.run(self._ms.run(**options))]
+
     def list(self) -> list[MachineStatus]:
         return self._loop.run(self._ms.list())
 
@@ -388,6 +392,29 @@ class Machines:
 
     def __iter__(self) -> Iterator[MachineStatus]:
         return iter(self.list())
+
+
+class Snapshots:
+    """Sync face of AsyncSnapshots."""
+
+    def __init__(self, asnaps: AsyncSnapshots, loop: _Loop) -> None:
+        self._s = asnaps
+        self._loop = loop
+
+    def create(self, machine: str | Machine, name: str) -> Snapshot:
+        m = machine._m if isinstance(machine, Machine) else None
+        if m is None:
+            m = self._loop.run(self._s._pn.machines.get(str(machine)))
+        return self._loop.run(self._s.create(m, name))
+
+    def get(self, name: str) -> Snapshot:
+        return self._s.get(name)
+
+    def list(self) -> list[Snapshot]:
+        return self._s.list()
+
+    def remove(self, name: str) -> None:
+        self._loop.run(self._s.remove(name))
 
 
 class Pinnace:
@@ -399,6 +426,7 @@ class Pinnace:
         self.store = self.aio.store
         self.images: Images = self.aio.images.sync
         self.machines = Machines(self.aio.machines, self._loop)
+        self.snapshots = Snapshots(self.aio.snapshots, self._loop)
 
     def close(self) -> None:
         self._loop.close()
@@ -410,4 +438,5 @@ class Pinnace:
         self.close()
 
 
-__all__ = ["AsyncMachines", "AsyncPinnace", "Image", "Machine", "Machines", "Pinnace", "SyncProcess"]
+__all__ = ["AsyncMachines", "AsyncPinnace", "Image", "Machine", "Machines", "Pinnace", "Snapshots",
+           "SyncProcess"]

@@ -290,6 +290,10 @@ class AsyncMachine:
             except (AgentTimeout, AgentDisconnected, AgentError) as exc:
                 await asyncio.to_thread(qproc.kill, launched, self.paths)
                 serial = tail(self.paths.serial_log, SERIAL_TAIL_LINES)
+                panic = [ln for ln in tail(self.paths.serial_log, 300).splitlines()
+                         if "Kernel panic" in ln]
+                if panic and panic[-1] not in serial:  # the stack dump pushed it out
+                    serial = f"{panic[-1]}\n...\n{serial}"
                 code = qproc.read_exit_status(self.paths)
                 if isinstance(exc, AgentTimeout) and code in (None, 137):
                     self._cleanup_runtime()

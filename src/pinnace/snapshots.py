@@ -99,7 +99,7 @@ class SnapshotKey:
     qemu: str
     accel: str
     cpu_model: str
-    format: int = SNAPSHOT_FORMAT
+    format: int
 
     @property
     def shape(self) -> str:
@@ -184,7 +184,7 @@ def machine_key(pn: AsyncPinnace, cfg: MachineConfig, accel: str) -> SnapshotKey
     return SnapshotKey(
         image_digest=cfg.image_digest, cpus=cfg.cpus, memory_mib=cfg.memory_mib,
         devices=qcmd.DEVICES, nics=0, qemu=qhost.cached_qemu_version(binary, pn.store.cache_dir),
-        accel=accel, cpu_model=qcmd.CPU_MODEL[accel],
+        accel=accel, cpu_model=qcmd.CPU_MODEL[accel], format=SNAPSHOT_FORMAT,
     )
 
 

@@ -25,6 +25,8 @@ async def qmp_session(sock: Path, name: str, timeout: float = 5.0, *,
     client = QMPClient(name)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
+    while starting and not sock.exists() and loop.time() < deadline:
+        await asyncio.sleep(0.002)  # not connect(): qemu.qmp logs each refused attempt
     while True:
         try:
             await asyncio.wait_for(client.connect(str(sock)), max(deadline - loop.time(), 0.01))

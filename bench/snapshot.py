@@ -1,0 +1,99 @@
+"""Snapshots: command to first exec result, cold boot against restore; restore time
+against RAM size; memory (PSS) of live clones against cold-booted machines.
+
+    python bench/snapshot.py [-n 20] [--clones 10]
+
+Runs through the Python API, on whatever accelerator `auto` picks (TCG here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import time
+
+from pinnace import AsyncPinnace
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(p / 100 * len(xs)))]
+
+
+def pss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        return sum(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+
+
+async def cold(pn: AsyncPinnace, memory: str) -> float:
+    t0 = time.perf_counter()
+    m = await pn.machines.create(f"bench-cold-{os.getpid()}", memory=memory)
+    await m.start()
+    await m.exec(["true"])
+    took = time.perf_counter() - t0
+    await m.delete(force=True)
+    return took
+
+
+async def restore(pn: AsyncPinnace, memory: str) -> float:
+    t0 = time.perf_counter()
+    [m] = await pn.machines.run(memory=memory)
+    await m.exec(["true"])
+    took = time.perf_counter() - t0
+    await m.delete(force=True)
+    return took
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("-n", type=int, default=20, help="runs of each kind")
+    ap.add_argument("--clones", type=int, default=10, help="live machines for the memory test")
+    args = ap.parse_args()
+    pn = AsyncPinnace()
+    rows = []
+    for mem in ("512M", "256M", "2G"):
+        await pn.machines.run(memory=mem, notify=print)  # build the ready snapshots first
+    for m in await pn.machines.list():
+        if m.name.startswith("run-"):
+            await (await pn.machines.get(m.name)).delete(force=True)
+    colds = [await cold(pn, "512M") for _ in range(args.n)]
+    restores = [await restore(pn, "512M") for _ in range(args.n)]
+    r256 = [await restore(pn, "256M") for _ in range(args.n)]
+    r2g = [await restore(pn, "2G") for _ in range(args.n)]
+    for label, xs in (("cold boot -> first exec (512M)", colds),
+                      ("restore -> first exec (512M)", restores),
+                      ("restore -> first exec (256M)", r256),
+                      ("restore -> first exec (2G)", r2g)):
+        rows.append((label, f"{statistics.median(xs) * 1000:.0f} ms", f"{pct(xs, 95) * 1000:.0f} ms"))
+    speedup = statistics.median(colds) / statistics.median(restores)
+    ratio = statistics.median(r2g) / statistics.median(r256)
+
+    clones = await pn.machines.run(memory="512M", count=args.clones, name=f"bench-clone-{os.getpid()}")
+    await asyncio.gather(*(m.exec(["true"]) for m in clones))
+    clone_pss = sum(pss_kib((await m.status()).pid or 0) for m in clones)
+    for m in clones:
+        await m.delete(force=True)
+    booted = []
+    for i in range(args.clones):
+        m = await pn.machines.create(f"bench-boot-{os.getpid()}-{i}", memory="512M")
+        booted.append(m)
+    await asyncio.gather(*(m.start() for m in booted))
+    await asyncio.gather(*(m.exec(["true"]) for m in booted))
+    boot_pss = sum(pss_kib((await m.status()).pid or 0) for m in booted)
+    for m in booted:
+        await m.delete(force=True)
+
+    print(f"\nsnapshots, {os.cpu_count()} CPUs, {args.n} runs each")
+    print(f"{'measure':36} {'p50':>9} {'p95':>9}")
+    for label, p50, p95 in rows:
+        print(f"{label:36} {p50:>9} {p95:>9}")
+    print(f"{'restore speed-up over cold boot':36} {speedup:8.1f}x")
+    print(f"{'restore 2G / 256M':36} {ratio:8.2f}x")
+    print(f"{f'PSS of {args.clones} live clones (512M)':36} {clone_pss / 1024:7.0f} MB")
+    print(f"{f'PSS of {args.clones} cold-booted (512M)':36} {boot_pss / 1024:7.0f} MB")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,111 @@
+"""Snapshots and clones against real guests: save/resume, clone isolation, the ready cache."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pinnace import ConfigError, SnapshotError, snapshots
+
+
+def test_stop_save_then_start_resumes_processes_and_tmp(machine):
+    machine.exec("echo kept > /tmp/note; nohup sleep 1000 > /dev/null 2>&1 & echo $! > /tmp/pid")
+    pid = machine.exec(["cat", "/tmp/pid"]).stdout_text.strip()
+    st = machine.stop(save=True)
+    assert st.state == "saved"
+    st = machine.start()
+    assert st.state == "ready"
+    assert machine.exec(["cat", "/tmp/note"]).stdout == b"kept\n"
+    assert machine.exec(["kill", "-0", pid]).exit_code == 0  # still running
+    assert machine.status().state == "ready"
+    machine.stop(save=True)
+    assert machine.halt().state == "stopped"  # discards the saved state
+    machine.start()
+    assert machine.exec(["test", "-e", "/tmp/note"]).exit_code == 1  # a fresh boot
+
+
+def test_clones_of_a_snapshot_are_separate_machines(pn, machine, make_machine):
+    machine.exec("echo base > /root/base.txt").check()
+    snap = f"snap-{os.getpid()}"
+    pn.snapshots.create(machine, snap)
+    try:
+        assert machine.status().state == "ready"  # the source keeps running
+        a = make_machine(snapshot=snap)
+        b = make_machine(snapshot=snap)
+        a.start()
+        b.start()
+        ha, hb = (m.exec(["hostname"]).stdout_text.strip() for m in (a, b))
+        assert (ha, hb) == (a.name, b.name)
+        ra, rb = (m.exec(["cat", "/proc/sys/kernel/random/uuid"]).stdout for m in (a, b))
+        assert ra != rb
+        assert a.exec(["cat", "/root/base.txt"]).stdout == b"base\n"
+        a.exec("echo only-a > /root/a.txt").check()
+        assert b.exec(["test", "-e", "/root/a.txt"]).exit_code == 1
+        c = make_machine(snapshot=snap)
+        c.start()
+        assert c.exec(["test", "-e", "/root/a.txt"]).exit_code == 1
+        with pytest.raises(SnapshotError, match="made from it"):
+            pn.snapshots.remove(snap)
+        with pytest.raises(ConfigError, match=r"1024M.*was made with 1 CPU, 512M"):
+            make_machine(snapshot=snap, memory="1G")
+    finally:
+        for m in pn.machines.list():
+            if m.name != machine.name:
+                pn.machines.delete(m.name, force=True)
+        pn.snapshots.remove(snap)
+
+
+def test_ready_cache_rebuilds_on_key_change_and_damage(pn, monkeypatch):
+    notices = []
+
+    async def go():
+        ms = await pn.aio.machines.run(notify=notices.append)
+        for m in ms:
+            await m.delete(force=True)
+        return ms
+
+    _run(pn, go())  # builds it if this store has none
+    notices.clear()
+    _run(pn, go())
+    assert notices == []  # restored, not rebuilt
+    monkeypatch.setattr(snapshots, "SNAPSHOT_FORMAT", 999)
+    _run(pn, go())
+    assert any("format 1 -> 999" in n for n in notices), notices
+    monkeypatch.undo()
+    notices.clear()
+    _run(pn, go())  # back to format 1: rebuilt again, keyed by format
+    ready = _run(pn, _current_ready(pn))
+    os.truncate(ready.path / "memory", 4096)
+    notices.clear()
+    ms = _run(pn, pn.aio.machines.run(notify=notices.append))
+    try:
+        assert any("memory is 4096 bytes" in n for n in notices), notices
+        assert _run(pn, ms[0].exec(["true"])).exit_code == 0
+    finally:
+        _run(pn, ms[0].delete(force=True))
+
+
+def test_cli_run_rm_passes_the_exit_code(pn, pinnace_home):
+    env = {**os.environ, "PINNACE_HOME": str(pinnace_home)}
+    r = subprocess.run([sys.executable, "-m", "pinnace.cli", "run", "--rm", "--", "sh", "-c",
+                        "hostname; exit 5"], env=env, capture_output=True, text=True)
+    assert r.returncode == 5, r.stderr
+    name = r.stdout.strip()
+    assert name.startswith("run-")
+    assert name not in [m.name for m in pn.machines.list()]  # --rm deleted it
+
+
+# -- helpers -------------------------------------------------------------------------
+
+
+def _run(pn, coro):
+    return pn._loop.run(coro)
+
+
+async def _current_ready(pn):
+    from pinnace.config import MachineConfig
+
+    cfg = MachineConfig.build(name="x", image="default",
+                              image_digest=pn.images.resolve("default"))
+    return await pn.aio.snapshots.ready(cfg, "tcg")
