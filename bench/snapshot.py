@@ -72,7 +72,7 @@ async def main() -> None:
 
     clones = await pn.machines.run(memory="512M", count=args.clones, name=f"bench-clone-{os.getpid()}")
     await asyncio.gather(*(m.exec(["true"]) for m in clones))
-    clone_pss = sum(pss_kib((await m.status()).pid or 0) for m in clones)
+    clone_pss = sum(pss_kib(st.pid or 0) for st in [await m.status() for m in clones])
     for m in clones:
         await m.delete(force=True)
     booted = []
@@ -81,7 +81,7 @@ async def main() -> None:
         booted.append(m)
     await asyncio.gather(*(m.start() for m in booted))
     await asyncio.gather(*(m.exec(["true"]) for m in booted))
-    boot_pss = sum(pss_kib((await m.status()).pid or 0) for m in booted)
+    boot_pss = sum(pss_kib(st.pid or 0) for st in [await m.status() for m in booted])
     for m in booted:
         await m.delete(force=True)
 
