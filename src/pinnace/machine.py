@@ -316,20 +316,17 @@ class AsyncMachine:
         except ValueError:
             raise MachineError(self.name, "resume.json is damaged; 'pinnace halt' discards "
                                "the saved state") from None
-        if plan.get("snapshot"):
-            from .snapshots import machine_key, verify
+        from .snapshots import machine_key, verify
 
+        want = machine_key(self._pn, cfg, accel)
+        if plan.get("snapshot"):
             snap = self._pn.snapshots.by_ref(plan["snapshot"])
             verify(snap)
-            want = machine_key(self._pn, cfg, accel)
             changed = want.changes(snap.key)
             if changed:
                 raise SnapshotError(snap.name, f"it cannot be loaded here: {'; '.join(changed)}")
         else:
-            want_key = plan.get("key") or {}
-            from .snapshots import machine_key
-
-            changed = machine_key(self._pn, cfg, accel).changes(want_key)
+            changed = want.changes(plan.get("key") or {})
             if changed:
                 raise MachineError(self.name, f"its saved state does not fit this host: "
                                    f"{'; '.join(changed)}; 'pinnace halt' discards it")
