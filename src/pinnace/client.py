@@ -105,7 +105,7 @@ class AsyncMachines:
                     os.chmod(staged.disk, 0o644)  # a snapshot's clone.qcow2 is read-only
                 else:
                     create_disk(rootfs, staged.disk)
-                write_json(staged.config, cfg.model_dump())
+                write_json(staged.config, cfg.to_dict())
                 write_json(staged.state, {"state": "created", "reason": ""})
                 if resume is not None:
                     write_json(staged.resume, resume)
@@ -121,7 +121,7 @@ class AsyncMachines:
         src = await self.get(source)
         async with await src._locked():
             await src._require("clone", AT_REST)
-            cfg = src.config.model_copy(update={"name": name})
+            cfg = src.config.with_changes(name=name)
             return await asyncio.to_thread(self._materialise, cfg, Path(), src.paths.disk)
 
     async def run(self, *, image: str = DEFAULT_IMAGE, name: str | None = None, count: int = 1,

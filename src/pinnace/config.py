@@ -5,16 +5,18 @@ The fully resolved config is written into the machine's directory as plain JSON.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
-
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from .errors import ConfigError
 from .store import NAME_HINT, NAME_RE
 
 Accel = Literal["auto", "kvm", "tcg"]
+ACCELS = ("auto", "kvm", "tcg")
 
 MIN_MEMORY_MIB = 128
 MAX_CPUS = 64
@@ -56,10 +58,14 @@ def format_size(n: int) -> str:
     return f"{n}B"
 
 
-class MachineConfig(BaseModel):
-    """Everything needed to run one machine; saved as config.json in its directory."""
+@dataclass(frozen=True)
+class MachineConfig:
+    """Everything needed to run one machine; saved as config.json in its directory.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    Immutable, and checked when made: every field is validated in ``__post_init__``,
+    and a bad one raises one ConfigError naming it. Plain dataclasses on purpose: the
+    CLI reads a config on every command, and a schema library costs ~100 ms to import.
+    """
 
     name: str
     image: str = "default"
@@ -71,74 +77,107 @@ class MachineConfig(BaseModel):
     accel: Accel = "auto"
     snapshot: str = ""  # the snapshot its disk and RAM come from (a path under the store)
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not NAME_RE.match(v):
-            raise ValueError(NAME_HINT)
-        return v
-
-    @field_validator("cpus")
-    @classmethod
-    def _cpus(cls, v: int) -> int:
-        if not 1 <= v <= MAX_CPUS:
-            raise ValueError(f"give between 1 and {MAX_CPUS} CPUs")
-        return v
-
-    @field_validator("memory_mib")
-    @classmethod
-    def _memory(cls, v: int) -> int:
-        host_mib = host_memory_bytes() >> 20
-        if v < MIN_MEMORY_MIB:
-            raise ValueError(f"a guest needs at least {MIN_MEMORY_MIB}M")
-        if v > host_mib:
-            raise ValueError(f"the host has only {host_mib}M of memory")
-        return v
-
-    @field_validator("cmdline")
-    @classmethod
-    def _cmdline(cls, v: str) -> str:
-        if "\n" in v or "\x00" in v:
-            raise ValueError("the kernel command line must be one line")
-        if len(v) > 1024:
-            raise ValueError("the extra kernel command line is limited to 1024 characters")
-        return v
-
-    @field_validator("boot_timeout")
-    @classmethod
-    def _timeout(cls, v: float) -> float:
-        if not 0 < v <= 3600:
-            raise ValueError("give a boot timeout between 0 and 3600 seconds")
-        return v
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            object.__setattr__(self, f.name, _check(f.name, getattr(self, f.name)))
 
     @classmethod
     def build(cls, **values: Any) -> MachineConfig:
-        """Validate ``values`` into a config, turning pydantic's errors into one ConfigError."""
+        """A config from options; ``memory`` may be a size ("1G"); None means the default."""
         if "memory" in values:
             memory = values.pop("memory")
             if memory is not None:
                 values["memory_mib"] = parse_size(memory, "memory") >> 20
         values = {k: v for k, v in values.items() if v is not None}
-        try:
-            return cls(**values)
-        except ValidationError as exc:
-            raise _config_error(exc, values) from None
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ConfigError(unknown[0], values[unknown[0]], "unknown option")
+        if "name" not in values:
+            raise ConfigError("name", None, "a machine needs a name")
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, text: str) -> MachineConfig:
+        """A config from its JSON (config.json); ValueError if that is not a JSON object."""
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("config.json does not hold a JSON object")
+        return cls.build(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
     def with_changes(self, **values: Any) -> MachineConfig:
         """A copy with ``values`` changed, validated like a new config."""
-        merged = self.model_dump()
+        merged = self.to_dict()
+        if values.get("memory") is not None:
+            merged.pop("memory_mib")
         merged.update({k: v for k, v in values.items() if v is not None})
         return MachineConfig.build(**merged)
 
 
-def _config_error(exc: ValidationError, values: dict[str, Any]) -> ConfigError:
-    err = exc.errors()[0]
-    field = ".".join(str(p) for p in err["loc"]) or "config"
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        msg = "unknown option"
+def _check(field: str, value: Any) -> Any:
+    """``value`` if it is valid for ``field``, else ConfigError."""
     shown = "memory" if field == "memory_mib" else field
-    value = values.get(field, err.get("input"))
-    if field == "memory_mib" and "memory" not in values and isinstance(value, int):
-        value = f"{value}M"
-    return ConfigError(shown, value, msg)
+    spec = _FIELDS[field]
+    kind = spec[0]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        shown_value = f"{value}M" if field == "memory_mib" and isinstance(value, int) else value
+        raise ConfigError(shown, shown_value, f"must be {spec[1]}")
+    problem = spec[2](value)
+    if problem:
+        raise ConfigError(shown, f"{value}M" if field == "memory_mib" else value, problem)
+    return value
+
+
+def _name(v: str) -> str:
+    return "" if NAME_RE.match(v) else NAME_HINT
+
+
+def _cpus(v: int) -> str:
+    return "" if 1 <= v <= MAX_CPUS else f"give between 1 and {MAX_CPUS} CPUs"
+
+
+def _memory(v: int) -> str:
+    host_mib = host_memory_bytes() >> 20
+    if v < MIN_MEMORY_MIB:
+        return f"a guest needs at least {MIN_MEMORY_MIB}M"
+    if v > host_mib:
+        return f"the host has only {host_mib}M of memory"
+    return ""
+
+
+def _cmdline(v: str) -> str:
+    if "\n" in v or "\x00" in v:
+        return "the kernel command line must be one line"
+    if len(v) > 1024:
+        return "the extra kernel command line is limited to 1024 characters"
+    return ""
+
+
+def _timeout(v: float) -> str:
+    return "" if 0 < v <= 3600 else "give a boot timeout between 0 and 3600 seconds"
+
+
+def _accel(v: str) -> str:
+    return "" if v in ACCELS else f"choose one of {', '.join(ACCELS)}"
+
+
+def _any(v: object) -> str:
+    return ""
+
+
+# field -> (type, what the type is called in an error, check returning a problem or "")
+_FIELDS: dict[str, tuple[type, str, Callable[[Any], str]]] = {
+    "name": (str, "a string", _name),
+    "image": (str, "a string", _any),
+    "image_digest": (str, "a string", _any),
+    "cpus": (int, "a whole number", _cpus),
+    "memory_mib": (int, "a whole number of MiB", _memory),
+    "cmdline": (str, "a string", _cmdline),
+    "boot_timeout": (float, "a number of seconds", _timeout),
+    "accel": (str, "a string", _accel),
+    "snapshot": (str, "a string", _any),
+}

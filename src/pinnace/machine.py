@@ -129,7 +129,7 @@ class AsyncMachine:
     @property
     def config(self) -> MachineConfig:
         try:
-            return MachineConfig.model_validate_json(self.paths.config.read_text())
+            return MachineConfig.from_json(self.paths.config.read_text())
         except FileNotFoundError:
             raise NotFoundError("machine", self.name, "see 'pinnace ls'") from None
 
@@ -342,15 +342,18 @@ class AsyncMachine:
         from .backends.qemu.qmp import MigrationFailed, load_state
 
         try:
-            await load_state(self.paths.qmp_sock, self.name, Path(plan["state"]),
-                             ignore_shared=bool(plan.get("ignore_shared")))
-            agent = await self._connect_agent(timeout or RESTORE_AGENT_TIMEOUT,
-                                              alive=launched.alive)
-            await asyncio.gather(
-                agent.request("set_time", epoch=time.time()),
-                agent.request("reseed", seed=base64.b64encode(os.urandom(64)).decode()),
-                *([agent.request("set_hostname", hostname=self.name)]
-                  if plan.get("snapshot") else []))
+            # Connect to the agent while the state loads: the HELLO waits in the port's
+            # socket and the guest reads it as soon as its CPUs run.
+            connecting = asyncio.ensure_future(self._connect_agent(
+                timeout or RESTORE_AGENT_TIMEOUT, alive=launched.alive))
+            try:
+                await load_state(self.paths.qmp_sock, self.name, Path(plan["state"]),
+                                 ignore_shared=bool(plan.get("ignore_shared")))
+            except BaseException:
+                connecting.cancel()
+                raise
+            agent = await connecting
+            await agent.refresh_identity(self.name if plan.get("snapshot") else None)
         except (MigrationFailed, ConnectionError, AgentError) as exc:
             await asyncio.to_thread(qproc.kill, launched, self.paths)
             await self._drop_agent()
@@ -516,7 +519,7 @@ class AsyncMachine:
         async with await self._locked():
             await self._require("configure", AT_REST)
             cfg = self.config.with_changes(**changes)
-            write_json(self.paths.config, cfg.model_dump())
+            write_json(self.paths.config, cfg.to_dict())
             self._event("configured", changes={k: v for k, v in changes.items() if v is not None})
             return cfg
 

@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Bump when what a snapshot holds or how it is loaded changes: old ones are rebuilt.
-SNAPSHOT_FORMAT = 1
+SNAPSHOT_FORMAT = 2  # 2: templates are warmed up before saving
 # Files smaller than this are checksummed before every restore; larger ones by size only
 # (and fully by `pinnace snapshot inspect --verify`).
 QUICK_SUM_LIMIT = 8 << 20
@@ -376,7 +376,7 @@ class AsyncSnapshots:
             if from_stream is None:
                 agent = await AgentClient.connect(spec.files, timeout=TEMPLATE_BOOT_TIMEOUT,
                                                   alive=launched.alive)
-                await agent.exec(["sync"])
+                await _warm(agent, cfg.name)
                 await agent.close()
             else:
                 await load_state(run.qmp_sock, cfg.name, from_stream, ignore_shared=False,
@@ -417,6 +417,15 @@ class AsyncSnapshots:
                 raise AlreadyExistsError("snapshot", name) from None
             raise
         return _read(final, name, ref)
+
+
+async def _warm(agent: AgentClient, name: str) -> None:
+    """Walk the template through what every clone does first (the identity requests and
+    an exec), so the modules, binaries and files that takes are already loaded in the
+    RAM that clones map; then flush the disk that the snapshot freezes."""
+    await agent.refresh_identity(name)
+    (await agent.exec(["true"])).check()
+    (await agent.exec(["sync"])).check()
 
 
 def _virtual_size(disk: Path) -> int:

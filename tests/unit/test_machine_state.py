@@ -17,7 +17,7 @@ def make(tmp_path, state, **fields):
     pn.store.ensure()
     files = pn.store.machine_files("m1")
     files.dir.mkdir()
-    write_json(files.config, MachineConfig.build(name="m1").model_dump())
+    write_json(files.config, MachineConfig.build(name="m1").to_dict())
     write_json(files.state, {"state": state, "reason": "", **fields})
     return pn, files
 

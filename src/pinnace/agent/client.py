@@ -311,6 +311,17 @@ class AgentClient:
         finally:
             self._forget(pending)
 
+    async def refresh_identity(self, hostname: str | None = None) -> None:
+        """What a machine restored from saved RAM must not keep: set the guest's clock to
+        the host's, give its kernel fresh randomness, and (a clone) its own hostname.
+        The requests go out together: one round trip."""
+        import base64
+
+        await asyncio.gather(
+            self.request("set_time", epoch=time.time()),
+            self.request("reseed", seed=base64.b64encode(os.urandom(64)).decode()),
+            *([self.request("set_hostname", hostname=hostname)] if hostname else []))
+
     def start_exec(self, argv: list[str] | None = None, *, shell: str | None = None,
                    env: dict[str, str] | None = None, cwd: str | None = None,
                    user: str | None = None, stdin: bool = False,

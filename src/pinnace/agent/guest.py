@@ -117,6 +117,8 @@ def link_up(ifname: str) -> None:
 
 def set_hostname(name: str) -> None:
     socket.sethostname(name)
+    if os.path.islink("/etc/hostname"):
+        return  # pinnace images link it to /proc/sys/kernel/hostname: nothing to write
     try:
         with open("/etc/hostname", "w") as f:
             f.write(name + "\n")
@@ -879,11 +881,15 @@ def op_set_network(session: Session, chan: int, msg: dict[str, Any]) -> dict[str
     import ipaddress
 
     ifname = msg.get("ifname")
+    mac = msg.get("mac")
+    if mac is not None:  # the interface is the one with this MAC (names depend on probe order)
+        ifname = iface_by_mac(check_mac(mac))
     if not (isinstance(ifname, str) and 0 < len(ifname) < 16
             and ifname.replace("-", "").replace("_", "").replace(".", "").isalnum()):
         raise RequestFailed("bad-request", "ifname must be an interface name")
     if not os.path.exists(f"/sys/class/net/{ifname}"):
         raise RequestFailed("not-found", f"no network interface {ifname}")
+    new_mac = check_mac(msg["set_mac"]) if msg.get("set_mac") else None
     try:
         addrs = [ipaddress.ip_interface(str(a)) for a in msg.get("addresses") or []]
         gateway = ipaddress.ip_address(str(msg["gateway"])) if msg.get("gateway") else None
@@ -894,6 +900,8 @@ def op_set_network(session: Session, chan: int, msg: dict[str, Any]) -> dict[str
     if mtu is not None and not (isinstance(mtu, int) and 68 <= mtu <= 65535):
         raise RequestFailed("bad-request", "mtu must be 68-65535")
     lines = [f"address flush dev {ifname}"]
+    if new_mac is not None:
+        lines.append(f"link set dev {ifname} address {new_mac}")
     lines += [f"address add {a} dev {ifname}" for a in addrs]
     if mtu is not None:
         lines.append(f"link set dev {ifname} mtu {mtu}")
@@ -907,7 +915,76 @@ def op_set_network(session: Session, chan: int, msg: dict[str, Any]) -> dict[str
     if servers:
         with open("/etc/resolv.conf", "w") as f:
             f.writelines(f"nameserver {a}\n" for a in servers)
-    return {"addresses": [a for a in addresses() if a["ifname"] == ifname]}
+    return {"ifname": ifname, "addresses": [a for a in addresses() if a["ifname"] == ifname]}
+
+
+def check_mac(mac: object) -> str:
+    parts = mac.split(":") if isinstance(mac, str) else []
+    if len(parts) != 6 or not all(len(p) == 2 and all(c in "0123456789abcdefABCDEF" for c in p)
+                                  for p in parts) or int(parts[0], 16) & 1:
+        raise RequestFailed("bad-request", f"not a unicast MAC address: {mac!r}")
+    return str(mac).lower()
+
+
+def iface_by_mac(mac: str) -> str:
+    for name in sorted(os.listdir("/sys/class/net")):
+        try:
+            with open(f"/sys/class/net/{name}/address") as f:
+                if f.read().strip().lower() == mac:
+                    return name
+        except OSError:
+            continue
+    raise RequestFailed("not-found", f"no network interface has MAC {mac}")
+
+
+# Mount points the host may not take over: the guest's own system.
+PROTECTED_MOUNTS = ("/", "/proc", "/sys", "/dev", "/run", "/usr", "/bin", "/sbin", "/lib",
+                    "/etc", "/boot", "/usr/lib/pinnace")
+
+
+def op_mount(session: Session, chan: int, msg: dict[str, Any]) -> dict[str, Any]:
+    """Mount a volume (an ext4 disk, found by its virtio serial) or a shared folder (a 9p
+    tag) at ``path``, read-only if asked."""
+    fstype, source, path, ro = msg.get("fstype"), msg.get("source"), msg.get("path"), msg.get("ro")
+    if not isinstance(source, str) or not source.replace("-", "").isalnum() or len(source) > 20:
+        raise RequestFailed("bad-request", "source must be a device serial or a 9p tag")
+    if not (isinstance(path, str) and path.startswith("/") and len(path) < 1024
+            and os.path.normpath(path) == path and "\x00" not in path):
+        raise RequestFailed("bad-request", "path must be a normalised absolute path")
+    if path in PROTECTED_MOUNTS or any(path.startswith(p + "/") for p in ("/proc", "/sys", "/dev")):
+        raise RequestFailed("bad-request", f"{path} belongs to the guest's system")
+    flags = MS_RDONLY if ro else 0
+    if fstype == "ext4":
+        device = None
+        for name in sorted(os.listdir("/sys/block")):
+            try:
+                with open(f"/sys/block/{name}/serial") as f:
+                    if f.read().strip() == source:
+                        device = f"/dev/{name}"
+            except OSError:
+                continue
+        if device is None:
+            raise RequestFailed("not-found", f"no disk with serial {source}")
+        data = ""
+    elif fstype == "9p":
+        subprocess.run(["modprobe", "-q", "-a", "9pnet_virtio", "9p"], capture_output=True,
+                       timeout=30)
+        device, data = source, "trans=virtio,version=9p2000.L,msize=524288,cache=none"
+    else:
+        raise RequestFailed("bad-request", "fstype must be ext4 or 9p")
+    if os.path.ismount(path):
+        raise RequestFailed("exists", f"something is already mounted at {path}")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise _os_failure(path, exc) from None
+    if libc().mount(device.encode(), path.encode(), fstype.encode(), flags,
+                    data.encode() if data else None) != 0:
+        import ctypes
+
+        err = ctypes.get_errno()
+        raise RequestFailed("failed", f"mount {source} on {path}: {os.strerror(err)}")
+    return {"path": path, "device": device}
 
 
 OPS = {
@@ -922,6 +999,7 @@ OPS = {
     "put": op_put,
     "reseed": op_reseed,
     "set_network": op_set_network,
+    "mount": op_mount,
 }
 
 

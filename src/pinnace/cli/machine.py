@@ -102,7 +102,7 @@ def configure(ctx: click.Context, name: str, cpus: int | None, memory: str | Non
         m = await pn.machines.get(name)
         cfg = await m.configure(cpus=cpus, memory=memory, cmdline=cmdline,
                                 boot_timeout=boot_timeout, accel=accel)
-        click.echo(json.dumps(cfg.model_dump(), indent=2))
+        click.echo(json.dumps(cfg.to_dict(), indent=2))
 
     run(ctx, go)
 
@@ -137,7 +137,7 @@ def ls(ctx: click.Context, fmt: str, quiet: bool) -> None:
         rows = []
         for st in await pn.machines.list():
             try:
-                cfg = (await pn.machines.get(st.name)).config.model_dump()
+                cfg = (await pn.machines.get(st.name)).config.to_dict()
             except Exception:
                 cfg = {}
             rows.append((st, cfg))

@@ -148,7 +148,7 @@ class Images:
         if self.store.machines_dir.is_dir():
             for d in sorted(self.store.machines_dir.iterdir()):
                 try:
-                    cfg = MachineConfig.model_validate_json((d / "config.json").read_text())
+                    cfg = MachineConfig.from_json((d / "config.json").read_text())
                 except (OSError, ValueError):
                     continue
                 if cfg.image_digest == digest:

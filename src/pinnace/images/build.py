@@ -43,6 +43,8 @@ KERNEL_PACKAGE = "linux-image-amd64"
 BASE_PACKAGES = ("python3", "iproute2", "iputils-ping", "procps", "ca-certificates", "kmod")
 ROOTFS_MIN_SIZE = 2 << 30
 AGENT_DIR = "usr/lib/pinnace"
+# Bump when what this module writes into the root filesystem changes (images rebuild).
+ROOTFS_LAYOUT = 2  # 2: /etc/hostname is a link to the kernel's hostname
 _PKG_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+(=[A-Za-z0-9.+~:-]+)?$")
 HOST_TOOLS = {
     "mmdebstrap": "mmdebstrap", "mkfs.ext4": "e2fsprogs", "dpkg-deb": "dpkg", "depmod": "kmod",
@@ -116,6 +118,7 @@ class ImageSpec:
             "agent": source_digest(agent_sources()),
             "init": source_digest([init_script()]),
             "initramfs_modules": [*K.INITRAMFS_MODULES, *K.INITRAMFS_PCI_MODULES],
+            "rootfs_layout": ROOTFS_LAYOUT,
         }
 
     @property
@@ -341,7 +344,10 @@ class ImageBuilder:
                             "/" + AGENT_DIR], check=False, capture_output=True)
             K.copy_modules(kroot, root, kver)
             runner.run("depmod", ["depmod", "-b", str(root), kver])
-            (root / "etc/hostname").write_text("pinnace\n")
+            # The live hostname, so that setting it (a clone, on restore) writes no file.
+            with contextlib.suppress(FileNotFoundError):
+                (root / "etc/hostname").unlink()
+            (root / "etc/hostname").symlink_to("/proc/sys/kernel/hostname")
             (root / "etc/hosts").write_text(
                 "127.0.0.1\tlocalhost\n127.0.1.1\tpinnace\n::1\tlocalhost ip6-localhost\n")
             (root / "etc/fstab").write_text("# the pinnace agent mounts what the guest needs\n")
