@@ -51,6 +51,7 @@ bench: deps venv
 	PINNACE_HOME=$(TEST_HOME) $(BIN)/python bench/boot.py
 	PINNACE_HOME=$(TEST_HOME) $(BIN)/python bench/agent.py
 	PINNACE_HOME=$(TEST_HOME) $(BIN)/python bench/snapshot.py
+	PINNACE_HOME=$(TEST_HOME) $(BIN)/python bench/net.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache

@@ -14,7 +14,7 @@ pinnace delete --force "$name" >/dev/null 2>&1 || true
 echo "== building the default image (cached after the first time)" >&2
 step "image build" pinnace image build >/dev/null
 echo "== creating and starting $name" >&2
-step "create" pinnace create "$name" >/dev/null
+step "create" pinnace create "$name" --net restricted >/dev/null
 step "start (boot to agent ready)" pinnace start "$name"
 echo "== uname -a in the guest" >&2
 step "exec" pinnace exec "$name" -- uname -a

@@ -2,6 +2,10 @@ import os
 
 import pytest
 
+# No guest a test starts has a way off this host: the NAT NIC is restricted (port
+# forwards only) unless a test asks otherwise, and no test does.
+os.environ["PINNACE_DEFAULT_NET"] = "restricted"
+
 
 def pytest_collection_modifyitems(config, items):
     for item in items:

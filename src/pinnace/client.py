@@ -7,22 +7,25 @@ in a background thread, so it also works where the caller already has a loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import shutil
 import threading
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine, Iterator, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
 from .agent.client import ExecResult, Process
-from .config import MachineConfig
+from .config import MachineConfig, Mount, Nic, PortForward, default_net, random_mac
 from .errors import AlreadyExistsError, ConfigError, NotFoundError
 from .images import DEFAULT_IMAGE, AsyncImages, Image, Images
 from .machine import AsyncMachine, MachineStatus, create_disk
+from .network.networks import AsyncNetworks, Network
 from .snapshots import AsyncSnapshots, Snapshot
 from .store import MachineFiles, Store, validate_name, write_json
+from .volumes import AsyncVolumes, Volume
 
 T = TypeVar("T")
 
@@ -47,27 +50,66 @@ class AsyncMachines:
     async def create(self, name: str, *, image: str = DEFAULT_IMAGE, cpus: int | None = None,
                      memory: str | int | None = None, cmdline: str | None = None,
                      boot_timeout: float | None = None, accel: str | None = None,
-                     snapshot: str | Snapshot | None = None) -> AsyncMachine:
+                     snapshot: str | Snapshot | None = None, **devices: Any) -> AsyncMachine:
         """Create a stopped machine with its own disk overlay on ``image``; or, from
         ``snapshot``, one whose first start restores that snapshot (in a fraction of a
-        second) instead of booting."""
+        second) instead of booting.
+
+        Devices (see :meth:`_devices`): ``net`` ("nat", "restricted" or "none"),
+        ``ports`` (["8080:80", "127.0.0.1:5353:53/udp"]), ``networks`` (["lan",
+        "lan:10.77.0.9"]), ``spare_nics`` (disconnected NICs to connect later),
+        ``volumes`` (["data:/data", "cache:/cache:ro"]), ``shares`` (["./src:/src:ro"]).
+        """
         validate_name("machine", name)
         store = self._pn.store
         store.ensure()
         if snapshot is not None:
             snap = snapshot if isinstance(snapshot, Snapshot) else self._pn.snapshots.get(snapshot)
             return await self._from_snapshot(name, snap, cpus=cpus, memory=memory,
-                                             boot_timeout=boot_timeout, accel=accel)
+                                             boot_timeout=boot_timeout, accel=accel, **devices)
         digest = self._pn.images.sync.resolve(image)
         files = self._pn.images.files_for(digest, image)
         cfg = MachineConfig.build(name=name, image=image, image_digest=digest, cpus=cpus,
                                   memory=memory, cmdline=cmdline, boot_timeout=boot_timeout,
                                   accel=accel)
-        return await asyncio.to_thread(self._materialise, cfg, files.rootfs, None)
+        return await asyncio.to_thread(self._materialise, cfg, files.rootfs, None, None, devices)
+
+    def _devices(self, name: str, *, net: str | None = None,
+                 ports: Sequence[str | PortForward] = (), networks: Sequence[str] = (),
+                 spare_nics: int = 0, volumes: Sequence[str | Mount] = (),
+                 shares: Sequence[str | Mount] = (), taken: dict[str, set[str]] | None = None,
+                 ) -> dict[str, Any]:
+        """Config fields for a machine's NICs, volumes and shares, checked and resolved:
+        MACs made, addresses handed out (hold the networks' locks). A machine on a
+        network gets only that NIC unless ``net`` asks for NAT as well."""
+        if not isinstance(spare_nics, int) or not 0 <= spare_nics <= 8:
+            raise ConfigError("spare NICs", spare_nics, "give 0 to 8")
+        if net is None:
+            net = "none" if networks else default_net()
+        nics = []
+        for spec in networks:
+            netname, _, ip = str(spec).partition(":")
+            self._pn.networks.get(netname)
+            taken_here = (taken or {}).setdefault(netname, set())
+            addr = self._pn.networks.allocate(netname, ip or None, taken_here)
+            taken_here.add(addr.split("/")[0])
+            nics.append(Nic(random_mac(), netname, addr))
+        nics += [Nic(random_mac()) for _ in range(spare_nics)]
+        vols = [v if isinstance(v, Mount) else Mount.parse(v, "volume") for v in volumes]
+        for v in vols:
+            self._pn.volumes.get(v.source)  # it must exist
+        return {
+            "net": net, "nat_mac": random_mac() if net != "none" else "",
+            "ports": tuple(p if isinstance(p, PortForward) else PortForward.parse(p)
+                           for p in ports),
+            "nics": tuple(nics), "volumes": tuple(vols),
+            "shares": tuple(m if isinstance(m, Mount) else Mount.parse(m, "share")
+                            for m in shares),
+        }
 
     async def _from_snapshot(self, name: str, snap: Snapshot, *, cpus: int | None,
                              memory: str | int | None, boot_timeout: float | None,
-                             accel: str | None) -> AsyncMachine:
+                             accel: str | None, **devices: Any) -> AsyncMachine:
         cfg = MachineConfig.build(name=name, image=snap.image,
                                   image_digest=snap.key["image_digest"], cpus=snap.cpus,
                                   memory_mib=snap.memory_mib, boot_timeout=boot_timeout,
@@ -84,20 +126,39 @@ class AsyncMachines:
 
         files = SnapshotFiles(snap.path)
         resume = {"state": str(files.state), "memory": str(files.memory), "ignore_shared": True,
-                  "snapshot": snap.ref}
-        return await asyncio.to_thread(self._materialise, cfg, Path(), files.clone_disk, resume)
+                  "snapshot": snap.ref, "macs": snap.macs}
+        return await asyncio.to_thread(self._materialise, cfg, Path(), files.clone_disk, resume,
+                                       devices)
 
     def _materialise(self, cfg: MachineConfig, rootfs: Path, disk_from: Path | None,
-                     resume: dict[str, Any] | None = None) -> AsyncMachine:
-        """Build the machine's directory in staging and rename it into place whole."""
+                     resume: dict[str, Any] | None = None,
+                     devices: dict[str, Any] | None = None) -> AsyncMachine:
+        """Build the machine's directory in staging and rename it into place whole.
+        ``devices`` (create's options) are resolved here, under the locks of the
+        networks they name, so two machines never get one address."""
         store = self._pn.store
         if not store.socket_paths_fit(cfg.name):
             raise ConfigError("machine name", cfg.name, "it is too long for this PINNACE_HOME's "
                               "socket paths; choose a shorter name or a shorter PINNACE_HOME")
         m = self._handle(cfg.name)
-        with store.lock("machine", cfg.name, timeout=30):
+        nets = sorted({str(n).partition(":")[0] for n in (devices or {}).get("networks") or ()})
+        with contextlib.ExitStack() as locks:
+            for net in nets:
+                locks.enter_context(store.lock("network", validate_name("network", net)))
+            locks.enter_context(store.lock("machine", cfg.name, timeout=30))
             if m.paths.dir.exists():
                 raise AlreadyExistsError("machine", cfg.name)
+            if devices is not None:
+                cfg = cfg.with_changes(**self._devices(cfg.name, **devices))
+            if cfg.snapshot:
+                from .snapshots import machine_key
+
+                snap = self._pn.snapshots.by_ref(cfg.snapshot)
+                changed = machine_key(self._pn, cfg, snap.key["accel"]).changes(snap.key)
+                if changed:
+                    raise ConfigError("machine shape", "; ".join(changed), f"snapshot "
+                                      f"{snap.name!r} has other devices; a restored machine "
+                                      "keeps its snapshot's devices")
             with store.staging_dir("machine-") as stage:
                 staged = MachineFiles(stage)
                 if disk_from is not None:
@@ -122,15 +183,23 @@ class AsyncMachines:
         async with await src._locked():
             await src._require("clone", AT_REST)
             cfg = src.config.with_changes(name=name)
-            return await asyncio.to_thread(self._materialise, cfg, Path(), src.paths.disk)
+            devices = {  # the same devices; its own MACs and addresses
+                "net": cfg.net, "ports": cfg.ports, "volumes": cfg.volumes, "shares": cfg.shares,
+                "networks": [n.network for n in cfg.nics if n.network],
+                "spare_nics": sum(1 for n in cfg.nics if not n.network)}
+            return await asyncio.to_thread(self._materialise, cfg, Path(), src.paths.disk, None,
+                                           devices)
 
     async def run(self, *, image: str = DEFAULT_IMAGE, name: str | None = None, count: int = 1,
                   cpus: int | None = None, memory: str | int | None = None,
-                  accel: str | None = None, notify: Any = None) -> list[AsyncMachine]:
+                  accel: str | None = None, notify: Any = None,
+                  **devices: Any) -> list[AsyncMachine]:
         """Start ``count`` machines from the image's ready snapshot, concurrently.
 
         The first run of an image and shape boots it once and saves the ready snapshot;
         later runs restore it. Names are ``name`` (or ``name-1``..``name-N``), else random.
+        ``devices`` are create's; machines with volumes or shares boot instead (what a
+        disk holds is not in a snapshot's RAM).
         """
         from .backends.qemu import host as qhost
 
@@ -142,15 +211,23 @@ class AsyncMachines:
         files = self._pn.images.files_for(digest, image)
         cfg = MachineConfig.build(name=name or "run", image=image, image_digest=digest,
                                   cpus=cpus, memory=memory, accel=accel)
-        choice = await asyncio.to_thread(qhost.choose_accel, cfg.accel, store.cache_dir,
-                                         files.kernel, files.initrd)
-        snap = await self._pn.snapshots.ready(cfg, choice.accel, notify=notify)
         if name is not None:
             names = [name] if count == 1 else [f"{name}-{i}" for i in range(1, count + 1)]
         else:
             names = [f"run-{secrets.token_hex(3)}" for _ in range(count)]
-        made = await asyncio.gather(*(self.create(n, snapshot=snap) for n in names),
-                                    return_exceptions=True)
+        snap: Snapshot | None = None
+        if not devices.get("volumes") and not devices.get("shares"):
+            nets = devices.get("networks") or ()
+            shape = cfg.with_changes(**self._devices(cfg.name, **{
+                **devices, "networks": [], "spare_nics": len(nets)
+                + int(devices.get("spare_nics") or 0),
+                "net": devices.get("net") or ("none" if nets else default_net())}))
+            choice = await asyncio.to_thread(qhost.choose_accel, cfg.accel, store.cache_dir,
+                                             files.kernel, files.initrd)
+            snap = await self._pn.snapshots.ready(shape, choice.accel, notify=notify)
+        made = await asyncio.gather(*(self.create(
+            n, image=image, cpus=cpus, memory=memory, accel=accel, snapshot=snap, **devices)
+            for n in names), return_exceptions=True)
         machines = [m for m in made if isinstance(m, AsyncMachine)]
         errors = [e for e in made if isinstance(e, BaseException)]
         if not errors:
@@ -189,6 +266,8 @@ class AsyncPinnace:
         self.images = AsyncImages(Images(self.store))
         self.machines = AsyncMachines(self)
         self.snapshots = AsyncSnapshots(self)
+        self.volumes = AsyncVolumes(self)
+        self.networks = AsyncNetworks(self)
 
 
 # --- the sync facade -------------------------------------------------------------------
@@ -323,6 +402,12 @@ class Machine:
     def configure(self, **changes: Any) -> MachineConfig:
         return self._loop.run(self._m.configure(**changes))
 
+    def connect(self, network: str, ip: str | None = None) -> str:
+        return self._loop.run(self._m.connect(network, ip))
+
+    def disconnect(self, network: str) -> None:
+        self._loop.run(self._m.disconnect(network))
+
     def exec(self, argv: list[str] | str, *, input: bytes | None = None,
              timeout: float | None = 60.0, env: dict[str, str] | None = None,
              cwd: str | None = None, user: str | None = None) -> ExecResult:
@@ -417,6 +502,46 @@ class Snapshots:
         self._loop.run(self._s.remove(name))
 
 
+class Volumes:
+    """Sync face of AsyncVolumes."""
+
+    def __init__(self, avols: AsyncVolumes, loop: _Loop) -> None:
+        self._v = avols
+        self._loop = loop
+
+    def create(self, name: str, size: str | int, *, journal: bool = True) -> Volume:
+        return self._loop.run(self._v.create(name, size, journal=journal))
+
+    def get(self, name: str) -> Volume:
+        return self._v.get(name)
+
+    def list(self) -> list[Volume]:
+        return self._v.list()
+
+    def remove(self, name: str) -> None:
+        self._loop.run(self._v.remove(name))
+
+
+class Networks:
+    """Sync face of AsyncNetworks."""
+
+    def __init__(self, anets: AsyncNetworks, loop: _Loop) -> None:
+        self._n = anets
+        self._loop = loop
+
+    def create(self, name: str, subnet: str) -> Network:
+        return self._loop.run(self._n.create(name, subnet))
+
+    def get(self, name: str) -> Network:
+        return self._n.get(name)
+
+    def list(self) -> list[Network]:
+        return self._n.list()
+
+    def remove(self, name: str) -> None:
+        self._loop.run(self._n.remove(name))
+
+
 class Pinnace:
     """The sync API: ``Pinnace().machines.create(...)``, ``Pinnace().images.build()``."""
 
@@ -427,6 +552,8 @@ class Pinnace:
         self.images: Images = self.aio.images.sync
         self.machines = Machines(self.aio.machines, self._loop)
         self.snapshots = Snapshots(self.aio.snapshots, self._loop)
+        self.volumes = Volumes(self.aio.volumes, self._loop)
+        self.networks = Networks(self.aio.networks, self._loop)
 
     def close(self) -> None:
         self._loop.close()

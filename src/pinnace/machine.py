@@ -35,13 +35,13 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from .agent.client import AgentClient, ExecResult, Process
 from .backends.qemu import command as qcmd
 from .backends.qemu import host as qhost
 from .backends.qemu import process as qproc
-from .config import MachineConfig
+from .config import NAT_DNS, NAT_GATEWAY, NAT_GUEST, MachineConfig, PortForward
 from .errors import (
     AgentDisconnected,
     AgentError,
@@ -52,6 +52,7 @@ from .errors import (
     MachineCrashed,
     MachineError,
     NotFoundError,
+    PinnaceError,
     SnapshotError,
     StateError,
     describe_exit,
@@ -248,12 +249,13 @@ class AsyncMachine:
                 self.log.warning("KVM is not usable (%s); using TCG software emulation, "
                                  "which is several times slower", choice.reason)
             resume = self._resume_plan(cfg, choice.accel)
+            devices = await self._claim_devices(cfg)
             spec = qcmd.LaunchSpec(
                 name=self.name, files=self.paths, kernel=image.kernel, initrd=image.initrd,
                 cpus=cfg.cpus, memory_mib=cfg.memory_mib, accel=choice.accel,
                 cmdline=cfg.cmdline, tsc_khz=qhost.cached_tsc_khz(self._pn.store.cache_dir),
                 memory_file=Path(resume["memory"]) if resume and resume.get("memory") else None,
-                incoming=resume is not None,
+                incoming=resume is not None, **devices,
             )
             argv = qcmd.build_argv(qhost.qemu_binary(), spec)
             self._cleanup_runtime()
@@ -304,8 +306,164 @@ class AsyncMachine:
                 crashed = MachineCrashed(self.name, code, during="boot", log_tail=serial)
                 self._write_state(S.FAILED, crashed.message, accel=choice.accel, exit_code=code)
                 raise crashed from exc
+            try:
+                await self._setup_guest(self._agent, cfg, None, mounts=True)
+            except (AgentError, ConnectionError, MachineError) as exc:
+                await self._fail_start(launched, fields, f"setting up the guest failed: {exc}")
             self._write_state(S.READY, **fields, ready_at=time.time())
             return await self.status()
+
+    async def _fail_start(self, launched: qproc.ProcessInfo, fields: dict[str, Any],
+                          reason: str) -> NoReturn:
+        await asyncio.to_thread(qproc.kill, launched, self.paths)
+        await self._drop_agent()
+        self._cleanup_runtime()
+        self._write_state(S.FAILED, reason, accel=fields.get("accel"))
+        raise MachineError(self.name, reason, log_tail=tail(self.paths.qemu_log))
+
+    async def _claim_devices(self, cfg: MachineConfig) -> dict[str, Any]:
+        """Check what the machine's devices need from the host, and take it: free host
+        ports for its forwards, volumes no other running machine writes to, its NICs
+        plugged into their networks' switches. Returns the LaunchSpec's device fields."""
+        for p in cfg.ports:
+            _check_port_free(p, self._pn, self.name)
+        volumes = []
+        for v in cfg.volumes:
+            vol = self._pn.volumes.get(v.source)
+            for other in self._pn.volumes.users(v.source):
+                if other == self.name:
+                    continue
+                om = AsyncMachine(self._pn, other)
+                try:
+                    running = (await om.status()).state in LIVE
+                    theirs = [m.ro for m in om.config.volumes if m.source == v.source]
+                except PinnaceError:
+                    continue  # a damaged or vanishing machine does not hold the volume
+                if running and not (v.ro and all(theirs)):
+                    raise ConfigError("volume", v.source, f"machine {other!r} is running with "
+                                      "it; a volume is written by one machine at a time "
+                                      "(attach it :ro to both to share it)")
+            volumes.append((vol.image, v.ro))
+        for sh in cfg.shares:
+            if not Path(sh.source).is_dir():
+                raise ConfigError("share", sh.source, "the host folder is gone; recreate it, "
+                                  "or recreate the machine without it")
+        for i, nic in enumerate(cfg.nics):
+            if nic.network:
+                await asyncio.to_thread(self._pn.networks.register, nic.network, self.name,
+                                        self.paths, i, nic.mac)
+        nat = None
+        if cfg.net != "none":
+            nat = qcmd.NatNic(cfg.nat_mac, restrict=cfg.net == "restricted", forwards=tuple(
+                (p.proto, p.host_ip, p.host_port, p.guest_port) for p in cfg.ports))
+        return {"nat": nat, "nics": tuple(n.mac for n in cfg.nics), "volumes": tuple(volumes),
+                "shares": tuple((Path(sh.source), sh.ro) for sh in cfg.shares)}
+
+    async def _setup_guest(self, agent: AgentClient | None, cfg: MachineConfig,
+                           macs: dict[str, Any] | None, *, mounts: bool) -> None:
+        """Give the guest its network (addresses by MAC, no DHCP) and, on a boot, mount
+        its volumes and shares. ``macs`` are the MACs the NICs have now when they are not
+        the machine's own (a clone just restored): the agent changes them first."""
+        assert agent is not None
+        for i, n in enumerate(cfg.nics):
+            if not n.network:
+                await self._set_link(i, False)
+        requests = []
+        if cfg.net != "none":
+            nat = cfg.net == "nat"
+            requests.append(self._nic_request(agent, (macs or {}).get("nat"), cfg.nat_mac,
+                                              [NAT_GUEST], gateway=NAT_GATEWAY if nat else None,
+                                              nameservers=[NAT_DNS] if nat else []))
+        old = list((macs or {}).get("nics") or [])
+        for i, nic in enumerate(cfg.nics):
+            requests.append(self._nic_request(agent, old[i] if i < len(old) else None, nic.mac,
+                                              [nic.ip] if nic.network else [],
+                                              up=bool(nic.network)))
+        if mounts:
+            requests += [agent.request("mount", fstype="ext4", source=qcmd.volume_serial(i),
+                                       path=v.path, ro=v.ro) for i, v in enumerate(cfg.volumes)]
+            requests += [agent.request("mount", fstype="9p", source=qcmd.share_tag(i),
+                                       path=sh.path, ro=sh.ro) for i, sh in enumerate(cfg.shares)]
+        await asyncio.gather(*requests)
+
+    @staticmethod
+    def _nic_request(agent: AgentClient, now: str | None, mac: str, addresses: list[str], *,
+                     gateway: str | None = None, nameservers: list[str] | None = None,
+                     up: bool = True) -> Any:
+        return agent.request("set_network", mac=now or mac,
+                             set_mac=mac if now and now != mac else None,
+                             addresses=addresses, gateway=gateway,
+                             nameservers=nameservers or [], up=up)
+
+    async def connect(self, network: str, ip: str | None = None) -> str:
+        """Plug a NIC into ``network`` and give it an address; return the address. A running
+        machine uses a spare NIC (create it with spare_nics); one at rest gets a new NIC."""
+        from .config import Nic
+
+        async with await self._locked():
+            st = await self.status()
+            live = st.state in (S.READY, S.RUNNING)
+            if not live and st.state not in AT_REST:
+                raise StateError(self.name, "connect", str(st.state),
+                                 ["ready", "running", *[str(x) for x in AT_REST]])
+            cfg = self.config
+            if any(n.network == network for n in cfg.nics):
+                raise ConfigError("network", network, f"{self.name!r} is already on it")
+            spare = [i for i, n in enumerate(cfg.nics) if not n.network]
+            if not spare and (live or cfg.snapshot):
+                raise ConfigError("network", network, f"{self.name!r} has no spare NIC (its "
+                                  "devices are fixed while it runs or restores a snapshot); "
+                                  "create it with --spare-nics 1")
+            with self._pn.store.lock("network", network):
+                addr = self._pn.networks.allocate(network, ip, set())
+                nics = list(cfg.nics)
+                from .config import random_mac
+
+                index = spare[0] if spare else len(nics)
+                mac = nics[index].mac if spare else random_mac()
+                nic = Nic(mac, network, addr)
+                if spare:
+                    nics[index] = nic
+                else:
+                    nics.append(nic)
+                write_json(self.paths.config, cfg.with_changes(nics=tuple(nics)).to_dict())
+            if live:
+                await asyncio.to_thread(self._pn.networks.register, network, self.name,
+                                        self.paths, index, mac)
+                await self._set_link(index, True)
+                agent = await self.agent()
+                await self._nic_request(agent, None, mac, [addr])
+            self._event("connected", network=network, address=addr)
+            return addr
+
+    async def disconnect(self, network: str) -> None:
+        """Unplug the machine's NIC from ``network``; a running machine keeps it, spare."""
+        async with await self._locked():
+            st = await self.status()
+            cfg = self.config
+            found = [i for i, n in enumerate(cfg.nics) if n.network == network]
+            if not found:
+                raise ConfigError("network", network, f"{self.name!r} is not on it")
+            index = found[0]
+            nic = cfg.nics[index]
+            if st.state in (S.READY, S.RUNNING):
+                agent = await self.agent()
+                await self._nic_request(agent, None, nic.mac, [], up=False)
+                await self._set_link(index, False)
+            elif st.state not in AT_REST:
+                raise StateError(self.name, "disconnect", str(st.state),
+                                 ["ready", "running", *[str(x) for x in AT_REST]])
+            await asyncio.to_thread(self._pn.networks.unregister, network, self.name, index)
+            nics = list(cfg.nics)
+            nics[index] = type(nic)(nic.mac)
+            write_json(self.paths.config, cfg.with_changes(nics=tuple(nics)).to_dict())
+            self._event("disconnected", network=network)
+
+    async def _set_link(self, index: int, up: bool) -> None:
+        from .backends.qemu.qmp import execute, qmp_session
+
+        async with qmp_session(self.paths.qmp_sock, self.name) as client:
+            await execute(client, "set_link", {"name": qcmd.nic_id(index), "up": up})
 
     def _resume_plan(self, cfg: MachineConfig, accel: str) -> dict[str, Any] | None:
         """What the next start restores (resume.json), checked against this host; or None."""
@@ -354,13 +512,10 @@ class AsyncMachine:
                 raise
             agent = await connecting
             await agent.refresh_identity(self.name if plan.get("snapshot") else None)
+            if plan.get("snapshot"):
+                await self._setup_guest(agent, self.config, plan.get("macs"), mounts=False)
         except (MigrationFailed, ConnectionError, AgentError) as exc:
-            await asyncio.to_thread(qproc.kill, launched, self.paths)
-            await self._drop_agent()
-            self._cleanup_runtime()
-            reason = f"restoring the saved state failed: {exc}"
-            self._write_state(S.FAILED, reason, accel=fields.get("accel"))
-            raise MachineError(self.name, reason, log_tail=tail(self.paths.qemu_log)) from None
+            await self._fail_start(launched, fields, f"restoring the saved state failed: {exc}")
         self.paths.resume.unlink()
         with contextlib.suppress(FileNotFoundError):
             self.paths.saved_state.unlink()
@@ -504,6 +659,11 @@ class AsyncMachine:
                 if info is not None:
                     await asyncio.to_thread(qproc.kill, info, self.paths)
             await self._drop_agent()
+            with contextlib.suppress(Exception):
+                for i, nic in enumerate(self.config.nics):
+                    if nic.network:
+                        await asyncio.to_thread(self._pn.networks.unregister, nic.network,
+                                                self.name, i)
             trash = self._pn.store.tmp_dir / f"delete-{os.getpid()}-{self.name}"
             self._pn.store.tmp_dir.mkdir(parents=True, exist_ok=True)
             os.rename(self.paths.dir, trash)
@@ -595,6 +755,29 @@ class AsyncMachine:
     async def close(self) -> None:
         """Drop this handle's agent connection (the machine keeps running)."""
         await self._drop_agent()
+
+
+def _check_port_free(p: PortForward, pn: AsyncPinnace, me: str) -> None:
+    """ConfigError naming who holds the host port of forward ``p``, if anyone does."""
+    import socket
+
+    kind = socket.SOCK_STREAM if p.proto == "tcp" else socket.SOCK_DGRAM
+    with socket.socket(socket.AF_INET, kind) as s:
+        try:
+            s.bind((p.host_ip, p.host_port))
+            return
+        except OSError as exc:
+            problem = exc.strerror or str(exc)
+    holder = "another program on this host"
+    for other in pn.store.machines_dir.glob("*/config.json"):
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            ports = read_json(other).get("ports") or []
+            if other.parent.name != me and any(
+                    q.get("host_port") == p.host_port and q.get("proto") == p.proto
+                    for q in ports):
+                holder = f"machine {other.parent.name!r}, if it is running"
+    raise ConfigError("port", str(p), f"host port {p.host_ip}:{p.host_port}/{p.proto} cannot be "
+                      f"used ({problem}; held by {holder}); choose another host port")
 
 
 def create_disk(image_rootfs: Path, disk: Path) -> None:

@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Bump when what a snapshot holds or how it is loaded changes: old ones are rebuilt.
-SNAPSHOT_FORMAT = 2  # 2: templates are warmed up before saving
+SNAPSHOT_FORMAT = 3  # 3: NICs in the device list; MACs in snapshot.json
 # Files smaller than this are checksummed before every restore; larger ones by size only
 # (and fully by `pinnace snapshot inspect --verify`).
 QUICK_SUM_LIMIT = 8 << 20
@@ -129,6 +129,7 @@ class Snapshot:
     source: str
     created: float
     files: dict[str, dict[str, Any]]
+    macs: dict[str, Any]  # the MACs its NICs were saved with ({"nat": ..., "nics": [...]})
 
     @property
     def memory_mib(self) -> int:
@@ -183,7 +184,9 @@ def machine_key(pn: AsyncPinnace, cfg: MachineConfig, accel: str) -> SnapshotKey
     binary = qhost.qemu_binary()
     return SnapshotKey(
         image_digest=cfg.image_digest, cpus=cfg.cpus, memory_mib=cfg.memory_mib,
-        devices=qcmd.DEVICES, nics=0, qemu=qhost.cached_qemu_version(binary, pn.store.cache_dir),
+        devices=qcmd.devices_key(cfg.net != "none", len(cfg.nics), len(cfg.volumes),
+                                 len(cfg.shares)),
+        nics=int(cfg.net != "none") + len(cfg.nics), qemu=qhost.cached_qemu_version(binary, pn.store.cache_dir),
         accel=accel, cpu_model=qcmd.CPU_MODEL[accel], format=SNAPSHOT_FORMAT,
     )
 
@@ -193,7 +196,8 @@ def _read(path: Path, name: str, ref: str) -> Snapshot:
         meta = read_json(path / "snapshot.json")
         return Snapshot(name=name, path=path, ref=ref, image=str(meta["image"]),
                         key=dict(meta["key"]), source=str(meta.get("source", "")),
-                        created=float(meta["created"]), files=dict(meta["files"]))
+                        created=float(meta["created"]), files=dict(meta["files"]),
+                        macs=dict(meta.get("macs") or {"nat": "", "nics": []}))
     except FileNotFoundError:
         raise NotFoundError("snapshot", name, "see 'pinnace snapshot ls'") from None
     except (ValueError, KeyError, TypeError) as exc:
@@ -280,6 +284,10 @@ class AsyncSnapshots:
             async with await machine._locked():
                 st = await machine._require("snapshot", STOPPABLE)
                 cfg = machine.config
+                if cfg.volumes or cfg.shares:
+                    raise SnapshotError(name, f"machine {machine.name!r} has volumes or shared "
+                                        "folders, whose contents live outside it and cannot "
+                                        "be saved with it; snapshot a machine without them")
                 key = machine_key(self._pn, cfg, st.accel or "tcg")
                 await machine._drop_agent()
                 stream = stage / "stream"
@@ -294,13 +302,14 @@ class AsyncSnapshots:
             await self._map(stage, cfg, key, final, from_stream=stream)
             stream.unlink()
             return await self._finish(stage, final, name, f"snapshots/{name}", cfg.image, key,
-                                      source=machine.name)
+                                      source=machine.name, macs={
+                                          "nat": cfg.nat_mac, "nics": [n.mac for n in cfg.nics]})
 
     async def ready(self, cfg: MachineConfig, accel: str, *, notify: Any = None) -> Snapshot:
         """The ready snapshot for this image and shape, built (once, under a lock) if it is
         missing, damaged or was made for anything else."""
         key = machine_key(self._pn, cfg, accel)
-        slot = f"{cfg.image}-{cfg.cpus}c-{cfg.memory_mib}m"
+        slot = f"{cfg.image}-{cfg.cpus}c-{cfg.memory_mib}m-{key.nics}n"
         pointer = self._ready_dir / f"{slot}.json"
         say = notify or (lambda msg: log.warning("%s", msg))
         old = self._current(pointer)
@@ -345,7 +354,7 @@ class AsyncSnapshots:
         with self._pn.store.staging_dir("ready-") as stage:
             await self._map(stage, cfg, key, final, from_stream=None)
             return await self._finish(stage, final, ident, f"cache/ready/{ident}", cfg.image, key,
-                                      source="")
+                                      source="", macs=template_macs(cfg))
 
     async def _map(self, stage: Path, cfg: MachineConfig, key: SnapshotKey, final: Path,
                    *, from_stream: Path | None) -> None:
@@ -366,6 +375,7 @@ class AsyncSnapshots:
             initrd=image.initrd, cpus=cfg.cpus, memory_mib=cfg.memory_mib, accel=key.accel,
             cmdline=cfg.cmdline, tsc_khz=qhost.cached_tsc_khz(self._pn.store.cache_dir),
             memory_file=files.memory, memory_shared=True, incoming=from_stream is not None,
+            **template_devices(cfg),
         )
         argv = qcmd.build_argv(qhost.qemu_binary(), spec)
         launched = await asyncio.to_thread(qproc.launch, argv, spec.files)
@@ -397,7 +407,7 @@ class AsyncSnapshots:
             "-F", "qcow2", str(files.clone_disk), str(size)], check=True, capture_output=True)
 
     async def _finish(self, stage: Path, final: Path, name: str, ref: str, image: str,
-                      key: SnapshotKey, *, source: str) -> Snapshot:
+                      key: SnapshotKey, *, source: str, macs: dict[str, Any]) -> Snapshot:
         files = SnapshotFiles(stage)
 
         def sums() -> dict[str, dict[str, Any]]:
@@ -409,7 +419,7 @@ class AsyncSnapshots:
             os.chmod(p, 0o444)  # clones depend on these bytes never changing
         # (memory stays writable by its owner: QEMU opens it read-write even to map it private)
         write_json(files.meta, {"image": image, "key": asdict(key), "source": source,
-                                "created": time.time(), "files": listed})
+                                "created": time.time(), "files": listed, "macs": macs})
         try:
             os.rename(stage, final)
         except OSError:
@@ -426,6 +436,18 @@ async def _warm(agent: AgentClient, name: str) -> None:
     await agent.refresh_identity(name)
     (await agent.exec(["true"])).check()
     (await agent.exec(["sync"])).check()
+
+
+def template_devices(cfg: MachineConfig) -> dict[str, Any]:
+    """The NICs of a template: the machine's shape, with template MACs and no way out."""
+    nat = qcmd.NatNic(qcmd.template_mac(-1), restrict=True) if cfg.net != "none" else None
+    return {"nat": nat, "nics": tuple(qcmd.template_mac(i) for i in range(len(cfg.nics)))}
+
+
+def template_macs(cfg: MachineConfig) -> dict[str, Any]:
+    """What resume.json records as the MACs a restored machine's NICs come back with."""
+    return {"nat": qcmd.template_mac(-1) if cfg.net != "none" else "",
+            "nics": [qcmd.template_mac(i) for i in range(len(cfg.nics))]}
 
 
 def _virtual_size(disk: Path) -> int:

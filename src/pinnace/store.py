@@ -109,6 +109,14 @@ class MachineFiles:
     def saved_state(self) -> Path:
         return self.dir / "saved.state"
 
+    def nic_sock(self, nic: int) -> Path:
+        """Where QEMU's dgram netdev for NIC ``nic`` (on a virtual network) binds."""
+        return self.dir / f"n{nic}.sock"
+
+    def nic_peer(self, nic: int) -> Path:
+        """Where that NIC sends: the network's switch binds it while the NIC is connected."""
+        return self.dir / f"n{nic}.peer"
+
     def runtime_files(self) -> list[Path]:
         """Files that belong to one run of QEMU and are removed when it ends."""
         from .agent.protocol import AGENT_PORTS
@@ -116,6 +124,8 @@ class MachineFiles:
         files = [self.qmp_sock, self.pid]
         for port in range(AGENT_PORTS):
             files += [self.agent_sock(port), self.agent_lock(port)]
+        with contextlib.suppress(OSError):
+            files += sorted(self.dir.glob("n[0-9]*.sock"))
         return files
 
 

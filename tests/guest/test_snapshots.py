@@ -109,4 +109,5 @@ async def _current_ready(pn):
 
     cfg = MachineConfig.build(name="x", image="default",
                               image_digest=pn.images.resolve("default"))
+    cfg = cfg.with_changes(**pn.aio.machines._devices("x"))  # the shape run() gives it
     return await pn.aio.snapshots.ready(cfg, "tcg")

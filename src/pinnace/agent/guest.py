@@ -145,9 +145,25 @@ def power(action: str) -> None:
             except ChildProcessError:
                 break
     os.sync()
+    unmount_attached()
     libc().mount(b"none", b"/", None, MS_REMOUNT | MS_RDONLY, None)
     cmd = 0x4321FEDC if action == "poweroff" else 0x01234567
     libc().reboot(cmd)
+
+
+def unmount_attached() -> None:
+    """Unmount the volumes and shares the host attached (the ext4 journals end clean)."""
+    try:
+        with open("/proc/mounts") as f:
+            mounts = [line.split() for line in f]
+    except OSError:
+        return
+    for fields in reversed(mounts):
+        if len(fields) > 2 and ((fields[0].startswith("/dev/vd") and fields[1] != "/")
+                                or fields[2] == "9p"):
+            target = fields[1].replace("\\040", " ").encode()
+            if libc().umount2(target, 0) != 0:
+                log(f"could not unmount {fields[1]}")
 
 
 # --- sessions and requests ------------------------------------------------------------
@@ -965,7 +981,7 @@ def op_mount(session: Session, chan: int, msg: dict[str, Any]) -> dict[str, Any]
                 continue
         if device is None:
             raise RequestFailed("not-found", f"no disk with serial {source}")
-        data = ""
+        data = "noload" if ro else ""  # a read-only disk cannot replay a journal
     elif fstype == "9p":
         subprocess.run(["modprobe", "-q", "-a", "9pnet_virtio", "9p"], capture_output=True,
                        timeout=30)

@@ -100,10 +100,14 @@ def main(ctx: click.Context, verbose: int) -> None:
 
 from .image import image as _image_group  # noqa: E402
 from .machine import register as _register_machine_verbs  # noqa: E402
+from .network import network as _network_group  # noqa: E402
 from .snapshot import snapshot as _snapshot_group  # noqa: E402
+from .volume import volume as _volume_group  # noqa: E402
 
 _register_machine_verbs(main)
 main.add_command(_image_group)
 main.add_command(_snapshot_group)
+main.add_command(_volume_group)
+main.add_command(_network_group)
 
 __all__ = ["main"]

@@ -36,29 +36,63 @@ def _shape_options(fn: Any) -> Any:
     return _size_option(fn)
 
 
+def _device_options(fn: Any) -> Any:
+    for opt in reversed([
+        click.option("--net", type=click.Choice(["nat", "restricted", "none"]),
+                     help="NAT NIC: nat (a way out; the default off virtual networks), "
+                          "restricted (no way out but port forwards), none (no NAT NIC). "
+                          "$PINNACE_DEFAULT_NET changes the default."),
+        click.option("--publish", "-p", "ports", multiple=True,
+                     metavar="[HOST_IP:]HOST_PORT:GUEST_PORT[/udp]",
+                     help="Forward a host port (on 127.0.0.1 unless HOST_IP) to the guest."),
+        click.option("--network", "networks", multiple=True, metavar="NAME[:IP]",
+                     help="Join a virtual network (address assigned unless IP)."),
+        click.option("--spare-nics", type=int, default=0,
+                     help="Disconnected NICs, for 'pinnace network connect' while running."),
+        click.option("--volume", "-v", "volumes", multiple=True, metavar="NAME:/PATH[:ro]",
+                     help="Mount a volume (see 'pinnace volume create')."),
+        click.option("--share", "shares", multiple=True, metavar="HOST_DIR:/PATH[:ro]",
+                     help="Share a host folder (virtio-9p)."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def _devices(net: str | None, ports: tuple[str, ...], networks: tuple[str, ...],
+             spare_nics: int, volumes: tuple[str, ...], shares: tuple[str, ...]) -> dict[str, Any]:
+    return {"net": net, "ports": list(ports), "networks": list(networks),
+            "spare_nics": spare_nics, "volumes": list(volumes), "shares": list(shares)}
+
+
 @click.command()
 @click.argument("name")
 @click.option("--image", "-i", default="default", show_default=True, help="Image name or digest.")
 @_shape_options
+@_device_options
 @click.option("--snapshot", "-s", metavar="SNAPSHOT",
               help="Start from this snapshot instead of booting (see 'pinnace snapshot ls').")
 @click.option("--start", "start_now", is_flag=True, help="Start the machine right away.")
 @click.pass_context
 def create(ctx: click.Context, name: str, image: str, cpus: int | None, memory: str | None,
            cmdline: str | None, boot_timeout: float | None, accel: str | None,
-           snapshot: str | None, start_now: bool) -> None:
+           snapshot: str | None, start_now: bool, net: str | None, ports: tuple[str, ...],
+           networks: tuple[str, ...], spare_nics: int, volumes: tuple[str, ...],
+           shares: tuple[str, ...]) -> None:
     """Create a stopped machine from an image, or from a snapshot.
 
     \b
     Examples:
-      pinnace create web --cpus 2 --memory 1G
+      pinnace create web --cpus 2 --memory 1G -p 8080:80
+      pinnace create db --network lan --volume pgdata:/var/lib/postgresql
+      pinnace create dev --share ./src:/src:ro --net restricted
       pinnace create web2 --snapshot web-ready --start
     """
+    devices = _devices(net, ports, networks, spare_nics, volumes, shares)
 
     async def go(pn: AsyncPinnace) -> None:
         m = await pn.machines.create(name, image=image, cpus=cpus, memory=memory,
                                      cmdline=cmdline, boot_timeout=boot_timeout, accel=accel,
-                                     snapshot=snapshot)
+                                     snapshot=snapshot, **devices)
         if start_now:
             await m.start()
         click.echo(name)
@@ -553,11 +587,13 @@ async def pty_shell(pn: AsyncPinnace, name: str, user: str | None) -> int:
 @click.option("--rm", "remove", is_flag=True, help="Delete the machines when the command ends.")
 @click.option("--timeout", "-t", type=float, metavar="SECONDS", help="Kill the command after this.")
 @click.option("--interactive", is_flag=True, help="Send this terminal's stdin to the command.")
+@_device_options
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
 def run_(ctx: click.Context, name: str | None, image: str, cpus: int | None, memory: str | None,
          count: int, remove: bool, timeout: float | None, interactive: bool,
-         command: tuple[str, ...]) -> None:
+         net: str | None, ports: tuple[str, ...], networks: tuple[str, ...], spare_nics: int,
+         volumes: tuple[str, ...], shares: tuple[str, ...], command: tuple[str, ...]) -> None:
     """Start machines from the image's ready snapshot, and run COMMAND in them.
 
     The first run of an image and shape boots it once and saves a ready snapshot;
@@ -575,9 +611,10 @@ def run_(ctx: click.Context, name: str | None, image: str, cpus: int | None, mem
     async def go(pn: AsyncPinnace) -> int:
         import asyncio
 
-        machines = await pn.machines.run(image=image, name=name, count=count, cpus=cpus,
-                                         memory=memory, notify=lambda m: click.echo(
-                                             f"pinnace: {m}", err=True))
+        machines = await pn.machines.run(
+            image=image, name=name, count=count, cpus=cpus, memory=memory,
+            notify=lambda m: click.echo(f"pinnace: {m}", err=True),
+            **_devices(net, ports, networks, spare_nics, volumes, shares))
         try:
             if not argv:
                 for m in machines:

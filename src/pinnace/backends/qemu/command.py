@@ -35,7 +35,35 @@ class LaunchSpec:
     memory_file: Path | None = None
     memory_shared: bool = False
     incoming: bool = False  # wait for QMP migrate-incoming instead of booting
+    # Devices after the fixed ones, in this order (a saved state depends on it):
+    nat: NatNic | None = None
+    nics: tuple[str, ...] = ()  # MACs of NICs on virtual networks (dgram to the switch)
+    volumes: tuple[tuple[Path, bool], ...] = ()  # (ext4 file, read-only)
+    shares: tuple[tuple[Path, bool], ...] = ()  # (host folder, read-only)
     extra_args: tuple[str, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class NatNic:
+    """QEMU's user-mode NAT; ``restrict`` cuts every way out except the port forwards."""
+
+    mac: str
+    restrict: bool
+    forwards: tuple[tuple[str, str, int, int], ...] = ()  # (proto, host ip, host port, guest port)
+
+
+def volume_serial(index: int) -> str:
+    """The virtio serial the agent finds volume ``index`` by."""
+    return f"pinnace-vol{index}"
+
+
+def share_tag(index: int) -> str:
+    return f"pinnace-share{index}"
+
+
+def nic_id(index: int) -> str:
+    """The QEMU device id of NIC ``index`` on a virtual network (for QMP set_link)."""
+    return f"nic{index}"
 
 
 CPU_MODEL = {"kvm": "host", "tcg": "max"}
@@ -91,6 +119,25 @@ def build_argv(binary: str, spec: LaunchSpec) -> list[str]:
             "-chardev", f"socket,id=agent{port},path={f.agent_sock(port)},server=on,wait=off",
             "-device", f"virtserialport,chardev=agent{port},name={PORT_NAME.format(port)},nr={port + 1}",
         ]
+    if spec.nat is not None:
+        fwd = "".join(f",hostfwd={proto}:{ip}:{hport}-:{gport}"
+                      for proto, ip, hport, gport in spec.nat.forwards)
+        argv += ["-netdev", f"user,id=nat,restrict={'on' if spec.nat.restrict else 'off'}{fwd}",
+                 "-device", f"virtio-net-device,netdev=nat,mac={spec.nat.mac},id=nic-nat"]
+    for i, mac in enumerate(spec.nics):
+        argv += ["-netdev", f"dgram,id=net{i},local.type=unix,local.path={f.nic_sock(i)},"
+                            f"remote.type=unix,remote.path={f.nic_peer(i)}",
+                 "-device", f"virtio-net-device,netdev=net{i},mac={mac},id={nic_id(i)}"]
+    for i, (path, ro) in enumerate(spec.volumes):
+        argv += ["-drive", f"id=vol{i},file={_comma(path)},format=raw,if=none,"
+                           f"readonly={'on' if ro else 'off'},cache=writeback,discard=unmap",
+                 "-device", f"virtio-blk-device,drive=vol{i},serial={volume_serial(i)}"]
+    for i, (path, ro) in enumerate(spec.shares):
+        # mapped-xattr: the guest's owners and modes live in xattrs; on the host, files
+        # belong to the user running QEMU, so a guest cannot plant setuid files there.
+        argv += ["-fsdev", f"local,id=fs{i},path={_comma(path)},security_model=mapped-xattr"
+                           f"{',readonly=on' if ro else ''}",
+                 "-device", f"virtio-9p-device,fsdev=fs{i},mount_tag={share_tag(i)}"]
     argv += [
         "-qmp", f"unix:{f.qmp_sock},server=on,wait=off",
         "-pidfile", str(f.pid),
@@ -99,6 +146,22 @@ def build_argv(binary: str, spec: LaunchSpec) -> list[str]:
         argv += ["-incoming", "defer"]
     argv += list(spec.extra_args)
     return argv
+
+
+def _comma(path: Path) -> str:
+    """A path inside a QEMU option list: commas are doubled."""
+    return str(path).replace(",", ",,")
+
+
+def devices_key(nat: bool, nics: int, volumes: int, shares: int) -> str:
+    """The device list a saved state depends on: it loads only into a QEMU with the same."""
+    return f"{DEVICES},nat*{int(nat)},dgram*{nics},blk*{volumes},9p*{shares}"
+
+
+def template_mac(nic: int) -> str:
+    """The MAC of NIC ``nic`` (-1: the NAT NIC) in a ready-snapshot template; each clone
+    replaces it with its own after restore."""
+    return f"02:70:6e:00:00:{nic + 1:02x}"
 
 
 def render(argv: list[str]) -> str:

@@ -1,0 +1,1 @@
+"""Virtual networks between machines: one learning switch process per network (:mod:`.switch`)."""

@@ -1,0 +1,336 @@
+"""Volumes: data that outlives a machine.
+
+A volume is a sparse file formatted ext4, made once and attached to machines::
+
+    $PINNACE_HOME/volumes/<name>/
+      volume.ext4    the filesystem; sparse, so it holds only the blocks written to it
+      volume.json    {"name", "size" (bytes), "journal", "created" (epoch), "label"}
+
+A volume is built whole in a staging directory and renamed into place, so a volume
+either exists complete or not at all. It cannot be removed while a machine's
+config.json lists it under ``"volumes"``.
+
+Errors raised here, under ``PinnaceError``::
+
+    VolumeError          a volume is damaged or could not be made (name, problem)
+     +-- VolumeInUse     machines have it attached (name, machines)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import errno
+import logging
+import os
+import secrets
+import shutil
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from .config import parse_size
+from .errors import AlreadyExistsError, ConfigError, HostError, NotFoundError, PinnaceError
+from .store import NAME_RE, Store, fsync_dir, read_json, validate_name, write_json
+
+log = logging.getLogger(__name__)
+
+MIN_SIZE = 16 << 20  # below this ext4's journal and metadata leave next to no room
+MAX_SIZE = 16 << 40
+BLOCK_SIZE = 4096  # sizes round up to whole ext4 blocks
+LABEL_MAX = 16  # bytes in an ext4 volume label
+MKFS_TIMEOUT = 600.0
+MKFS = "mkfs.ext4"
+# Debian keeps mkfs.ext4 in sbin, which is not on an ordinary user's PATH.
+_SBIN_DIRS = ("/usr/sbin", "/sbin")
+
+
+class VolumeError(PinnaceError):
+    """A volume is damaged or could not be made; ``problem`` says what and how to fix it."""
+
+    def __init__(self, name: str, problem: str) -> None:
+        self.name = name
+        self.problem = problem
+        super().__init__(f"volume {name!r}: {problem}")
+
+
+class VolumeInUse(VolumeError):
+    """A volume cannot be removed while machines have it attached."""
+
+    def __init__(self, name: str, machines: Sequence[str]) -> None:
+        self.machines = tuple(machines)
+        shown = ", ".join(repr(m) for m in self.machines)
+        if len(self.machines) == 1:
+            problem = (f"machine {shown} uses it; delete the machine or recreate it "
+                       "without the volume")
+        else:
+            problem = (f"machines {shown} use it; delete the machines or recreate them "
+                       "without the volume")
+        super().__init__(name, problem)
+
+
+class _HasStore(Protocol):
+    @property
+    def store(self) -> Store: ...
+
+
+@dataclass(frozen=True)
+class VolumeFiles:
+    """The files in one volume's directory."""
+
+    dir: Path
+
+    @property
+    def image(self) -> Path:
+        return self.dir / "volume.ext4"
+
+    @property
+    def meta(self) -> Path:
+        return self.dir / "volume.json"
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A volume in the store, as its volume.json describes it."""
+
+    name: str
+    path: Path  # its directory
+    image: Path  # the ext4 file a machine attaches
+    size: int  # bytes, as the guest sees the disk
+    journal: bool
+    created: float
+    label: str  # the ext4 label: the name, cut to 16 bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready fields."""
+        return {"name": self.name, "path": str(self.path), "image": str(self.image),
+                "size": self.size, "journal": self.journal, "created": self.created,
+                "label": self.label}
+
+
+def volume_size(value: str | int) -> int:
+    """Parse and check a volume size ('10G', '512M', or a bare number of MiB) into bytes,
+    rounded up to whole 4 KiB blocks."""
+    size = parse_size(value, "volume size")
+    if size < MIN_SIZE:
+        raise ConfigError("volume size", value, "a volume must be at least 16M, so that ext4 "
+                          "has room for its metadata and journal")
+    size = -(-size // BLOCK_SIZE) * BLOCK_SIZE
+    if size > MAX_SIZE:
+        raise ConfigError("volume size", value, "a volume can be at most 16T")
+    return size
+
+
+def mkfs_binary() -> str:
+    """The path of mkfs.ext4 (looked up on PATH, then in the sbin directories)."""
+    found = shutil.which(MKFS)
+    if found:
+        return found
+    for d in _SBIN_DIRS:
+        path = os.path.join(d, MKFS)
+        if os.access(path, os.X_OK):
+            return path
+    raise HostError(f"{MKFS} was not found (volumes are formatted with it)",
+                    "install it with: apt-get install e2fsprogs")
+
+
+def _damaged(name: str, path: Path, problem: str) -> VolumeError:
+    return VolumeError(name, f"{path} {problem}; repair it, or remove the volume with "
+                       f"'pinnace volume rm {name}'")
+
+
+def _read(files: VolumeFiles, name: str) -> Volume:
+    try:
+        meta = read_json(files.meta)
+    except FileNotFoundError:
+        if not files.dir.is_dir():
+            raise NotFoundError("volume", name, "see 'pinnace volume ls'") from None
+        raise _damaged(name, files.meta, "is missing") from None
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or bad UTF-8
+        raise _damaged(name, files.meta, f"cannot be read ({exc})") from None
+    if not isinstance(meta, dict):
+        raise _damaged(name, files.meta, "is not a JSON object")
+    size, journal, created = meta.get("size"), meta.get("journal"), meta.get("created")
+    label = meta.get("label", name[:LABEL_MAX])
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        raise _damaged(name, files.meta, f"has a bad size {size!r}")
+    if not isinstance(journal, bool):
+        raise _damaged(name, files.meta, f"has a bad journal flag {journal!r}")
+    if isinstance(created, bool) or not isinstance(created, (int, float)):
+        raise _damaged(name, files.meta, f"has a bad creation time {created!r}")
+    if not isinstance(label, str):
+        raise _damaged(name, files.meta, f"has a bad label {label!r}")
+    try:
+        actual = files.image.stat().st_size
+    except FileNotFoundError:
+        raise _damaged(name, files.image, "is missing") from None
+    except OSError as exc:
+        raise _damaged(name, files.image, f"cannot be read ({exc.strerror})") from None
+    if actual != size:
+        raise _damaged(name, files.image, f"is {actual} bytes, but volume.json says {size}")
+    return Volume(name=name, path=files.dir, image=files.image, size=size, journal=journal,
+                  created=float(created), label=label)
+
+
+def _make_sparse(path: Path, size: int, asked: str | int) -> None:
+    """Create ``path`` (it must not exist) as a sparse file of ``size`` bytes."""
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o644)
+    try:
+        os.ftruncate(fd, size)
+    except OSError as exc:
+        if exc.errno == errno.EFBIG:
+            raise ConfigError("volume size", asked, f"the filesystem holding {path.parent} "
+                              "cannot hold a file this large; choose a smaller size") from exc
+        raise
+    finally:
+        os.close(fd)
+
+
+def _mkfs(mkfs: str, image: Path, *, name: str, label: str, journal: bool) -> None:
+    """Format ``image`` ext4 in place."""
+    argv = [mkfs, "-q", "-F", "-b", str(BLOCK_SIZE), "-L", label]
+    if not journal:
+        argv += ["-O", "^has_journal"]
+    # The file is new and sparse, so its unwritten blocks already read as zeros: letting
+    # mkfs skip zeroing the journal (lazy_journal_init) keeps a journalled volume sparse too
+    # (an 8T volume allocates ~110M instead of ~1.1G). -b 4096: the same block size
+    # whatever the host's mke2fs.conf says for small filesystems.
+    argv += ["-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1", "-m", "0", str(image)]
+    try:
+        r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                           errors="replace", timeout=MKFS_TIMEOUT, check=False)
+    except subprocess.TimeoutExpired:
+        raise VolumeError(name, f"{MKFS} did not finish within {MKFS_TIMEOUT:g} s; "
+                          "is the filesystem under PINNACE_HOME very slow?") from None
+    except OSError as exc:
+        raise HostError(f"cannot run {mkfs}: {exc.strerror}",
+                        "install it with: apt-get install e2fsprogs") from exc
+    if r.returncode != 0:
+        detail = (r.stderr.strip() or r.stdout.strip() or "no output").splitlines()
+        raise VolumeError(name, f"{MKFS} failed with exit code {r.returncode}: "
+                          + " / ".join(detail[-5:]))
+
+
+class AsyncVolumes:
+    """The volumes in a store."""
+
+    def __init__(self, pinnace: _HasStore) -> None:
+        self._pn = pinnace
+
+    @property
+    def dir(self) -> Path:
+        """The directory that holds one directory per volume."""
+        return self._pn.store.home / "volumes"
+
+    def files(self, name: str) -> VolumeFiles:
+        """The files of volume ``name`` (which need not exist)."""
+        return VolumeFiles(self.dir / validate_name("volume", name))
+
+    # -- lookup --------------------------------------------------------------------------
+
+    def get(self, name: str) -> Volume:
+        """The volume ``name``; NotFoundError if there is none, VolumeError if it is damaged."""
+        return _read(self.files(name), name)
+
+    def list(self) -> builtins.list[Volume]:
+        """Every readable volume, by name; damaged ones are skipped with a notice."""
+        out: builtins.list[Volume] = []
+        if not self.dir.is_dir():
+            return out
+        for entry in sorted(self.dir.iterdir()):
+            if not NAME_RE.match(entry.name) or not entry.is_dir():
+                continue
+            try:
+                out.append(self.get(entry.name))
+            except (NotFoundError, VolumeError) as exc:  # removed meanwhile, or damaged
+                log.warning("skipping %s", exc)
+        return out
+
+    def users(self, name: str) -> tuple[str, ...]:
+        """Machines whose config.json attaches volume ``name``; unreadable configs are skipped."""
+        users: builtins.list[str] = []
+        store = self._pn.store
+        if not store.machines_dir.is_dir():
+            return ()
+        for entry in sorted(store.machines_dir.iterdir()):
+            try:
+                cfg = read_json(store.machine_files(entry.name).config)
+            except (OSError, ValueError):
+                continue
+            attached = cfg.get("volumes") if isinstance(cfg, dict) else None
+            if isinstance(attached, builtins.list) and any(
+                    isinstance(v, dict) and v.get("source") == name for v in attached):
+                users.append(entry.name)
+        return tuple(users)
+
+    def usage(self, vol: Volume) -> int:
+        """Bytes the volume's file actually takes on the host (0 if it has gone)."""
+        try:
+            return vol.image.stat().st_blocks * 512
+        except FileNotFoundError:
+            return 0
+
+    # -- changes -------------------------------------------------------------------------
+
+    async def create(self, name: str, size: str | int, *, journal: bool = True) -> Volume:
+        """Make volume ``name``: a sparse file of ``size`` ('10G'; a bare number is MiB)
+        formatted ext4, with or without a journal. An existing volume is never touched."""
+        files = self.files(name)
+        nbytes = volume_size(size)
+        if files.dir.exists():
+            raise AlreadyExistsError("volume", name)
+        mkfs = mkfs_binary()
+        return await asyncio.to_thread(self._create, name, size, nbytes, journal, mkfs)
+
+    def _create(self, name: str, asked: str | int, size: int, journal: bool, mkfs: str) -> Volume:
+        store = self._pn.store
+        final = self.files(name)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with store.staging_dir("volume-") as stage:
+            staged = VolumeFiles(stage)
+            label = name[:LABEL_MAX]
+            _make_sparse(staged.image, size, asked)
+            _mkfs(mkfs, staged.image, name=name, label=label, journal=journal)
+            write_json(staged.meta, {"name": name, "size": size, "journal": journal,
+                                     "created": time.time(), "label": label})
+            with store.lock("volume", name):
+                if final.dir.exists():
+                    raise AlreadyExistsError("volume", name)
+                try:
+                    os.rename(stage, final.dir)
+                except OSError as exc:  # made meanwhile by something that ignores the lock
+                    if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                        raise AlreadyExistsError("volume", name) from None
+                    raise
+            fsync_dir(self.dir)
+        log.info("volume %s: created, %d bytes, journal %s", name, size, journal)
+        return self.get(name)
+
+    async def remove(self, name: str) -> None:
+        """Delete volume ``name`` and its data; refused (VolumeInUse) while a machine uses it.
+        A damaged volume can be removed too."""
+        validate_name("volume", name)
+        await asyncio.to_thread(self._remove, name)
+
+    def _remove(self, name: str) -> None:
+        files = self.files(name)
+        with self._pn.store.lock("volume", name):
+            if not files.dir.is_dir():
+                raise NotFoundError("volume", name, "see 'pinnace volume ls'")
+            users = self.users(name)
+            if users:
+                raise VolumeInUse(name, users)
+            # Rename first so the volume disappears at once, even if deleting takes a while.
+            tmp = self._pn.store.tmp_dir
+            tmp.mkdir(parents=True, exist_ok=True)
+            trash = tmp / f"delete-{os.getpid()}-{secrets.token_hex(4)}-{name}"
+            os.rename(files.dir, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+        log.info("volume %s: removed", name)
+
+
+__all__ = ["AsyncVolumes", "Volume", "VolumeError", "VolumeFiles", "VolumeInUse", "mkfs_binary",
+           "volume_size"]
