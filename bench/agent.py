@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _stats import pct  # bench/ is on sys.path when a script here runs
+
 from pinnace import AsyncPinnace
 
 # Run in the guest: p50 of starting /bin/true and waiting for it, in ms.
@@ -28,11 +30,6 @@ for _ in range(N):
     xs.append(time.perf_counter() - t0)
 print(sorted(xs)[len(xs) // 2] * 1000)
 """
-
-
-def pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(p / 100 * len(xs)))]
 
 
 async def main() -> None:

@@ -15,6 +15,8 @@ import socket
 import statistics
 import time
 
+from _stats import pct  # bench/ is on sys.path when a script here runs
+
 from pinnace import Pinnace
 
 SERVER = """
@@ -60,11 +62,6 @@ while left > 0:
 c.shutdown(socket.SHUT_WR); got = int(c.recv(64)); took = time.perf_counter() - t
 print(json.dumps({"rtts": rtts, "mbps": got / took / 1e6}))
 """
-
-
-def pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(p / 100 * len(xs)))]
 
 
 def host_client(port: int, mb: int, rounds: int) -> dict[str, object]:

@@ -14,12 +14,9 @@ import os
 import statistics
 import time
 
+from _stats import pct  # bench/ is on sys.path when a script here runs
+
 from pinnace import AsyncPinnace
-
-
-def pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(p / 100 * len(xs)))]
 
 
 def pss_kib(pid: int) -> int:

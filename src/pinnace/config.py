@@ -64,9 +64,6 @@ NET_MODES = ("nat", "restricted", "none")
 DEFAULT_NET_ENV = "PINNACE_DEFAULT_NET"
 # Where QEMU's user-mode NAT puts the guest: its address, gateway and name server.
 NAT_GUEST, NAT_GATEWAY, NAT_DNS = "10.0.2.15/24", "10.0.2.2", "10.0.2.3"
-# Mount points a volume or share may not take over: the guest's own system.
-PROTECTED_PATHS = ("/", "/proc", "/sys", "/dev", "/run", "/usr", "/bin", "/sbin", "/lib",
-                   "/etc", "/boot", "/usr/lib/pinnace")
 
 
 def default_net() -> str:
@@ -98,7 +95,9 @@ def guest_path(field: str, v: str) -> str:
 
     if not v.startswith("/") or posixpath.normpath(v) != v or "\x00" in v or "\n" in v:
         raise ConfigError(field, v, "give a normalised absolute path in the guest, e.g. /data")
-    if v in PROTECTED_PATHS or any(v.startswith(p + "/") for p in ("/proc", "/sys", "/dev")):
+    from .agent.protocol import protected_path
+
+    if protected_path(v):
         raise ConfigError(field, v, "that path belongs to the guest's system; choose another")
     return v
 

@@ -953,11 +953,6 @@ def iface_by_mac(mac: str) -> str:
     raise RequestFailed("not-found", f"no network interface has MAC {mac}")
 
 
-# Mount points the host may not take over: the guest's own system.
-PROTECTED_MOUNTS = ("/", "/proc", "/sys", "/dev", "/run", "/usr", "/bin", "/sbin", "/lib",
-                    "/etc", "/boot", "/usr/lib/pinnace")
-
-
 def op_mount(session: Session, chan: int, msg: dict[str, Any]) -> dict[str, Any]:
     """Mount a volume (an ext4 disk, found by its virtio serial) or a shared folder (a 9p
     tag) at ``path``, read-only if asked."""
@@ -967,7 +962,7 @@ def op_mount(session: Session, chan: int, msg: dict[str, Any]) -> dict[str, Any]
     if not (isinstance(path, str) and path.startswith("/") and len(path) < 1024
             and os.path.normpath(path) == path and "\x00" not in path):
         raise RequestFailed("bad-request", "path must be a normalised absolute path")
-    if path in PROTECTED_MOUNTS or any(path.startswith(p + "/") for p in ("/proc", "/sys", "/dev")):
+    if P.protected_path(path):
         raise RequestFailed("bad-request", f"{path} belongs to the guest's system")
     flags = MS_RDONLY if ro else 0
     if fstype == "ext4":

@@ -32,6 +32,16 @@ STREAM_WINDOW = 4 << 20
 AGENT_PORTS = 8
 PORT_NAME = "org.pinnace.agent.{}"
 
+# Guest paths a volume or share may not be mounted on: the guest's own system. Both
+# sides check: the host when it is asked, the agent because the host is not trusted.
+PROTECTED_PATHS = ("/", "/proc", "/sys", "/dev", "/run", "/usr", "/bin", "/sbin", "/lib",
+                   "/etc", "/boot", "/usr/lib/pinnace")
+
+
+def protected_path(path: str) -> bool:
+    return path in PROTECTED_PATHS or any(path.startswith(p + "/")
+                                          for p in ("/proc", "/sys", "/dev"))
+
 # Frame kinds.
 HELLO = 1     # host -> guest, JSON {version, nonce}: starts a session, resets the old one
 WELCOME = 2   # guest -> host, JSON {version, agent, nonce, capabilities, max_frame}
