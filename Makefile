@@ -48,6 +48,8 @@ test: deps venv lint
 	PINNACE_HOME=$(TEST_HOME) $(BIN)/pytest tests
 
 bench: deps venv
+	@# as an installed package would be: byte-compiled (even with PYTHONDONTWRITEBYTECODE)
+	$(BIN)/python -m compileall -q src
 	PINNACE_HOME=$(TEST_HOME) $(BIN)/python bench/boot.py
 	PINNACE_HOME=$(TEST_HOME) $(BIN)/python bench/agent.py
 	PINNACE_HOME=$(TEST_HOME) $(BIN)/python bench/snapshot.py

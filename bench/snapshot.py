@@ -1,9 +1,12 @@
 """Snapshots: command to first exec result, cold boot against restore; restore time
-against RAM size; memory (PSS) of live clones against cold-booted machines.
+against RAM size; memory (PSS) of live clones against cold-booted machines; and
+`pinnace run --rm -- true` through the CLI, from process start to exit.
 
     python bench/snapshot.py [-n 20] [--clones 10]
 
-Runs through the Python API, on whatever accelerator `auto` picks (TCG here).
+Runs through the Python API, on whatever accelerator `auto` picks (TCG here). Machines
+get the default NIC in its restricted form (no way off the host), or none where a row
+says so.
 """
 
 from __future__ import annotations
@@ -12,7 +15,10 @@ import argparse
 import asyncio
 import os
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 from _stats import pct  # bench/ is on sys.path when a script here runs
 
@@ -34,13 +40,22 @@ async def cold(pn: AsyncPinnace, memory: str) -> float:
     return took
 
 
-async def restore(pn: AsyncPinnace, memory: str) -> float:
+async def restore(pn: AsyncPinnace, memory: str, net: str | None = None) -> float:
     t0 = time.perf_counter()
-    [m] = await pn.machines.run(memory=memory)
+    [m] = await pn.machines.run(memory=memory, **({"net": net} if net else {}))
     await m.exec(["true"])
     took = time.perf_counter() - t0
     await m.delete(force=True)
     return took
+
+
+def cli_run(net: str | None = None) -> float:
+    """`pinnace run --rm -- true` as a user types it: a new process, start to exit."""
+    cli = Path(sys.executable).with_name("pinnace")
+    argv = [str(cli), "run", "--rm", *(["--net", net] if net else []), "--", "true"]
+    t0 = time.perf_counter()
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0
 
 
 async def main() -> None:
@@ -48,10 +63,12 @@ async def main() -> None:
     ap.add_argument("-n", type=int, default=20, help="runs of each kind")
     ap.add_argument("--clones", type=int, default=10, help="live machines for the memory test")
     args = ap.parse_args()
+    os.environ.setdefault("PINNACE_DEFAULT_NET", "restricted")
     pn = AsyncPinnace()
     rows = []
     for mem in ("512M", "256M", "2G"):
         await pn.machines.run(memory=mem, notify=print)  # build the ready snapshots first
+    await pn.machines.run(net="none", notify=print)
     for m in await pn.machines.list():
         if m.name.startswith("run-"):
             await (await pn.machines.get(m.name)).delete(force=True)
@@ -59,10 +76,16 @@ async def main() -> None:
     restores = [await restore(pn, "512M") for _ in range(args.n)]
     r256 = [await restore(pn, "256M") for _ in range(args.n)]
     r2g = [await restore(pn, "2G") for _ in range(args.n)]
+    bare = [await restore(pn, "512M", net="none") for _ in range(args.n)]
+    clis = [await asyncio.to_thread(cli_run) for _ in range(args.n)]
+    clis_bare = [await asyncio.to_thread(cli_run, "none") for _ in range(args.n)]
     for label, xs in (("cold boot -> first exec (512M)", colds),
                       ("restore -> first exec (512M)", restores),
                       ("restore -> first exec (256M)", r256),
-                      ("restore -> first exec (2G)", r2g)):
+                      ("restore -> first exec (2G)", r2g),
+                      ("restore -> first exec (512M, no NIC)", bare),
+                      ("CLI run --rm -- true", clis),
+                      ("CLI run --rm --net none -- true", clis_bare)):
         rows.append((label, f"{statistics.median(xs) * 1000:.0f} ms", f"{pct(xs, 95) * 1000:.0f} ms"))
     speedup = statistics.median(colds) / statistics.median(restores)
     ratio = statistics.median(r2g) / statistics.median(r256)
@@ -83,13 +106,13 @@ async def main() -> None:
         await m.delete(force=True)
 
     print(f"\nsnapshots, {os.cpu_count()} CPUs, {args.n} runs each")
-    print(f"{'measure':36} {'p50':>9} {'p95':>9}")
+    print(f"{'measure':38} {'p50':>9} {'p95':>9}")
     for label, p50, p95 in rows:
-        print(f"{label:36} {p50:>9} {p95:>9}")
-    print(f"{'restore speed-up over cold boot':36} {speedup:8.1f}x")
-    print(f"{'restore 2G / 256M':36} {ratio:8.2f}x")
-    print(f"{f'PSS of {args.clones} live clones (512M)':36} {clone_pss / 1024:7.0f} MB")
-    print(f"{f'PSS of {args.clones} cold-booted (512M)':36} {boot_pss / 1024:7.0f} MB")
+        print(f"{label:38} {p50:>9} {p95:>9}")
+    print(f"{'restore speed-up over cold boot':38} {speedup:8.1f}x")
+    print(f"{'restore 2G / 256M':38} {ratio:8.2f}x")
+    print(f"{f'PSS of {args.clones} live clones (512M)':38} {clone_pss / 1024:7.0f} MB")
+    print(f"{f'PSS of {args.clones} cold-booted (512M)':38} {boot_pss / 1024:7.0f} MB")
 
 
 if __name__ == "__main__":

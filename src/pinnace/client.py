@@ -126,7 +126,7 @@ class AsyncMachines:
 
         files = SnapshotFiles(snap.path)
         resume = {"state": str(files.state), "memory": str(files.memory), "ignore_shared": True,
-                  "snapshot": snap.ref, "macs": snap.macs}
+                  "snapshot": snap.ref, "macs": snap.macs, "clock": snap.clock}
         return await asyncio.to_thread(self._materialise, cfg, Path(), files.clone_disk, resume,
                                        devices)
 

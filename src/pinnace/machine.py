@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from .agent.client import AgentClient, ExecResult, Process
+from .agent.client import AgentClient, ExecResult, Process, anchor_from, clock_anchor
 from .backends.qemu import command as qcmd
 from .backends.qemu import host as qhost
 from .backends.qemu import process as qproc
@@ -363,22 +363,28 @@ class AsyncMachine:
                            macs: dict[str, Any] | None, *, mounts: bool) -> None:
         """Give the guest its network (addresses by MAC, no DHCP) and, on a boot, mount
         its volumes and shares. ``macs`` are the MACs the NICs have now when they are not
-        the machine's own (a clone just restored): the agent changes them first."""
+        the machine's own (a clone just restored): the agent changes them first. A clone
+        of a ready template (``macs["template"]``) starts from a known state, the NAT NIC
+        up with NAT_GUEST and the others down and bare, so only what differs is sent."""
         assert agent is not None
         for i, n in enumerate(cfg.nics):
             if not n.network:
                 await self._set_link(i, False)
+        known = bool((macs or {}).get("template"))
         requests = []
         if cfg.net != "none":
             nat = cfg.net == "nat"
-            requests.append(self._nic_request(agent, (macs or {}).get("nat"), cfg.nat_mac,
-                                              [NAT_GUEST], gateway=NAT_GATEWAY if nat else None,
-                                              nameservers=[NAT_DNS] if nat else []))
+            requests.append(self._nic_request(
+                agent, (macs or {}).get("nat"), cfg.nat_mac,
+                None if known else [NAT_GUEST], up=None if known else True,
+                gateway=NAT_GATEWAY if nat else None, nameservers=[NAT_DNS] if nat else []))
         old = list((macs or {}).get("nics") or [])
         for i, nic in enumerate(cfg.nics):
-            requests.append(self._nic_request(agent, old[i] if i < len(old) else None, nic.mac,
-                                              [nic.ip] if nic.network else [],
-                                              up=bool(nic.network)))
+            bare = known and not nic.network
+            requests.append(self._nic_request(
+                agent, old[i] if i < len(old) else None, nic.mac,
+                None if bare else [nic.ip] if nic.network else [],
+                up=None if bare else bool(nic.network)))
         if mounts:
             requests += [agent.request("mount", fstype="ext4", source=qcmd.volume_serial(i),
                                        path=v.path, ro=v.ro) for i, v in enumerate(cfg.volumes)]
@@ -387,13 +393,23 @@ class AsyncMachine:
         await asyncio.gather(*requests)
 
     @staticmethod
-    def _nic_request(agent: AgentClient, now: str | None, mac: str, addresses: list[str], *,
-                     gateway: str | None = None, nameservers: list[str] | None = None,
-                     up: bool = True) -> Any:
-        return agent.request("set_network", mac=now or mac,
-                             set_mac=mac if now and now != mac else None,
-                             addresses=addresses, gateway=gateway,
-                             nameservers=nameservers or [], up=up)
+    def _nic_request(agent: AgentClient, now: str | None, mac: str, addresses: list[str] | None,
+                     *, up: bool | None, gateway: str | None = None,
+                     nameservers: list[str] | None = None) -> Any:
+        """set_network for the NIC whose MAC is ``now`` (or ``mac``); fields left None are
+        left as they are in the guest."""
+        args: dict[str, Any] = {"mac": now or mac}
+        if now and now != mac:
+            args["set_mac"] = mac
+        if addresses is not None:
+            args["addresses"] = addresses
+        if up is not None:
+            args["up"] = up
+        if gateway:
+            args["gateway"] = gateway
+        if nameservers:
+            args["nameservers"] = nameservers
+        return agent.request("set_network", **args)
 
     async def connect(self, network: str, ip: str | None = None) -> str:
         """Plug a NIC into ``network`` and give it an address; return the address. A running
@@ -432,7 +448,7 @@ class AsyncMachine:
                                         self.paths, index, mac)
                 await self._set_link(index, True)
                 agent = await self.agent()
-                await self._nic_request(agent, None, mac, [addr])
+                await self._nic_request(agent, None, mac, [addr], up=True)
             self._event("connected", network=network, address=addr)
             return addr
 
@@ -502,18 +518,39 @@ class AsyncMachine:
         try:
             # Connect to the agent while the state loads: the HELLO waits in the port's
             # socket and the guest reads it as soon as its CPUs run.
-            connecting = asyncio.ensure_future(self._connect_agent(
-                timeout or RESTORE_AGENT_TIMEOUT, alive=launched.alive))
+            connecting = asyncio.ensure_future(AgentClient.open(
+                self.paths, timeout=timeout or RESTORE_AGENT_TIMEOUT, alive=launched.alive))
             try:
                 await load_state(self.paths.qmp_sock, self.name, Path(plan["state"]),
                                  ignore_shared=bool(plan.get("ignore_shared")))
             except BaseException:
                 connecting.cancel()
+                with contextlib.suppress(BaseException):
+                    await (await connecting).close()
                 raise
+            resumed = time.time()
             agent = await connecting
-            await agent.refresh_identity(self.name if plan.get("snapshot") else None)
-            if plan.get("snapshot"):
-                await self._setup_guest(agent, self.config, plan.get("macs"), mounts=False)
+            # Send the identity and network requests now, before the WELCOME: the guest
+            # reads them right after the HELLO, with no round trip in between. The clock
+            # is right however long they wait: set_time carries the guest's monotonic
+            # clock at the moment it resumed (``clock``, read when it was saved).
+            at = anchor_from(plan.get("clock"))
+            work = asyncio.gather(
+                agent.refresh_identity(self.name if plan.get("snapshot") else None,
+                                       epoch=resumed if at is not None else None, at=at),
+                *([self._setup_guest(agent, self.config, plan.get("macs"), mounts=False)]
+                  if plan.get("snapshot") else []))
+            try:
+                await agent.welcomed(timeout or RESTORE_AGENT_TIMEOUT, alive=launched.alive)
+                await work
+            except BaseException:
+                work.cancel()
+                with contextlib.suppress(BaseException):
+                    await work
+                await agent.close()
+                raise
+            async with self._agent_lock:
+                self._agent = agent
         except (MigrationFailed, ConnectionError, AgentError) as exc:
             await self._fail_start(launched, fields, f"restoring the saved state failed: {exc}")
         self.paths.resume.unlink()
@@ -570,10 +607,11 @@ class AsyncMachine:
             info = self._process(record)
             assert info is not None
             key = machine_key(self._pn, self.config, st.accel or "tcg")
+            reading = await self._guest_clock(st.state)
             await self._drop_agent()
             try:
-                await save_state(self.paths.qmp_sock, self.name, self.paths.saved_state,
-                                 ignore_shared=False)
+                stopped = await save_state(self.paths.qmp_sock, self.name,
+                                           self.paths.saved_state, ignore_shared=False)
             except (MigrationFailed, ConnectionError) as exc:
                 with contextlib.suppress(Exception):
                     await self._resume_cpus()
@@ -583,11 +621,24 @@ class AsyncMachine:
                                    log_tail=tail(self.paths.qemu_log)) from None
             write_json(self.paths.resume, {"state": str(self.paths.saved_state), "memory": None,
                                            "ignore_shared": False, "snapshot": "",
+                                           "clock": clock_anchor(reading, stopped),
                                            "key": asdict(key)})
             await self._bring_down(info, graceful=False, timeout=0, kill=False)
             self._cleanup_runtime()
             self._write_state(S.SAVED, "state saved; start resumes it", accel=record.get("accel"))
             return await self.status()
+
+    async def _guest_clock(self, state: MachineState) -> tuple[float, float] | None:
+        """Read the guest's CLOCK_MONOTONIC before saving it (see AgentClient.monotonic);
+        None when it is paused (its clock stopped earlier, at a moment not known)."""
+        if state == S.PAUSED:
+            return None
+        try:
+            agent = await self.agent(timeout=3.0)
+        except PinnaceError as exc:
+            self.log.debug("no clock reading before saving: %s", exc)
+            return None
+        return await agent.monotonic()
 
     async def halt(self) -> MachineStatus:
         """Stop at once without asking the guest: QEMU quits (disk caches flushed), or is killed.
@@ -632,6 +683,7 @@ class AsyncMachine:
         """Escalate: agent poweroff, QMP quit, SIGKILL. Return how it went down."""
         from .backends.qemu.qmp import quit_qemu
 
+        how = "killed"
         if not kill and graceful:
             try:
                 agent = await self._connect_agent(min(timeout, 3.0), alive=info.alive)
@@ -639,13 +691,16 @@ class AsyncMachine:
             except AgentError as exc:
                 self.log.debug("agent poweroff failed: %s", exc)
             if await asyncio.to_thread(qproc.wait_exit, info, timeout):
-                return "powered off by the agent"
-        if not kill:
+                how = "powered off by the agent"
+        if not kill and how == "killed":
             if await quit_qemu(self.paths.qmp_sock, self.name, QUIT_TIMEOUT):
                 if await asyncio.to_thread(qproc.wait_exit, info, QUIT_TIMEOUT):
-                    return "QEMU quit" if not graceful else "the guest did not power off; QEMU quit"
-        await asyncio.to_thread(qproc.kill, info, self.paths)
-        return "killed"
+                    how = "QEMU quit" if not graceful else "the guest did not power off; QEMU quit"
+        if how == "killed":
+            await asyncio.to_thread(qproc.kill, info, self.paths)
+        else:  # the launcher shell writes the status just after QEMU ends: let it finish
+            await asyncio.to_thread(qproc.await_exit_status, self.paths)
+        return how
 
     async def delete(self, *, force: bool = False) -> None:
         """Remove the machine and everything in its directory; ``force`` kills it first."""

@@ -35,11 +35,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .agent.client import AgentClient
+from .agent.client import AgentClient, anchor_from, clock_anchor
 from .backends.qemu import command as qcmd
 from .backends.qemu import host as qhost
 from .backends.qemu import process as qproc
 from .backends.qemu.qmp import MigrationFailed, load_state, quit_qemu, save_state
+from .config import NAT_GUEST
 from .errors import AlreadyExistsError, ConfigError, MachineError, NotFoundError, SnapshotError
 from .store import MachineFiles, read_json, tail, validate_name, write_json
 
@@ -51,7 +52,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Bump when what a snapshot holds or how it is loaded changes: old ones are rebuilt.
-SNAPSHOT_FORMAT = 3  # 3: NICs in the device list; MACs in snapshot.json
+# 3: NICs in the device list; MACs in snapshot.json. 4: ready templates have the NAT address.
+SNAPSHOT_FORMAT = 4
 # Files smaller than this are checksummed before every restore; larger ones by size only
 # (and fully by `pinnace snapshot inspect --verify`).
 QUICK_SUM_LIMIT = 8 << 20
@@ -130,6 +132,7 @@ class Snapshot:
     created: float
     files: dict[str, dict[str, Any]]
     macs: dict[str, Any]  # the MACs its NICs were saved with ({"nat": ..., "nics": [...]})
+    clock: float | None = None  # the guest's CLOCK_MONOTONIC when it was saved
 
     @property
     def memory_mib(self) -> int:
@@ -197,7 +200,8 @@ def _read(path: Path, name: str, ref: str) -> Snapshot:
         return Snapshot(name=name, path=path, ref=ref, image=str(meta["image"]),
                         key=dict(meta["key"]), source=str(meta.get("source", "")),
                         created=float(meta["created"]), files=dict(meta["files"]),
-                        macs=dict(meta.get("macs") or {"nat": "", "nics": []}))
+                        macs=dict(meta.get("macs") or {"nat": "", "nics": []}),
+                        clock=anchor_from(meta.get("clock")))
     except FileNotFoundError:
         raise NotFoundError("snapshot", name, "see 'pinnace snapshot ls'") from None
     except (ValueError, KeyError, TypeError) as exc:
@@ -289,20 +293,22 @@ class AsyncSnapshots:
                                         "folders, whose contents live outside it and cannot "
                                         "be saved with it; snapshot a machine without them")
                 key = machine_key(self._pn, cfg, st.accel or "tcg")
+                reading = await machine._guest_clock(st.state)
                 await machine._drop_agent()
                 stream = stage / "stream"
                 try:
-                    await save_state(machine.paths.qmp_sock, machine.name, stream,
-                                     ignore_shared=False)
+                    stopped = await save_state(machine.paths.qmp_sock, machine.name, stream,
+                                               ignore_shared=False)
                     await asyncio.to_thread(shutil.copyfile, machine.paths.disk,
                                             SnapshotFiles(stage).disk)
                 finally:
                     if st.state != MachineState.PAUSED:
                         await machine._resume_cpus()
-            await self._map(stage, cfg, key, final, from_stream=stream)
+            clock = await self._map(stage, cfg, key, final, from_stream=stream,
+                                    clock=clock_anchor(reading, stopped))
             stream.unlink()
             return await self._finish(stage, final, name, f"snapshots/{name}", cfg.image, key,
-                                      source=machine.name, macs={
+                                      source=machine.name, clock=clock, macs={
                                           "nat": cfg.nat_mac, "nics": [n.mac for n in cfg.nics]})
 
     async def ready(self, cfg: MachineConfig, accel: str, *, notify: Any = None) -> Snapshot:
@@ -352,14 +358,16 @@ class AsyncSnapshots:
         final = self._ready_dir / ident
         self._ready_dir.mkdir(parents=True, exist_ok=True)
         with self._pn.store.staging_dir("ready-") as stage:
-            await self._map(stage, cfg, key, final, from_stream=None)
+            clock = await self._map(stage, cfg, key, final, from_stream=None)
             return await self._finish(stage, final, ident, f"cache/ready/{ident}", cfg.image, key,
-                                      source="", macs=template_macs(cfg))
+                                      source="", clock=clock, macs=template_macs(cfg))
 
     async def _map(self, stage: Path, cfg: MachineConfig, key: SnapshotKey, final: Path,
-                   *, from_stream: Path | None) -> None:
+                   *, from_stream: Path | None, clock: float | None = None) -> float | None:
         """Run a QEMU whose RAM is the shared file stage/memory: booted from the image
-        (``from_stream`` None) or loaded from a stream; then save its device state."""
+        (``from_stream`` None) or loaded from a stream; then save its device state.
+        Returns the guest's CLOCK_MONOTONIC when it stopped (``clock`` for a stream,
+        which is loaded without running)."""
         files = SnapshotFiles(stage)
         run = MachineFiles(stage / "run")
         run.dir.mkdir()
@@ -386,12 +394,15 @@ class AsyncSnapshots:
             if from_stream is None:
                 agent = await AgentClient.connect(spec.files, timeout=TEMPLATE_BOOT_TIMEOUT,
                                                   alive=launched.alive)
-                await _warm(agent, cfg.name)
+                await _warm(agent, cfg)
+                reading = await agent.monotonic()
                 await agent.close()
             else:
                 await load_state(run.qmp_sock, cfg.name, from_stream, ignore_shared=False,
                                  run=False)
-            await save_state(run.qmp_sock, cfg.name, files.state, ignore_shared=True)
+            stopped = await save_state(run.qmp_sock, cfg.name, files.state, ignore_shared=True)
+            if from_stream is None:
+                clock = clock_anchor(reading, stopped)
         except (MigrationFailed, ConnectionError) as exc:
             raise SnapshotError(cfg.name, f"QEMU could not save it: {exc}; "
                                 f"{tail(run.qemu_log, 3).strip()}") from None
@@ -399,15 +410,18 @@ class AsyncSnapshots:
             if not await quit_qemu(run.qmp_sock, cfg.name) or not await asyncio.to_thread(
                     qproc.wait_exit, launched, 5.0):
                 await asyncio.to_thread(qproc.kill, launched, spec.files)
+            await asyncio.to_thread(qproc.await_exit_status, spec.files)  # before run/ goes
         os.rename(run.disk, files.disk)
         shutil.rmtree(run.dir, ignore_errors=True)
         size = await asyncio.to_thread(_virtual_size, files.disk)
         await asyncio.to_thread(subprocess.run, [
             qhost.qemu_img(), "create", "-q", "-f", "qcow2", "-u", "-b", str(final / "disk.qcow2"),
             "-F", "qcow2", str(files.clone_disk), str(size)], check=True, capture_output=True)
+        return clock
 
     async def _finish(self, stage: Path, final: Path, name: str, ref: str, image: str,
-                      key: SnapshotKey, *, source: str, macs: dict[str, Any]) -> Snapshot:
+                      key: SnapshotKey, *, source: str, macs: dict[str, Any],
+                      clock: float | None) -> Snapshot:
         files = SnapshotFiles(stage)
 
         def sums() -> dict[str, dict[str, Any]]:
@@ -419,7 +433,8 @@ class AsyncSnapshots:
             os.chmod(p, 0o444)  # clones depend on these bytes never changing
         # (memory stays writable by its owner: QEMU opens it read-write even to map it private)
         write_json(files.meta, {"image": image, "key": asdict(key), "source": source,
-                                "created": time.time(), "files": listed, "macs": macs})
+                                "created": time.time(), "files": listed, "macs": macs,
+                                "clock": clock})
         try:
             os.rename(stage, final)
         except OSError:
@@ -429,11 +444,20 @@ class AsyncSnapshots:
         return _read(final, name, ref)
 
 
-async def _warm(agent: AgentClient, name: str) -> None:
-    """Walk the template through what every clone does first (the identity requests and
-    an exec), so the modules, binaries and files that takes are already loaded in the
-    RAM that clones map; then flush the disk that the snapshot freezes."""
-    await agent.refresh_identity(name)
+async def _warm(agent: AgentClient, cfg: MachineConfig) -> None:
+    """Walk the template through what every clone does first (the identity and network
+    requests and an exec), so the modules, binaries and files that takes are already
+    loaded in the RAM that clones map; then flush the disk that the snapshot freezes.
+
+    The NAT NIC gets the address every clone's has (NAT_GUEST), without the default
+    route (the template's netdev is restricted): a clone only changes the MAC, and adds
+    the route if it has a way out."""
+    macs = template_macs(cfg)
+    await asyncio.gather(
+        agent.refresh_identity(cfg.name),
+        *([agent.request("set_network", mac=macs["nat"], addresses=[NAT_GUEST], up=True)]
+          if macs["nat"] else []),
+        *(agent.request("set_network", mac=mac, addresses=[], up=False) for mac in macs["nics"]))
     (await agent.exec(["true"])).check()
     (await agent.exec(["sync"])).check()
 
@@ -445,9 +469,10 @@ def template_devices(cfg: MachineConfig) -> dict[str, Any]:
 
 
 def template_macs(cfg: MachineConfig) -> dict[str, Any]:
-    """What resume.json records as the MACs a restored machine's NICs come back with."""
+    """What resume.json records as the MACs a restored machine's NICs come back with;
+    ``template``: the guest's NICs are as _warm left them."""
     return {"nat": qcmd.template_mac(-1) if cfg.net != "none" else "",
-            "nics": [qcmd.template_mac(i) for i in range(len(cfg.nics))]}
+            "nics": [qcmd.template_mac(i) for i in range(len(cfg.nics))], "template": True}
 
 
 def _virtual_size(disk: Path) -> int:

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -23,6 +24,39 @@ def test_stop_save_then_start_resumes_processes_and_tmp(machine):
     assert machine.halt().state == "stopped"  # discards the saved state
     machine.start()
     assert machine.exec(["test", "-e", "/tmp/note"]).exit_code == 1  # a fresh boot
+
+
+def clock_error(m) -> float:
+    """How far (seconds) the guest's wall clock is from the host's: the guest reads it
+    between two readings of the host's."""
+    before = time.time()
+    guest = float(m.exec(["date", "+%s.%N"]).stdout_text)
+    after = time.time()
+    return max(0.0, before - guest, guest - after)
+
+
+def test_restored_clocks_are_the_hosts(pn, machine, make_machine):
+    """A restored guest's clock stood still while it was saved; set_time puts it right
+    however long the requests waited (the snapshot records where the guest's monotonic
+    clock stopped). Saved 2 s before restoring, so a wrong anchor shows as seconds."""
+    snap = f"clock-{os.getpid()}"
+    pn.snapshots.create(machine, snap)
+    try:
+        machine.stop(save=True)
+        time.sleep(2)
+        clone = make_machine(snapshot=snap)
+        clone.start()
+        machine.start()
+        assert clock_error(clone) < 0.1
+        assert clock_error(machine) < 0.1
+        [run] = pn.machines.run()
+        try:
+            assert clock_error(run) < 0.1
+        finally:
+            run.delete(force=True)
+        clone.delete(force=True)
+    finally:
+        pn.snapshots.remove(snap)
 
 
 def test_clones_of_a_snapshot_are_separate_machines(pn, machine, make_machine):

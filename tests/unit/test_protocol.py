@@ -222,6 +222,57 @@ def test_wrong_protocol_version_is_refused(tmp_path):
     asyncio.run(main())
 
 
+def test_requests_sent_before_the_welcome(tmp_path):
+    """open() says HELLO and returns: requests go out at once. What the guest sends before
+    its WELCOME to this HELLO (an earlier session's leftovers, a WELCOME with another
+    nonce) is not taken for their replies."""
+    files = MachineFiles(tmp_path)
+
+    async def main():
+        async def handler(reader, writer):
+            buf = P.FrameReader()
+            frames = []
+            while len([f for f in frames if f.kind == P.REQUEST]) < 2:
+                frames += buf.feed(await reader.read(4096))
+            assert frames[0].kind == P.HELLO  # the requests came after it, unanswered
+            nonce = frames[0].json()["nonce"]
+            chans = [f.chan for f in frames if f.kind == P.REQUEST]
+            writer.write(P.encode_json(P.REPLY, chans[0], {"stale": True}))
+            writer.write(P.encode_json(P.WELCOME, 0, {"version": P.PROTOCOL_VERSION,
+                                                      "nonce": "someone-else"}))
+            writer.write(P.encode_json(P.WELCOME, 0, {"version": P.PROTOCOL_VERSION,
+                                                      "nonce": nonce}))
+            for c in chans:
+                writer.write(P.encode_json(P.REPLY, c, {"chan": c}))
+            await writer.drain()
+            await reader.read()
+            writer.close()
+
+        server = await asyncio.start_unix_server(handler, path=str(files.agent_sock(0)))
+        async with server:
+            client = await AgentClient.open(files, timeout=5)
+            try:
+                replies = asyncio.gather(client.request("a"), client.request("b"))
+                await client.welcomed(5)
+                assert [r["chan"] for r in await asyncio.wait_for(replies, 5)] == [1, 2]
+            finally:
+                await client.close()
+            await asyncio.sleep(0.05)  # let the fake guest see the hang-up and close
+
+    asyncio.run(main())
+
+
+def test_clock_anchor():
+    from pinnace.agent.client import anchor_from, clock_anchor
+
+    # the guest read 100.0 when the host read 50.0; the host stopped it at 50.25
+    assert clock_anchor((100.0, 50.0), 50.25) == 100.25
+    assert clock_anchor((100.0, 50.0), 49.0) == 100.0  # never before the reading
+    assert clock_anchor(None, 50.0) is None
+    assert anchor_from(12) == 12.0 and anchor_from(1.5) == 1.5
+    assert anchor_from(None) is None and anchor_from(True) is None and anchor_from("1") is None
+
+
 def test_ports_are_taken_one_client_each(tmp_path):
     files = MachineFiles(tmp_path)
 

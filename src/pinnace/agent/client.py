@@ -88,17 +88,20 @@ class AgentClient:
     """A session with the guest agent on one virtio-serial port."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 lock_fd: int, port: int, welcome: dict[str, Any]) -> None:
+                 lock_fd: int, port: int, nonce: str) -> None:
         self._reader = reader
         self._writer = writer
         self._lock_fd = lock_fd
         self.port = port
-        self.welcome = welcome
+        self.welcome: dict[str, Any] = {}
+        self._nonce = nonce
         self._pending: dict[int, _Pending] = {}
         self._next_chan = 1
         self._closed: BaseException | None = None
         self._frames = P.FrameReader()
-        self._task = asyncio.get_running_loop().create_task(self._read_loop())
+        loop = asyncio.get_running_loop()
+        self._welcomed: asyncio.Future[None] = loop.create_future()
+        self._task = loop.create_task(self._read_loop())
 
     # -- connecting ----------------------------------------------------------------------
 
@@ -111,13 +114,32 @@ class AgentClient:
         running into the timeout.
         """
         deadline = time.monotonic() + timeout
+        client = await cls.open(files, timeout=timeout, alive=alive)
+        try:
+            await client.welcomed(deadline - time.monotonic(), alive=alive)
+        except BaseException:
+            await client.close()
+            raise
+        return client
+
+    @classmethod
+    async def open(cls, files: MachineFiles, *, timeout: float,
+                   alive: Callable[[], bool] | None = None) -> AgentClient:
+        """Take a free agent port and say HELLO, without waiting for the WELCOME:
+        requests may follow at once (the guest reads them after the HELLO), and their
+        replies are accepted once the WELCOME has been checked; see ``welcomed``."""
+        deadline = time.monotonic() + timeout
         while True:
             for port in range(P.AGENT_PORTS):
                 fd = try_lock(files.agent_lock(port))
                 if fd is None:
                     continue
                 try:
-                    return await cls._handshake(files, port, fd, deadline, alive)
+                    reader, writer = await cls._open_port(files, port, deadline, alive)
+                    nonce = secrets.token_hex(8)
+                    writer.write(P.encode_json(P.HELLO, 0, {"version": P.PROTOCOL_VERSION,
+                                                            "nonce": nonce}))
+                    return cls(reader, writer, fd, port, nonce)
                 except BaseException:
                     os.close(fd)
                     raise
@@ -125,63 +147,50 @@ class AgentClient:
                 raise AgentError(f"all {P.AGENT_PORTS} agent channels of this machine are in use")
             await asyncio.sleep(0.05)
 
-    @classmethod
-    async def _handshake(cls, files: MachineFiles, port: int, lock_fd: int, deadline: float,
-                         alive: Callable[[], bool] | None) -> AgentClient:
+    @staticmethod
+    async def _open_port(files: MachineFiles, port: int, deadline: float,
+                         alive: Callable[[], bool] | None,
+                         ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         path = files.agent_sock(port)
         while True:
             try:
-                reader, writer = await asyncio.open_unix_connection(str(path), limit=P.MAX_FRAME)
-                break
+                return await asyncio.open_unix_connection(str(path), limit=P.MAX_FRAME)
             except (FileNotFoundError, ConnectionRefusedError):
                 if alive is not None and not alive():
                     raise AgentDisconnected("QEMU is not running") from None
                 if time.monotonic() >= deadline:
                     raise AgentTimeout("the connection", 0.0) from None
                 await asyncio.sleep(CONNECT_RETRY)
-        nonce = secrets.token_hex(8)
-        writer.write(P.encode_json(P.HELLO, 0, {"version": P.PROTOCOL_VERSION, "nonce": nonce}))
-        frames = P.FrameReader()
+
+    async def welcomed(self, timeout: float, alive: Callable[[], bool] | None = None) -> None:
+        """Wait for the guest's WELCOME to this client's HELLO (checked by the read loop)."""
+        deadline = time.monotonic() + timeout
+        while not self._welcomed.done():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AgentTimeout("HELLO", 0.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._welcomed), min(left, 0.1))
+            if not self._welcomed.done() and alive is not None and not alive():
+                raise AgentDisconnected("QEMU exited before the agent answered")
+        self._welcomed.result()
+
+    def _on_welcome(self, frame: P.Frame) -> None:
+        """A frame before the WELCOME: leftovers of an earlier session are skipped."""
+        if frame.kind != P.WELCOME:
+            return
         try:
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise AgentTimeout("HELLO", 0.0)
-                try:
-                    data = await asyncio.wait_for(reader.read(1 << 16), min(left, 0.1))
-                except TimeoutError:
-                    if alive is not None and not alive():
-                        raise AgentDisconnected("QEMU exited before the agent answered") from None
-                    continue
-                except (ConnectionError, OSError) as exc:
-                    raise AgentDisconnected(f"the agent channel failed: {exc}") from exc
-                if not data:
-                    raise AgentDisconnected("the agent channel closed during the handshake")
-                try:
-                    got = frames.feed(data)
-                except P.FrameError as exc:
-                    raise ProtocolError(f"bad frame during the handshake: {exc}") from None
-                for frame in got:
-                    if frame.kind != P.WELCOME:
-                        continue  # leftovers of an earlier session
-                    try:
-                        welcome = frame.json()
-                    except P.FrameError as exc:
-                        raise ProtocolError(f"bad WELCOME: {exc}") from None
-                    if welcome.get("nonce") != nonce:
-                        continue
-                    if welcome.get("version") != P.PROTOCOL_VERSION:
-                        raise ProtocolError(
-                            f"agent speaks protocol {welcome.get('version')!r}, host speaks "
-                            f"{P.PROTOCOL_VERSION}; rebuild the image with this pinnace")
-                    client = cls(reader, writer, lock_fd, port, welcome)
-                    rest = frames.pending()
-                    if rest:
-                        raise ProtocolError("the agent sent frames before its WELCOME ended")
-                    return client
-        except BaseException:
-            writer.close()
-            raise
+            welcome = frame.json()
+        except P.FrameError as exc:
+            raise ProtocolError(f"bad WELCOME: {exc}") from None
+        if welcome.get("nonce") != self._nonce:
+            return
+        if welcome.get("version") != P.PROTOCOL_VERSION:
+            raise ProtocolError(
+                f"agent speaks protocol {welcome.get('version')!r}, host speaks "
+                f"{P.PROTOCOL_VERSION}; rebuild the image with this pinnace")
+        self.welcome = welcome
+        self._welcomed.set_result(None)
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -198,7 +207,10 @@ class AgentClient:
                     err = AgentDisconnected("the agent channel closed (did the guest stop?)")
                     break
                 for frame in self._frames.feed(data):
-                    self._dispatch(frame)
+                    if self._welcomed.done():
+                        self._dispatch(frame)
+                    else:
+                        self._on_welcome(frame)
         except P.FrameError as exc:
             err = ProtocolError(f"the guest broke the agent protocol: {exc}")
         except ProtocolError as exc:
@@ -214,6 +226,10 @@ class AgentClient:
     def _fail_all(self, err: BaseException) -> None:
         if self._closed is None:
             self._closed = err
+        if not self._welcomed.done():
+            self._welcomed.set_exception(err if isinstance(err, ProtocolError) else
+                                         AgentDisconnected(f"before the WELCOME: {err}"))
+            self._welcomed.exception()  # retrieved here; welcomed() re-raises it
         for pending in self._pending.values():
             pending.queue.put_nowait(err)
             pending.credit_event.set()
@@ -311,16 +327,33 @@ class AgentClient:
         finally:
             self._forget(pending)
 
-    async def refresh_identity(self, hostname: str | None = None) -> None:
+    async def refresh_identity(self, hostname: str | None = None, *,
+                               epoch: float | None = None, at: float | None = None) -> None:
         """What a machine restored from saved RAM must not keep: set the guest's clock to
         the host's, give its kernel fresh randomness, and (a clone) its own hostname.
-        The requests go out together: one round trip."""
+        ``epoch``/``at``: the host's time when the guest resumed and the guest's
+        CLOCK_MONOTONIC then (see ``monotonic``), which keeps the clock right however
+        long the requests wait. The requests go out together: one round trip."""
         import base64
 
         await asyncio.gather(
-            self.request("set_time", epoch=time.time()),
+            self.request("set_time", epoch=time.time() if epoch is None else epoch,
+                         **({} if at is None else {"at": at})),
             self.request("reseed", seed=base64.b64encode(os.urandom(64)).decode()),
             *([self.request("set_hostname", hostname=hostname)] if hostname else []))
+
+    async def monotonic(self) -> tuple[float, float] | None:
+        """The guest's CLOCK_MONOTONIC and the host's time.monotonic() when it answered,
+        or None if it did not answer sensibly."""
+        try:
+            got = (await self.request("clock", timeout=5.0)).get("monotonic")
+        except (AgentError, ConnectionError) as exc:
+            log.debug("the guest did not tell its clock: %s", exc)
+            return None
+        if not isinstance(got, (int, float)) or not 0 <= got < 2**40:
+            return None
+        return float(got), time.monotonic()
+
 
     def start_exec(self, argv: list[str] | None = None, *, shell: str | None = None,
                    env: dict[str, str] | None = None, cwd: str | None = None,
@@ -373,6 +406,20 @@ class AgentClient:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
+
+
+def clock_anchor(reading: tuple[float, float] | None, stopped: float) -> float | None:
+    """The guest's CLOCK_MONOTONIC when it was stopped at host time.monotonic()
+    ``stopped``, from a ``monotonic()`` reading taken shortly before."""
+    if reading is None:
+        return None
+    guest, host = reading
+    return guest + max(0.0, stopped - host)
+
+
+def anchor_from(value: object) -> float | None:
+    """A clock anchor read back from resume.json or snapshot.json."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 class Process:

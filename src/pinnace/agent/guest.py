@@ -9,6 +9,7 @@ all on one single-threaded selector loop.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -33,6 +34,7 @@ IS_INIT = os.getpid() == 1
 LOG_PREFIX = "pinnace-agent:"
 OUTBUF_HIGH = 8 << 20  # stop reading child output while this much waits for the port
 READ_CHUNK = 256 << 10
+HUP_GRACE = 0.5  # a port without a host this long has lost it (see Port.hung_up)
 PORT_PAGE = 4096  # virtio_console's receive buffers: one page each
 PORT_WRITE = 32 << 10  # and the most it takes in one write()
 
@@ -89,7 +91,10 @@ def init_system() -> None:
     os.environ["PATH"] = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
     os.environ.setdefault("HOME", "/root")
     os.environ.setdefault("LANG", "C.UTF-8")
-    link_up("lo")
+    _netconf().set_up("lo")
+    if os.path.islink(RESOLV_CONF) and not os.path.exists(RESOLV_CONF):
+        with contextlib.suppress(OSError):  # its target is in /run (tmpfs): no DNS yet
+            open(RESOLV_CONF, "w").close()
     args = cmdline_args()
     if "hostname" in args:
         set_hostname(args["hostname"])
@@ -103,16 +108,6 @@ def mount_all() -> None:
     mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
     mount("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")
     mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
-
-
-SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
-
-
-def link_up(ifname: str) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        req = struct.pack("16sh22x", ifname.encode(), 0)
-        flags = struct.unpack("16sh22x", fcntl.ioctl(s.fileno(), SIOCGIFFLAGS, req))[1]
-        fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, struct.pack("16sh22x", ifname.encode(), flags | IFF_UP))
 
 
 def set_hostname(name: str) -> None:
@@ -505,13 +500,16 @@ class Session:
         self.requests.pop(chan, None)
         self.send(P.encode_json(P.ERROR, chan, {"code": code, "message": message}))
 
-    def close(self) -> None:
+    def close(self, *, keep_input: bool = False) -> None:
+        """End the session: abandon its requests; drop unread input unless ``keep_input``
+        (a new HELLO: what follows it in the buffer is the new session's)."""
         for ex in list(self.requests.values()):
             if ex is not None:
                 ex.abandon()
         self.requests.clear()
         self.waiting.clear()
-        self.reader.reset()
+        if not keep_input:
+            self.reader.reset()
         self.active = False
 
     def drained(self) -> None:
@@ -539,7 +537,8 @@ class Session:
         kind, chan = frame.kind, frame.chan
         if kind == P.HELLO:
             msg = frame.json()
-            self.close()
+            self.close(keep_input=True)
+            self.port.outbuf.clear()  # an earlier host's, perhaps ending mid-frame
             self.active = True
             self.send(P.encode_json(P.WELCOME, 0, {
                 "version": P.PROTOCOL_VERSION, "agent": P.AGENT_VERSION,
@@ -829,16 +828,8 @@ def op_info(session: Session, chan: int, msg: dict[str, Any]) -> dict[str, Any]:
 
 def addresses() -> list[dict[str, Any]]:
     try:
-        import json
-
-        out = subprocess.run(["ip", "-j", "addr"], capture_output=True, timeout=5).stdout
-        result = []
-        for link in json.loads(out or b"[]"):
-            for a in link.get("addr_info", []):
-                result.append({"ifname": link.get("ifname"), "family": a.get("family"),
-                               "address": a.get("local"), "prefixlen": a.get("prefixlen")})
-        return result
-    except (OSError, ValueError, subprocess.SubprocessError):
+        return list(_netconf().addresses())
+    except OSError:
         return []
 
 
@@ -850,12 +841,24 @@ def op_power(session: Session, chan: int, msg: dict[str, Any]) -> None:
     power(str(action))
 
 
+CLOCK_ANCHOR_MAX = 600.0  # an anchor further back than this is not trusted
+
+
 def op_set_time(session: Session, chan: int, msg: dict[str, Any]) -> dict[str, Any]:
-    epoch = msg.get("epoch")
+    """Set the wall clock to ``epoch``; with ``at``, ``epoch`` is what it was when
+    CLOCK_MONOTONIC read ``at`` (the moment a restored guest resumed), so the time this
+    request spent in queues does not make the clock late."""
+    epoch, at = msg.get("epoch"), msg.get("at")
     if not isinstance(epoch, (int, float)) or not 0 < epoch < 2**34:
         raise RequestFailed("bad-request", "epoch must be seconds since 1970")
+    if isinstance(at, (int, float)) and 0 <= time.monotonic() - at < CLOCK_ANCHOR_MAX:
+        epoch += time.monotonic() - at
     time.clock_settime(time.CLOCK_REALTIME, epoch)
     return {"time": time.time()}
+
+
+def op_clock(session: Session, chan: int, msg: dict[str, Any]) -> dict[str, Any]:
+    return {"time": time.time(), "monotonic": time.monotonic()}
 
 
 def op_set_hostname(session: Session, chan: int, msg: dict[str, Any]) -> dict[str, Any]:
@@ -892,10 +895,12 @@ def op_reseed(session: Session, chan: int, msg: dict[str, Any]) -> dict[str, Any
 
 
 def op_set_network(session: Session, chan: int, msg: dict[str, Any]) -> dict[str, Any]:
-    """Give an interface its addresses (replacing the old ones), MTU, default route and
-    name servers, with no DHCP: one ``ip -batch`` run."""
+    """Give an interface its addresses (replacing the old ones), MAC, MTU, link state,
+    default route and name servers, with no DHCP and no program run (ioctls and
+    rtnetlink). What the request leaves out stays as it is."""
     import ipaddress
 
+    netconf = _netconf()
     ifname = msg.get("ifname")
     mac = msg.get("mac")
     if mac is not None:  # the interface is the one with this MAC (names depend on probe order)
@@ -903,8 +908,10 @@ def op_set_network(session: Session, chan: int, msg: dict[str, Any]) -> dict[str
     if not (isinstance(ifname, str) and 0 < len(ifname) < 16
             and ifname.replace("-", "").replace("_", "").replace(".", "").isalnum()):
         raise RequestFailed("bad-request", "ifname must be an interface name")
-    if not os.path.exists(f"/sys/class/net/{ifname}"):
-        raise RequestFailed("not-found", f"no network interface {ifname}")
+    try:
+        socket.if_nametoindex(ifname)
+    except OSError:
+        raise RequestFailed("not-found", f"no network interface {ifname}") from None
     new_mac = check_mac(msg["set_mac"]) if msg.get("set_mac") else None
     try:
         addrs = [ipaddress.ip_interface(str(a)) for a in msg.get("addresses") or []]
@@ -915,23 +922,49 @@ def op_set_network(session: Session, chan: int, msg: dict[str, Any]) -> dict[str
     mtu = msg.get("mtu")
     if mtu is not None and not (isinstance(mtu, int) and 68 <= mtu <= 65535):
         raise RequestFailed("bad-request", "mtu must be 68-65535")
-    lines = [f"address flush dev {ifname}"]
-    if new_mac is not None:
-        lines.append(f"link set dev {ifname} address {new_mac}")
-    lines += [f"address add {a} dev {ifname}" for a in addrs]
-    if mtu is not None:
-        lines.append(f"link set dev {ifname} mtu {mtu}")
-    lines.append(f"link set dev {ifname} {'up' if msg.get('up', True) else 'down'}")
-    if gateway is not None:
-        lines.append(f"route replace default via {gateway} dev {ifname}")
-    run = subprocess.run(["ip", "-batch", "-"], input="\n".join(lines) + "\n",
-                         capture_output=True, text=True, timeout=10)
-    if run.returncode != 0:
-        raise RequestFailed("failed", f"ip: {run.stderr.strip()[-500:]}")
+    step = "setting the MAC"
+    try:
+        if new_mac is not None:
+            netconf.set_mac(ifname, new_mac)
+        step = "setting the addresses"
+        now = netconf.set_addresses(ifname, addrs) if "addresses" in msg else None
+        step = "setting the MTU"
+        if mtu is not None:
+            netconf.set_mtu(ifname, mtu)
+        step = "setting the link up/down"
+        if "up" in msg:
+            netconf.set_up(ifname, bool(msg["up"]))
+        step = f"adding the default route via {gateway}"
+        if gateway is not None:
+            netconf.set_default_route(ifname, gateway)
+    except OSError as exc:
+        raise RequestFailed("failed", f"{ifname}: {step}: {exc.strerror or exc}") from None
     if servers:
-        with open("/etc/resolv.conf", "w") as f:
-            f.writelines(f"nameserver {a}\n" for a in servers)
-    return {"ifname": ifname, "addresses": [a for a in addresses() if a["ifname"] == ifname]}
+        set_nameservers([str(a) for a in servers])
+    return {"ifname": ifname} if now is None else {"ifname": ifname, "addresses": now}
+
+
+RESOLV_CONF = "/etc/resolv.conf"  # pinnace images link it to /run/resolv.conf (tmpfs)
+
+
+def set_nameservers(servers: list[str]) -> None:
+    text = "".join(f"nameserver {a}\n" for a in servers)
+    try:
+        with open(RESOLV_CONF) as f:
+            if f.read() == text:
+                return  # a clone of a machine that had them: nothing to write
+    except OSError:
+        pass
+    with open(RESOLV_CONF, "w") as f:
+        f.write(text)
+
+
+def _netconf() -> Any:
+    if __package__:
+        from . import netconf
+    else:
+        import netconf  # type: ignore[import-not-found,no-redef]
+    return netconf
 
 
 def check_mac(mac: object) -> str:
@@ -943,14 +976,10 @@ def check_mac(mac: object) -> str:
 
 
 def iface_by_mac(mac: str) -> str:
-    for name in sorted(os.listdir("/sys/class/net")):
-        try:
-            with open(f"/sys/class/net/{name}/address") as f:
-                if f.read().strip().lower() == mac:
-                    return name
-        except OSError:
-            continue
-    raise RequestFailed("not-found", f"no network interface has MAC {mac}")
+    name: str | None = _netconf().by_mac(mac)
+    if name is None:
+        raise RequestFailed("not-found", f"no network interface has MAC {mac}")
+    return name
 
 
 def op_mount(session: Session, chan: int, msg: dict[str, Any]) -> dict[str, Any]:
@@ -1005,6 +1034,7 @@ OPS = {
     "poweroff": op_power,
     "reboot": op_power,
     "set_time": op_set_time,
+    "clock": op_clock,
     "set_hostname": op_set_hostname,
     "get": op_get,
     "put": op_put,
@@ -1037,6 +1067,7 @@ class Port:
         self.rsegs = [self.rview[i:i + PORT_PAGE] for i in range(0, READ_CHUNK, PORT_PAGE)]
         self.session = Session(agent, self)
         self.connected = True  # until a read says otherwise
+        self.hup_since: float | None = None  # when a read last said there is no host
         self.events = 0
         self._update()
 
@@ -1078,16 +1109,21 @@ class Port:
                 log(f"{self.name}: read failed: {exc}")
                 data = b""
             if not data:
-                self.disconnected()
+                self.hung_up()
                 return
+            self.hup_since = None
             self.connected = True
             self.session.feed(data)
         self._update()
 
-    def disconnected(self) -> None:
-        """The host closed its end: end the session and wait for the next one."""
-        self.session.close()
-        self.outbuf.clear()
+    def hung_up(self) -> None:
+        """A read says there is no host. Usually the host has closed its end, but a host
+        that has just connected can look the same: its first bytes may be read before
+        the kernel handles the control message saying it is there. So the session ends
+        only if there is still no host HUP_GRACE later (poll_host); until then its
+        output waits."""
+        if self.hup_since is None:
+            self.hup_since = time.monotonic()
         self.connected = False
         self._update()
 
@@ -1097,21 +1133,27 @@ class Port:
             return
         try:
             data = self._recv()
-        except BlockingIOError:
-            self.connected = True
-            self._update()
-            return
+        except BlockingIOError:  # a host, with nothing sent yet
+            data = b""
         except OSError:
             return
+        else:
+            if not data:  # still no host
+                if self.hup_since is not None and time.monotonic() - self.hup_since >= HUP_GRACE:
+                    self.hup_since = None
+                    self.session.close()
+                    self.outbuf.clear()
+                return
+        self.hup_since = None
+        self.connected = True
         if data:
-            self.connected = True
             self.session.feed(data)
-            self._update()
+        self._update()
 
     def write(self, data: bytes) -> None:
         """Queue bytes for the host; the loop flushes once per turn (one kick for many
         small frames), or at once when a lot is waiting."""
-        if not self.connected:
+        if not self.connected and self.hup_since is None:
             return
         self.outbuf += data
         if len(self.outbuf) >= READ_CHUNK:
@@ -1215,6 +1257,7 @@ class Agent:
 
     def run(self) -> None:
         log(f"ready on {len(self.ports)} ports at {uptime()} s")
+        looked = 0.0
         while True:
             now = time.monotonic()
             timeout = 0.5 if any(not p.connected for p in self.ports) else 5.0
@@ -1224,7 +1267,11 @@ class Agent:
                 left = ex.check_deadline(now)
                 if left is not None:
                     timeout = min(timeout, left)
-            for key, mask in self.sel.select(timeout):
+            events = self.sel.select(timeout)
+            # A port without a host is looked at when a signal (SIGIO: a host connected)
+            # woke the loop, and every half second, not after every event.
+            look = time.monotonic() - looked >= 0.5
+            for key, mask in events:
                 kind, obj, *rest = key.data
                 if kind == "port":
                     obj.on_event(mask)
@@ -1237,6 +1284,7 @@ class Agent:
                 elif kind == "stdin":
                     obj.flush_stdin()
                 elif kind == "wake":
+                    look = True
                     try:
                         while os.read(self.wake_r, 4096):
                             pass
@@ -1245,8 +1293,11 @@ class Agent:
             self.reap()
             for g in list(self.pumps):
                 g.pump()
+            if look:
+                looked = time.monotonic()
             for port in self.ports:
-                port.poll_host()
+                if look:
+                    port.poll_host()
                 if port.outbuf:
                     port.flush()
 

@@ -13,7 +13,7 @@ from . import fail, run
 
 if TYPE_CHECKING:
     from ..client import AsyncPinnace
-    from ..machine import MachineStatus
+    from ..machine import AsyncMachine, MachineStatus
 
 PASSTHROUGH = {"ignore_unknown_options": True, "allow_interspersed_args": False}
 
@@ -378,9 +378,12 @@ def exec_(ctx: click.Context, name: str, command: tuple[str, ...], interactive: 
         if not sep or not key:
             raise click.BadParameter(f"{item!r}: use KEY=VALUE", param_hint="--env")
         env[key] = value
-    code = run(ctx, lambda pn: _exit_code_of(stream_exec(pn, name, list(command), interactive=interactive,
-                                           env=env or None, cwd=workdir, user=user,
-                                           timeout=timeout)))
+    async def go(pn: AsyncPinnace) -> int:
+        return await _exit_code_of(stream_exec(
+            await pn.machines.get(name), list(command), interactive=interactive,
+            env=env or None, cwd=workdir, user=user, timeout=timeout))
+
+    code = run(ctx, go)
     sys.exit(code)
 
 
@@ -397,14 +400,14 @@ async def _exit_code_of(coro: Any) -> int:
         raise
 
 
-async def stream_exec(pn: AsyncPinnace, name: str, argv: list[str], *, interactive: bool,
+async def stream_exec(m: AsyncMachine, argv: list[str], *, interactive: bool,
                       env: dict[str, str] | None, cwd: str | None, user: str | None,
                       timeout: float | None) -> int:
-    """Run argv in the guest, copying its output to ours as it comes; return its exit code."""
+    """Run argv in the guest, copying its output to ours as it comes; return its exit code.
+    ``m`` is a handle whose agent connection is reused if it has one."""
     import asyncio
     import signal
 
-    m = await pn.machines.get(name)
     proc = await m.start_process(argv, stdin=interactive, timeout=timeout, env=env, cwd=cwd,
                                  user=user)
     loop = asyncio.get_running_loop()
@@ -622,7 +625,7 @@ def run_(ctx: click.Context, name: str | None, image: str, cpus: int | None, mem
                 return 0
             if len(machines) == 1:
                 return await _exit_code_of(stream_exec(
-                    pn, machines[0].name, argv, interactive=interactive, env=None,
+                    machines[0], argv, interactive=interactive, env=None,
                     cwd=None, user=None, timeout=timeout))
             results = await asyncio.gather(*(m.exec(argv, timeout=timeout) for m in machines))
             for m, r in zip(machines, results, strict=True):

@@ -44,7 +44,7 @@ BASE_PACKAGES = ("python3", "iproute2", "iputils-ping", "procps", "ca-certificat
 ROOTFS_MIN_SIZE = 2 << 30
 AGENT_DIR = "usr/lib/pinnace"
 # Bump when what this module writes into the root filesystem changes (images rebuild).
-ROOTFS_LAYOUT = 2  # 2: /etc/hostname is a link to the kernel's hostname
+ROOTFS_LAYOUT = 3  # 2: /etc/hostname is a link to the kernel's hostname; 3: resolv.conf to /run
 _PKG_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+(=[A-Za-z0-9.+~:-]+)?$")
 HOST_TOOLS = {
     "mmdebstrap": "mmdebstrap", "mkfs.ext4": "e2fsprogs", "dpkg-deb": "dpkg", "depmod": "kmod",
@@ -136,7 +136,7 @@ def _digest(obj: object) -> str:
 
 def agent_sources() -> list[Path]:
     here = Path(__file__).resolve().parent.parent / "agent"
-    return [here / "protocol.py", here / "guest.py"]
+    return [here / "protocol.py", here / "netconf.py", here / "guest.py"]
 
 
 def init_script() -> Path:
@@ -351,9 +351,11 @@ class ImageBuilder:
             (root / "etc/hosts").write_text(
                 "127.0.0.1\tlocalhost\n127.0.1.1\tpinnace\n::1\tlocalhost ip6-localhost\n")
             (root / "etc/fstab").write_text("# the pinnace agent mounts what the guest needs\n")
+            # Name servers are the agent's to set, per boot and per clone: on tmpfs, where
+            # writing them costs no journal and a cold boot starts with none.
             with contextlib.suppress(FileNotFoundError):
                 (root / "etc/resolv.conf").unlink()
-            (root / "etc/resolv.conf").write_text("")
+            (root / "etc/resolv.conf").symlink_to("/run/resolv.conf")
             used = sum(p.lstat().st_size for p in root.rglob("*"))
             size = max(ROOTFS_MIN_SIZE, int(used * 1.5) + (512 << 20))
             size = (size + (1 << 20) - 1) & ~((1 << 20) - 1)

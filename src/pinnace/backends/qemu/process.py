@@ -17,11 +17,13 @@ from pathlib import Path
 
 from ...store import MachineFiles
 
-# "$1" is the exit file, "$2" the log; QEMU's argv follows.
+# "$1" is the exit file, "$2" the log, "$3" a token naming this launch; QEMU's argv follows.
+# The exit file holds "STATUS TOKEN": a launcher shell of an earlier QEMU that writes its
+# status late can then never be taken for this launch's QEMU dying at once.
 _WRAPPER = (
-    'exit_file=$1; log=$2; shift 2; '
-    '( "$@"; echo $? > "$exit_file.tmp"; mv -f "$exit_file.tmp" "$exit_file" ) '
-    '</dev/null >>"$log" 2>&1 &'
+    'exit_file=$1; log=$2; token=$3; shift 3; '
+    '( "$@"; echo "$? $token" > "$exit_file.tmp.$token"; '
+    'mv -f "$exit_file.tmp.$token" "$exit_file" ) </dev/null >>"$log" 2>&1 &'
 )
 
 
@@ -52,13 +54,14 @@ def launch(argv: list[str], files: MachineFiles, timeout: float = 10.0) -> Proce
     for p in (files.pid, files.exit_status):
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
+    token = f"{os.getpid()}.{time.monotonic_ns()}"
     subprocess.run(
-        ["sh", "-c", _WRAPPER, "sh", str(files.exit_status), str(files.qemu_log), *argv],
+        ["sh", "-c", _WRAPPER, "sh", str(files.exit_status), str(files.qemu_log), token, *argv],
         stdin=subprocess.DEVNULL, start_new_session=True, check=True, cwd=files.dir,
     )
     deadline = time.monotonic() + timeout
     while True:
-        code = read_exit_status(files)
+        code = read_exit_status(files, token)
         if code is not None:
             return code
         pid = read_pid(files)
@@ -87,12 +90,15 @@ def await_exit_status(files: MachineFiles, timeout: float = 1.0) -> int | None:
     return code
 
 
-def read_exit_status(files: MachineFiles) -> int | None:
+def read_exit_status(files: MachineFiles, token: str | None = None) -> int | None:
+    """The last QEMU's exit status; with ``token``, only if it is that launch's."""
     try:
-        text = files.exit_status.read_text().strip()
+        status, _, written_by = files.exit_status.read_text().strip().partition(" ")
     except FileNotFoundError:
         return None
-    return int(text) if text.lstrip("-").isdigit() else None
+    if token is not None and written_by != token:
+        return None
+    return int(status) if status.lstrip("-").isdigit() else None
 
 
 def signal_process(info: ProcessInfo, sig: int) -> bool:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import shlex
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -91,16 +92,19 @@ class MigrationFailed(Exception):
 
 
 async def save_state(sock: Path, name: str, state: Path, *, ignore_shared: bool,
-                     resume: bool = False, timeout: float = 300.0) -> None:
+                     resume: bool = False, timeout: float = 300.0) -> float:
     """Pause the guest and write its device state (and RAM, unless it lives in a shared
-    file and ``ignore_shared``) to ``state``; the guest stays paused unless ``resume``."""
+    file and ``ignore_shared``) to ``state``; the guest stays paused unless ``resume``.
+    Returns time.monotonic() when the guest had stopped."""
     async with qmp_session(sock, name) as client:
         await execute(client, "stop")
+        stopped = time.monotonic()
         await _set_caps(client, ignore_shared)
         await execute(client, "migrate", {"uri": f"exec:cat > {shlex.quote(str(state))}"})
         await _await_migration(client, "saving the state", timeout)
         if resume:
             await execute(client, "cont")
+    return stopped
 
 
 async def load_state(sock: Path, name: str, state: Path, *, ignore_shared: bool,
