@@ -29,12 +29,15 @@ def in_netns(script: str) -> dict:
         import netconf
         def ip(*args):
             return subprocess.run(["ip", *args], check=True, capture_output=True, text=True).stdout
+
         ip("link", "add", "d0", "type", "veth", "peer", "name", "d1")
     """)
     run = subprocess.run(["unshare", "--net", sys.executable, "-c", prelude + textwrap.dedent(script)],
                          capture_output=True, text=True, timeout=30)
     if run.returncode != 0 and "Operation not permitted" in run.stderr:
         pytest.skip("no permission to make a network namespace here")
+    if run.returncode != 0 and "'link', 'add'" in run.stderr:
+        pytest.skip("this kernel cannot make a veth pair")
     assert run.returncode == 0, run.stderr
     return json.loads(run.stdout)
 
