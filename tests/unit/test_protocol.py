@@ -4,6 +4,7 @@ import asyncio
 import json
 import os
 import struct
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -260,6 +261,27 @@ def test_requests_sent_before_the_welcome(tmp_path):
             await asyncio.sleep(0.05)  # let the fake guest see the hang-up and close
 
     asyncio.run(main())
+
+
+def test_a_clock_anchor_that_did_not_hold_is_followed_by_a_plain_set_time(tmp_path):
+    seen = []
+
+    async def behave(buf, reader, writer):
+        while len(seen) < 3:
+            for req in buf.feed(await reader.read(4096)):
+                msg = req.json()
+                seen.append(msg)
+                # the set_time with an anchor leaves the guest an hour behind
+                late = msg["op"] == "set_time" and "at" in msg
+                writer.write(P.encode_json(P.REPLY, req.chan, {
+                    "time": msg["epoch"] - 3600 if late else time.time()}))
+
+    async def call(client):
+        await client.refresh_identity(epoch=time.time(), at=12.5)
+
+    run_against(tmp_path, behave, call)
+    assert [m["op"] for m in seen] == ["set_time", "reseed", "set_time"]
+    assert seen[0]["at"] == 12.5 and "at" not in seen[2]
 
 
 def test_clock_anchor():
