@@ -535,18 +535,19 @@ class AsyncMachine:
             # is right however long they wait: set_time carries the guest's monotonic
             # clock at the moment it resumed (``clock``, read when it was saved).
             at = anchor_from(plan.get("clock"))
-            work = asyncio.gather(
-                agent.refresh_identity(self.name if plan.get("snapshot") else None,
-                                       epoch=resumed if at is not None else None, at=at),
-                *([self._setup_guest(agent, self.config, plan.get("macs"), mounts=False)]
-                  if plan.get("snapshot") else []))
+            work = [asyncio.ensure_future(agent.refresh_identity(
+                self.name if plan.get("snapshot") else None,
+                epoch=resumed if at is not None else None, at=at))]
+            if plan.get("snapshot"):
+                work.append(asyncio.ensure_future(
+                    self._setup_guest(agent, self.config, plan.get("macs"), mounts=False)))
             try:
                 await agent.welcomed(timeout or RESTORE_AGENT_TIMEOUT, alive=launched.alive)
-                await work
+                await asyncio.gather(*work)
             except BaseException:
-                work.cancel()
-                with contextlib.suppress(BaseException):
-                    await work
+                for task in work:  # one failed: the others must not go on talking to it
+                    task.cancel()
+                await asyncio.gather(*work, return_exceptions=True)
                 await agent.close()
                 raise
             async with self._agent_lock:

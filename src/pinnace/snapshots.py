@@ -41,7 +41,14 @@ from .backends.qemu import host as qhost
 from .backends.qemu import process as qproc
 from .backends.qemu.qmp import MigrationFailed, load_state, quit_qemu, save_state
 from .config import NAT_GUEST
-from .errors import AlreadyExistsError, ConfigError, MachineError, NotFoundError, SnapshotError
+from .errors import (
+    AgentError,
+    AlreadyExistsError,
+    ConfigError,
+    MachineError,
+    NotFoundError,
+    SnapshotError,
+)
 from .store import MachineFiles, read_json, tail, validate_name, write_json
 
 if TYPE_CHECKING:
@@ -394,9 +401,11 @@ class AsyncSnapshots:
             if from_stream is None:
                 agent = await AgentClient.connect(spec.files, timeout=TEMPLATE_BOOT_TIMEOUT,
                                                   alive=launched.alive)
-                await _warm(agent, cfg)
-                reading = await agent.monotonic()
-                await agent.close()
+                try:
+                    await _warm(agent, cfg)
+                    reading = await agent.monotonic()
+                finally:
+                    await agent.close()
             else:
                 await load_state(run.qmp_sock, cfg.name, from_stream, ignore_shared=False,
                                  run=False)
@@ -406,6 +415,9 @@ class AsyncSnapshots:
         except (MigrationFailed, ConnectionError) as exc:
             raise SnapshotError(cfg.name, f"QEMU could not save it: {exc}; "
                                 f"{tail(run.qemu_log, 3).strip()}") from None
+        except AgentError as exc:
+            raise SnapshotError(cfg.name, f"the guest could not be readied: {exc}; "
+                                f"{tail(run.serial_log, 3).strip()}") from None
         finally:
             if not await quit_qemu(run.qmp_sock, cfg.name) or not await asyncio.to_thread(
                     qproc.wait_exit, launched, 5.0):

@@ -97,6 +97,11 @@ class MachineFiles:
         return self.dir / "exit"
 
     @property
+    def launch_token(self) -> Path:
+        """The token of the last launch, which its exit status must carry."""
+        return self.dir / "exit.token"
+
+    @property
     def events(self) -> Path:
         return self.dir / "events.jsonl"
 

@@ -80,6 +80,7 @@ def test_set_addresses_replaces_and_is_idempotent():
     out = in_netns("""
         netconf.set_up("d0")
         ip("addr", "add", "192.168.200.9/24", "dev", "d0")
+        ip("addr", "add", "192.168.200.10/24", "dev", "d0")  # a secondary: goes with the first
         want = [ipaddress.ip_interface("10.77.0.5/24")]
         netconf.set_addresses("d0", want)
         netconf.set_addresses("d0", want)  # again: nothing to do, no EEXIST

@@ -338,14 +338,17 @@ class AgentClient:
         long the requests wait. The requests go out together: one round trip."""
         import base64
 
-        clock, *_ = await asyncio.gather(
-            self.request("set_time", epoch=time.time() if epoch is None else epoch,
-                         **({} if at is None else {"at": at})),
+        async def set_time() -> tuple[Any, float]:
+            reply = await self.request("set_time", epoch=time.time() if epoch is None else epoch,
+                                       **({} if at is None else {"at": at}))
+            return reply.get("time"), time.time()
+
+        (now, host), *_ = await asyncio.gather(
+            set_time(),
             self.request("reseed", seed=base64.b64encode(os.urandom(64)).decode()),
             *([self.request("set_hostname", hostname=hostname)] if hostname else []))
-        now = clock.get("time")
         if at is not None and not (isinstance(now, (int, float))
-                                   and abs(now - time.time()) < CLOCK_SLACK):
+                                   and abs(now - host) < CLOCK_SLACK):
             # The anchor did not hold (a hypervisor whose guest clock ran on while the
             # state was saved, say): set it the plain way, off by one trip at most.
             log.debug("the guest's clock is %s after set_time with an anchor; setting it again",
@@ -353,16 +356,18 @@ class AgentClient:
             await self.request("set_time", epoch=time.time())
 
     async def monotonic(self) -> tuple[float, float] | None:
-        """The guest's CLOCK_MONOTONIC and the host's time.monotonic() when it answered,
-        or None if it did not answer sensibly."""
+        """The guest's CLOCK_MONOTONIC and the host's time.monotonic() at the same moment
+        (the middle of the round trip), or None if it did not answer sensibly and soon."""
+        sent = time.monotonic()
         try:
             got = (await self.request("clock", timeout=5.0)).get("monotonic")
         except (AgentError, ConnectionError) as exc:
             log.debug("the guest did not tell its clock: %s", exc)
             return None
-        if not isinstance(got, (int, float)) or not 0 <= got < 2**40:
+        back = time.monotonic()
+        if not isinstance(got, (int, float)) or not 0 <= got < 2**40 or back - sent > 0.5:
             return None
-        return float(got), time.monotonic()
+        return float(got), (sent + back) / 2
 
 
     def start_exec(self, argv: list[str] | None = None, *, shell: str | None = None,

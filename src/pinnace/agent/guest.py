@@ -538,7 +538,6 @@ class Session:
         if kind == P.HELLO:
             msg = frame.json()
             self.close(keep_input=True)
-            self.port.outbuf.clear()  # an earlier host's, perhaps ending mid-frame
             self.active = True
             self.send(P.encode_json(P.WELCOME, 0, {
                 "version": P.PROTOCOL_VERSION, "agent": P.AGENT_VERSION,
@@ -1068,6 +1067,7 @@ class Port:
         self.session = Session(agent, self)
         self.connected = True  # until a read says otherwise
         self.hup_since: float | None = None  # when a read last said there is no host
+        self.wrote = False  # whether this session has written anything to its host
         self.events = 0
         self._update()
 
@@ -1117,33 +1117,39 @@ class Port:
         self._update()
 
     def hung_up(self) -> None:
-        """A read says there is no host. Usually the host has closed its end, but a host
-        that has just connected can look the same: its first bytes may be read before
-        the kernel handles the control message saying it is there. So the session ends
-        only if there is still no host HUP_GRACE later (poll_host); until then its
-        output waits."""
-        if self.hup_since is None:
+        """A read says there is no host. If this session has written to its host, that
+        host has closed its end: the session ends now, with what it had not sent or
+        read yet. A host that has just connected can look the same, though: its first
+        bytes may be read before the kernel handles the control message saying it is
+        there. So a session that has not written yet ends only if there is still no
+        host HUP_GRACE later (poll_host); until then its output waits."""
+        if self.wrote:
+            self.end_session()
+        elif self.hup_since is None:
             self.hup_since = time.monotonic()
         self.connected = False
         self._update()
+
+    def end_session(self) -> None:
+        self.session.close()
+        self.outbuf.clear()
+        self.wrote = False
+        self.hup_since = None
 
     def poll_host(self) -> None:
         """Called when the port may have a host again (SIGIO, or the periodic check)."""
         if self.connected:
             return
         try:
-            data = self._recv()
+            data: bytes | None = self._recv()
         except BlockingIOError:  # a host, with nothing sent yet
-            data = b""
+            data = None
         except OSError:
+            data = b""
+        if data == b"":  # still no host
+            if self.hup_since is not None and time.monotonic() - self.hup_since >= HUP_GRACE:
+                self.end_session()
             return
-        else:
-            if not data:  # still no host
-                if self.hup_since is not None and time.monotonic() - self.hup_since >= HUP_GRACE:
-                    self.hup_since = None
-                    self.session.close()
-                    self.outbuf.clear()
-                return
         self.hup_since = None
         self.connected = True
         if data:
@@ -1181,6 +1187,7 @@ class Port:
                 self.outbuf.clear()
                 break
             del self.outbuf[:n]
+            self.wrote = self.wrote or n > 0
         if len(self.outbuf) <= OUTBUF_HIGH // 2:
             self.session.drained()
         self._update()

@@ -185,7 +185,12 @@ def set_addresses(ifname: str, wanted: list[Any]) -> list[dict[str, Any]]:
     with _Rtnl() as nl:
         for a in have:
             if a not in want:
-                nl.request(RTM_DELADDR, 0, _addr_body(index, *a))
+                try:
+                    nl.request(RTM_DELADDR, 0, _addr_body(index, *a))
+                except NetconfError as exc:
+                    # Removing a primary IPv4 address takes its secondaries with it.
+                    if exc.errno != errno.EADDRNOTAVAIL:
+                        raise
         for a in want:
             if a not in have:
                 nl.request(RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, _addr_body(index, *a))

@@ -55,6 +55,7 @@ def launch(argv: list[str], files: MachineFiles, timeout: float = 10.0) -> Proce
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
     token = f"{os.getpid()}.{time.monotonic_ns()}"
+    files.launch_token.write_text(token)
     subprocess.run(
         ["sh", "-c", _WRAPPER, "sh", str(files.exit_status), str(files.qemu_log), token, *argv],
         stdin=subprocess.DEVNULL, start_new_session=True, check=True, cwd=files.dir,
@@ -91,11 +92,15 @@ def await_exit_status(files: MachineFiles, timeout: float = 1.0) -> int | None:
 
 
 def read_exit_status(files: MachineFiles, token: str | None = None) -> int | None:
-    """The last QEMU's exit status; with ``token``, only if it is that launch's."""
+    """The last launch's QEMU's exit status (``token`` names the launch; by default the
+    one launch() recorded), never an earlier launcher's that came late."""
     try:
         status, _, written_by = files.exit_status.read_text().strip().partition(" ")
     except FileNotFoundError:
         return None
+    if token is None:
+        with contextlib.suppress(FileNotFoundError):
+            token = files.launch_token.read_text().strip()
     if token is not None and written_by != token:
         return None
     return int(status) if status.lstrip("-").isdigit() else None
