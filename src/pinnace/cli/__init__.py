@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
@@ -57,6 +57,13 @@ def run(ctx: click.Context, fn: Callable[[AsyncPinnace], Coroutine[Any, Any, T]]
     except KeyboardInterrupt:
         click.echo("pinnace: interrupted", err=True)
         sys.exit(130)
+
+
+def echo_table(rows: Sequence[Sequence[str]]) -> None:
+    """Print rows (the first is the header) as columns padded to their widest cell."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
 def fail(exc: BaseException) -> NoReturn:

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from . import fail
+from . import echo_table, fail
 
 
 def _images(ctx: click.Context) -> Any:
@@ -116,9 +116,7 @@ def ls(ctx: click.Context, fmt: str, quiet: bool) -> None:
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(img.manifest.get("created", 0)))
         rows.append((",".join(img.names) or "<none>", img.short,
                      str(img.manifest.get("kernel_version", "?")), format_size(img.size), created))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    echo_table(rows)
 
 
 @image.command()

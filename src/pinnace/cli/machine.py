@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from . import fail, run
+from . import echo_table, fail, run
 
 if TYPE_CHECKING:
     from ..client import AsyncPinnace
@@ -194,9 +194,7 @@ def ls(ctx: click.Context, fmt: str, quiet: bool) -> None:
             format_size(cfg["memory_mib"] << 20) if "memory_mib" in cfg else "-",
             str(cfg.get("image", "-")), str(st.pid or "-"), _uptime(st), st.reason[:60],
         ))
-    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
-    for r in table:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    echo_table(table)
 
 
 @click.command()

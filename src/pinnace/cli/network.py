@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from . import Group, run
+from . import Group, echo_table, run
 
 if TYPE_CHECKING:
     from ..client import AsyncPinnace
@@ -63,10 +63,7 @@ def ls(ctx: click.Context, fmt: str) -> None:
         table = [("NAME", "SUBNET", "SWITCH", "MACHINES")]
         table += [(r["name"], r["subnet"], r["switch"], ",".join(r["machines"]) or "-")
                   for r in rows]
-        widths = [max(len(row[i]) for row in table) for i in range(3)]
-        for row in table:
-            click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False))
-                       + "  " + row[3])
+        echo_table(table)
 
     run(ctx, go)
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from . import Group, run
+from . import Group, echo_table, run
 
 if TYPE_CHECKING:
     from ..client import AsyncPinnace
@@ -60,9 +60,7 @@ def ls(ctx: click.Context, fmt: str) -> None:
         for s in snaps:
             rows.append((s.name, s.image, s.shape, s.source or "-", format_size(s.size),
                          time.strftime("%Y-%m-%d %H:%M", time.localtime(s.created))))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        for r in rows:
-            click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+        echo_table(rows)
 
     run(ctx, go)
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from . import Group, run
+from . import Group, echo_table, run
 
 if TYPE_CHECKING:
     from ..client import AsyncPinnace
@@ -79,9 +79,7 @@ def ls(ctx: click.Context, fmt: str, as_json: bool, quiet: bool) -> None:
     for r in rows:
         table.append((r["name"], format_size(r["size"]), format_size(r["used"]),
                       "yes" if r["journal"] else "no", ",".join(r["attached_to"]) or "-"))
-    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
-    for t in table:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(t, widths, strict=True)).rstrip())
+    echo_table(table)
 
 
 @volume.command()
