@@ -14,25 +14,59 @@ from typing import TYPE_CHECKING
 # Names are imported on first use (PEP 562), so `pinnace --help` and other CLI verbs
 # load only the modules they need.
 _WHERE = {
-    "ExecResult": "agent.client", "Process": "agent.client",
-    "AsyncMachines": "client", "AsyncPinnace": "client", "Machine": "client",
-    "Machines": "client", "Pinnace": "client", "SyncProcess": "client",
+    "ExecResult": "agent.client",
+    "Process": "agent.client",
+    "AsyncPinnace": "client",
+    "Machine": "client",
+    "Machines": "client",
+    "Pinnace": "client",
+    "SyncProcess": "client",
+    "AsyncMachines": "machines",
     "MachineConfig": "config",
-    "Image": "images", "ImageInUse": "images",
-    "AsyncMachine": "machine", "MachineState": "machine", "MachineStatus": "machine",
-    "Snapshot": "snapshots",
+    "Image": "images",
+    "AsyncMachine": "machine",
+    "MachineState": "machine",
+    "MachineStatus": "machine",
+    "Snapshot": "snapshots.key",
+    "Backend": "backends.base",
 }
 _ERRORS = (
-    "AgentDisconnected", "AgentError", "AgentTimeout", "AlreadyExistsError", "BootTimeout",
-    "CommandFailed", "ConfigError", "HostError", "ImageBuildError", "LaunchError", "LockTimeout",
-    "MachineCrashed", "MachineError", "NotFoundError", "PinnaceError", "ProtocolError",
-    "RemoteError", "SnapshotError", "StateError", "UnsafeArchive",
+    "AgentDisconnected",
+    "AgentError",
+    "AgentTimeout",
+    "AlreadyExistsError",
+    "BootTimeout",
+    "CommandFailed",
+    "ConfigError",
+    "HostError",
+    "ImageBuildError",
+    "ImageInUse",
+    "InUseError",
+    "LaunchError",
+    "LockTimeout",
+    "MachineCrashed",
+    "MachineError",
+    "MigrationFailed",
+    "NetworkInUse",
+    "NotFoundError",
+    "PinnaceError",
+    "ProtocolError",
+    "RemoteError",
+    "SnapshotError",
+    "StateError",
+    "StoreError",
+    "SwitchError",
+    "ToolFailed",
+    "UnsafeArchive",
+    "VolumeError",
+    "VolumeInUse",
 )
 _WHERE.update(dict.fromkeys(_ERRORS, "errors"))
 
 if TYPE_CHECKING:
     from .agent.client import ExecResult, Process
-    from .client import AsyncMachines, AsyncPinnace, Machine, Machines, Pinnace, SyncProcess
+    from .backends.base import Backend
+    from .client import AsyncPinnace, Machine, Machines, Pinnace, SyncProcess
     from .config import MachineConfig
     from .errors import (
         AgentDisconnected,
@@ -44,21 +78,31 @@ if TYPE_CHECKING:
         ConfigError,
         HostError,
         ImageBuildError,
+        ImageInUse,
+        InUseError,
         LaunchError,
         LockTimeout,
         MachineCrashed,
         MachineError,
+        MigrationFailed,
+        NetworkInUse,
         NotFoundError,
         PinnaceError,
         ProtocolError,
         RemoteError,
         SnapshotError,
         StateError,
+        StoreError,
+        SwitchError,
+        ToolFailed,
         UnsafeArchive,
+        VolumeError,
+        VolumeInUse,
     )
-    from .images import Image, ImageInUse
+    from .images import Image
     from .machine import AsyncMachine, MachineState, MachineStatus
-    from .snapshots import Snapshot
+    from .machines import AsyncMachines
+    from .snapshots.key import Snapshot
 
 
 def __getattr__(name: str) -> object:
@@ -88,6 +132,7 @@ __all__ = [
     "AsyncMachine",
     "AsyncMachines",
     "AsyncPinnace",
+    "Backend",
     "BootTimeout",
     "CommandFailed",
     "ConfigError",
@@ -96,6 +141,7 @@ __all__ = [
     "Image",
     "ImageBuildError",
     "ImageInUse",
+    "InUseError",
     "LaunchError",
     "LockTimeout",
     "Machine",
@@ -105,6 +151,8 @@ __all__ = [
     "MachineState",
     "MachineStatus",
     "Machines",
+    "MigrationFailed",
+    "NetworkInUse",
     "NotFoundError",
     "Pinnace",
     "PinnaceError",
@@ -114,7 +162,12 @@ __all__ = [
     "Snapshot",
     "SnapshotError",
     "StateError",
+    "StoreError",
+    "SwitchError",
     "SyncProcess",
+    "ToolFailed",
     "UnsafeArchive",
+    "VolumeError",
+    "VolumeInUse",
     "__version__",
 ]

@@ -7,267 +7,55 @@ in a background thread, so it also works where the caller already has a loop.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import secrets
-import shutil
 import threading
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Coroutine, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
 from .agent.client import ExecResult, Process
-from .config import MachineConfig, Mount, Nic, PortForward, default_net, random_mac
-from .errors import AlreadyExistsError, ConfigError, NotFoundError
-from .images import DEFAULT_IMAGE, AsyncImages, Image, Images
-from .machine import AsyncMachine, MachineStatus, create_disk
+from .backends.base import Backend
+from .config import MachineConfig
+from .gc import Collector, Removed
+from .images import AsyncImages, Image, Images
+from .machine import AsyncMachine, MachineEnv, MachineStatus
+from .machines import AsyncMachines
 from .network.networks import AsyncNetworks, Network
 from .snapshots import AsyncSnapshots, Snapshot
-from .store import MachineFiles, Store, validate_name, write_json
+from .snapshots.key import SnapshotLookup
+from .store import Store
 from .volumes import AsyncVolumes, Volume
 
 T = TypeVar("T")
 
 
-class AsyncMachines:
-    """The machines in a store."""
-
-    def __init__(self, pinnace: AsyncPinnace) -> None:
-        self._pn = pinnace
-
-    def _handle(self, name: str) -> AsyncMachine:
-        return AsyncMachine(self._pn, name)
-
-    async def get(self, name: str) -> AsyncMachine:
-        """A handle on an existing machine."""
-        validate_name("machine", name)
-        m = self._handle(name)
-        if not m.paths.config.exists():
-            raise NotFoundError("machine", name, "see 'pinnace ls'")
-        return m
-
-    async def create(self, name: str, *, image: str = DEFAULT_IMAGE, cpus: int | None = None,
-                     memory: str | int | None = None, cmdline: str | None = None,
-                     boot_timeout: float | None = None, accel: str | None = None,
-                     snapshot: str | Snapshot | None = None, **devices: Any) -> AsyncMachine:
-        """Create a stopped machine with its own disk overlay on ``image``; or, from
-        ``snapshot``, one whose first start restores that snapshot (in a fraction of a
-        second) instead of booting.
-
-        Devices (see :meth:`_devices`): ``net`` ("nat", "restricted" or "none"),
-        ``ports`` (["8080:80", "127.0.0.1:5353:53/udp"]), ``networks`` (["lan",
-        "lan:10.77.0.9"]), ``spare_nics`` (disconnected NICs to connect later),
-        ``volumes`` (["data:/data", "cache:/cache:ro"]), ``shares`` (["./src:/src:ro"]).
-        """
-        validate_name("machine", name)
-        store = self._pn.store
-        store.ensure()
-        if snapshot is not None:
-            snap = snapshot if isinstance(snapshot, Snapshot) else self._pn.snapshots.get(snapshot)
-            return await self._from_snapshot(name, snap, cpus=cpus, memory=memory,
-                                             boot_timeout=boot_timeout, accel=accel, **devices)
-        digest = self._pn.images.sync.resolve(image)
-        files = self._pn.images.files_for(digest, image)
-        cfg = MachineConfig.build(name=name, image=image, image_digest=digest, cpus=cpus,
-                                  memory=memory, cmdline=cmdline, boot_timeout=boot_timeout,
-                                  accel=accel)
-        return await asyncio.to_thread(self._materialise, cfg, files.rootfs, None, None, devices)
-
-    def _devices(self, name: str, *, net: str | None = None,
-                 ports: Sequence[str | PortForward] = (), networks: Sequence[str] = (),
-                 spare_nics: int = 0, volumes: Sequence[str | Mount] = (),
-                 shares: Sequence[str | Mount] = (), taken: dict[str, set[str]] | None = None,
-                 ) -> dict[str, Any]:
-        """Config fields for a machine's NICs, volumes and shares, checked and resolved:
-        MACs made, addresses handed out (hold the networks' locks). A machine on a
-        network gets only that NIC unless ``net`` asks for NAT as well."""
-        if not isinstance(spare_nics, int) or not 0 <= spare_nics <= 8:
-            raise ConfigError("spare NICs", spare_nics, "give 0 to 8")
-        if net is None:
-            net = "none" if networks else default_net()
-        nics = []
-        for spec in networks:
-            netname, _, ip = str(spec).partition(":")
-            self._pn.networks.get(netname)
-            taken_here = (taken or {}).setdefault(netname, set())
-            addr = self._pn.networks.allocate(netname, ip or None, taken_here)
-            taken_here.add(addr.split("/")[0])
-            nics.append(Nic(random_mac(), netname, addr))
-        nics += [Nic(random_mac()) for _ in range(spare_nics)]
-        vols = [v if isinstance(v, Mount) else Mount.parse(v, "volume") for v in volumes]
-        for v in vols:
-            self._pn.volumes.get(v.source)  # it must exist
-        return {
-            "net": net, "nat_mac": random_mac() if net != "none" else "",
-            "ports": tuple(p if isinstance(p, PortForward) else PortForward.parse(p)
-                           for p in ports),
-            "nics": tuple(nics), "volumes": tuple(vols),
-            "shares": tuple(m if isinstance(m, Mount) else Mount.parse(m, "share")
-                            for m in shares),
-        }
-
-    async def _from_snapshot(self, name: str, snap: Snapshot, *, cpus: int | None,
-                             memory: str | int | None, boot_timeout: float | None,
-                             accel: str | None, **devices: Any) -> AsyncMachine:
-        cfg = MachineConfig.build(name=name, image=snap.image,
-                                  image_digest=snap.key["image_digest"], cpus=snap.cpus,
-                                  memory_mib=snap.memory_mib, boot_timeout=boot_timeout,
-                                  accel=snap.key["accel"], snapshot=snap.ref)
-        asked = MachineConfig.build(name=name, cpus=cpus or snap.cpus,
-                                    memory=memory if memory is not None else f"{snap.memory_mib}M",
-                                    accel=accel or snap.key["accel"])
-        if (asked.cpus, asked.memory_mib) != (cfg.cpus, cfg.memory_mib) or (
-                accel not in (None, "auto") and accel != snap.key["accel"]):
-            raise ConfigError("machine shape", f"{asked.cpus} CPU, {asked.memory_mib}M, {asked.accel}",
-                              f"snapshot {snap.name!r} was made with {snap.shape}, "
-                              f"{snap.key['accel']}; a restored machine keeps its snapshot's shape")
-        from .snapshots import SnapshotFiles
-
-        files = SnapshotFiles(snap.path)
-        resume = {"state": str(files.state), "memory": str(files.memory), "ignore_shared": True,
-                  "snapshot": snap.ref, "macs": snap.macs, "clock": snap.clock}
-        return await asyncio.to_thread(self._materialise, cfg, Path(), files.clone_disk, resume,
-                                       devices)
-
-    def _materialise(self, cfg: MachineConfig, rootfs: Path, disk_from: Path | None,
-                     resume: dict[str, Any] | None = None,
-                     devices: dict[str, Any] | None = None) -> AsyncMachine:
-        """Build the machine's directory in staging and rename it into place whole.
-        ``devices`` (create's options) are resolved here, under the locks of the
-        networks they name, so two machines never get one address."""
-        store = self._pn.store
-        if not store.socket_paths_fit(cfg.name):
-            raise ConfigError("machine name", cfg.name, "it is too long for this PINNACE_HOME's "
-                              "socket paths; choose a shorter name or a shorter PINNACE_HOME")
-        m = self._handle(cfg.name)
-        nets = sorted({str(n).partition(":")[0] for n in (devices or {}).get("networks") or ()})
-        with contextlib.ExitStack() as locks:
-            for net in nets:
-                locks.enter_context(store.lock("network", validate_name("network", net)))
-            locks.enter_context(store.lock("machine", cfg.name, timeout=30))
-            if m.paths.dir.exists():
-                raise AlreadyExistsError("machine", cfg.name)
-            if devices is not None:
-                cfg = cfg.with_changes(**self._devices(cfg.name, **devices))
-            if cfg.snapshot:
-                from .snapshots import machine_key
-
-                snap = self._pn.snapshots.by_ref(cfg.snapshot)
-                changed = machine_key(self._pn, cfg, snap.key["accel"]).changes(snap.key)
-                if changed:
-                    raise ConfigError("machine shape", "; ".join(changed), f"snapshot "
-                                      f"{snap.name!r} has other devices; a restored machine "
-                                      "keeps its snapshot's devices")
-            with store.staging_dir("machine-") as stage:
-                staged = MachineFiles(stage)
-                if disk_from is not None:
-                    shutil.copyfile(disk_from, staged.disk)
-                    os.chmod(staged.disk, 0o644)  # a snapshot's clone.qcow2 is read-only
-                else:
-                    create_disk(rootfs, staged.disk)
-                write_json(staged.config, cfg.to_dict())
-                write_json(staged.state, {"state": "created", "reason": ""})
-                if resume is not None:
-                    write_json(staged.resume, resume)
-                os.rename(stage, m.paths.dir)
-        m._event("created", image=cfg.image, digest=cfg.image_digest)
-        return m
-
-    async def clone(self, source: str, name: str) -> AsyncMachine:
-        """A new machine with a copy of ``source``'s config and disk; the source must be at rest."""
-        from .machine import AT_REST
-
-        validate_name("machine", name)
-        src = await self.get(source)
-        async with await src._locked():
-            await src._require("clone", AT_REST)
-            cfg = src.config.with_changes(name=name)
-            devices = {  # the same devices; its own MACs and addresses
-                "net": cfg.net, "ports": cfg.ports, "volumes": cfg.volumes, "shares": cfg.shares,
-                "networks": [n.network for n in cfg.nics if n.network],
-                "spare_nics": sum(1 for n in cfg.nics if not n.network)}
-            return await asyncio.to_thread(self._materialise, cfg, Path(), src.paths.disk, None,
-                                           devices)
-
-    async def run(self, *, image: str = DEFAULT_IMAGE, name: str | None = None, count: int = 1,
-                  cpus: int | None = None, memory: str | int | None = None,
-                  accel: str | None = None, notify: Any = None,
-                  **devices: Any) -> list[AsyncMachine]:
-        """Start ``count`` machines from the image's ready snapshot, concurrently.
-
-        The first run of an image and shape boots it once and saves the ready snapshot;
-        later runs restore it. Names are ``name`` (or ``name-1``..``name-N``), else random.
-        ``devices`` are create's; machines with volumes or shares boot instead (what a
-        disk holds is not in a snapshot's RAM).
-        """
-        from .backends.qemu import host as qhost
-
-        if not 1 <= count <= 256:
-            raise ConfigError("count", count, "give between 1 and 256 machines")
-        store = self._pn.store
-        store.ensure()
-        digest = self._pn.images.sync.resolve(image)
-        files = self._pn.images.files_for(digest, image)
-        cfg = MachineConfig.build(name=name or "run", image=image, image_digest=digest,
-                                  cpus=cpus, memory=memory, accel=accel)
-        if name is not None:
-            names = [name] if count == 1 else [f"{name}-{i}" for i in range(1, count + 1)]
-        else:
-            names = [f"run-{secrets.token_hex(3)}" for _ in range(count)]
-        snap: Snapshot | None = None
-        if not devices.get("volumes") and not devices.get("shares"):
-            nets = devices.get("networks") or ()
-            shape = cfg.with_changes(**self._devices(cfg.name, **{
-                **devices, "networks": [], "spare_nics": len(nets)
-                + int(devices.get("spare_nics") or 0),
-                "net": devices.get("net") or ("none" if nets else default_net())}))
-            choice = await asyncio.to_thread(qhost.choose_accel, cfg.accel, store.cache_dir,
-                                             files.kernel, files.initrd)
-            snap = await self._pn.snapshots.ready(shape, choice.accel, notify=notify)
-        made = await asyncio.gather(*(self.create(
-            n, image=image, cpus=cpus, memory=memory, accel=accel, snapshot=snap, **devices)
-            for n in names), return_exceptions=True)
-        machines = [m for m in made if isinstance(m, AsyncMachine)]
-        errors = [e for e in made if isinstance(e, BaseException)]
-        if not errors:
-            started = await asyncio.gather(*(m.start() for m in machines), return_exceptions=True)
-            errors = [e for e in started if isinstance(e, BaseException)]
-        if errors:
-            await asyncio.gather(*(m.delete(force=True) for m in machines), return_exceptions=True)
-            raise errors[0]
-        return machines
-
-    async def list(self) -> list[MachineStatus]:
-        """Every machine's status, reconciled with its process; damaged ones show as broken."""
-        from .machine import MachineState
-
-        out: list[MachineStatus] = []
-        d = self._pn.store.machines_dir
-        if not d.is_dir():
-            return out
-        for entry in sorted(d.iterdir()):
-            try:
-                validate_name("machine", entry.name)
-                out.append(await self._handle(entry.name).status())
-            except Exception as exc:  # a damaged directory must not break ls
-                out.append(MachineStatus(entry.name, MachineState.BROKEN, str(exc)))
-        return out
-
-    async def delete(self, name: str, *, force: bool = False) -> None:
-        await (await self.get(name)).delete(force=force)
-
-
 class AsyncPinnace:
-    """The asyncio core of the API: one store, its images and machines."""
+    """The asyncio core of the API: one store, and its images, machines, snapshots,
+    volumes and networks. This is the wiring: it decides which store and backend each
+    part gets, and holds no logic of its own. ``backend`` defaults to QEMU."""
 
-    def __init__(self, home: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, home: str | os.PathLike[str] | None = None, *,
+                 backend: Backend | None = None) -> None:
         self.store = Store(home)
-        self.images = AsyncImages(Images(self.store))
-        self.machines = AsyncMachines(self)
-        self.snapshots = AsyncSnapshots(self)
-        self.volumes = AsyncVolumes(self)
-        self.networks = AsyncNetworks(self)
+        if backend is None:
+            from .backends.qemu import QemuBackend
+
+            backend = QemuBackend(self.store.cache_dir)
+        self.backend = backend
+        images = Images(self.store)
+        self.images = AsyncImages(images)
+        self.volumes = AsyncVolumes(self.store)
+        self.networks = AsyncNetworks(self.store)
+        lookup = SnapshotLookup(self.store)
+        self.snapshots = AsyncSnapshots(self.store, backend, images, lookup)
+        env = MachineEnv(self.store, backend, images, lookup, self.volumes, self.networks)
+        self.machines = AsyncMachines(env, self.snapshots)
+        self.collector = Collector(self.store, self.machines, self.snapshots, self.networks)
+
+    async def gc(self, *, dry_run: bool = False) -> list[Removed]:
+        """Remove what crashed commands left behind; see :mod:`pinnace.gc`."""
+        return await self.collector.collect(dry_run=dry_run)
 
 
 # --- the sync facade -------------------------------------------------------------------
@@ -366,6 +154,11 @@ class Machine:
         self._loop = loop
         self.files = Files(amachine, loop)
 
+    @property
+    def aio(self) -> AsyncMachine:
+        """The asyncio handle this one drives."""
+        return self._m
+
     def __repr__(self) -> str:
         return f"<Machine {self.name}>"
 
@@ -392,6 +185,12 @@ class Machine:
 
     def halt(self) -> MachineStatus:
         return self._loop.run(self._m.halt())
+
+    def pause(self) -> MachineStatus:
+        return self._loop.run(self._m.pause())
+
+    def resume(self) -> MachineStatus:
+        return self._loop.run(self._m.resume())
 
     def kill(self) -> MachineStatus:
         return self._loop.run(self._m.kill())
@@ -482,14 +281,15 @@ class Machines:
 class Snapshots:
     """Sync face of AsyncSnapshots."""
 
-    def __init__(self, asnaps: AsyncSnapshots, loop: _Loop) -> None:
+    def __init__(self, asnaps: AsyncSnapshots, amachines: AsyncMachines, loop: _Loop) -> None:
         self._s = asnaps
+        self._ms = amachines
         self._loop = loop
 
     def create(self, machine: str | Machine, name: str) -> Snapshot:
-        m = machine._m if isinstance(machine, Machine) else None
-        if m is None:
-            m = self._loop.run(self._s._pn.machines.get(str(machine)))
+        """Save the running ``machine`` (a handle or a name) as snapshot ``name``."""
+        m = machine.aio if isinstance(machine, Machine) else self._loop.run(
+            self._ms.get(str(machine)))
         return self._loop.run(self._s.create(m, name))
 
     def get(self, name: str) -> Snapshot:
@@ -545,15 +345,19 @@ class Networks:
 class Pinnace:
     """The sync API: ``Pinnace().machines.create(...)``, ``Pinnace().images.build()``."""
 
-    def __init__(self, home: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, home: str | os.PathLike[str] | None = None, *,
+                 backend: Backend | None = None) -> None:
         self._loop = _Loop()
-        self.aio = AsyncPinnace(home)
+        self.aio = AsyncPinnace(home, backend=backend)
         self.store = self.aio.store
         self.images: Images = self.aio.images.sync
         self.machines = Machines(self.aio.machines, self._loop)
-        self.snapshots = Snapshots(self.aio.snapshots, self._loop)
+        self.snapshots = Snapshots(self.aio.snapshots, self.aio.machines, self._loop)
         self.volumes = Volumes(self.aio.volumes, self._loop)
         self.networks = Networks(self.aio.networks, self._loop)
+
+    def gc(self, *, dry_run: bool = False) -> list[Removed]:
+        return self._loop.run(self.aio.gc(dry_run=dry_run))
 
     def close(self) -> None:
         self._loop.close()

@@ -233,6 +233,8 @@ class MachineConfig:
     nics: tuple[Nic, ...] = ()
     volumes: tuple[Mount, ...] = ()
     shares: tuple[Mount, ...] = ()
+    # Made by `run --rm`: deleted when that command ends, or by `pinnace gc` if it died.
+    ephemeral: bool = False
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -299,7 +301,7 @@ def _check(field: str, value: Any) -> Any:
     kind = spec[0]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if not isinstance(value, kind) or isinstance(value, bool):
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         shown_value = f"{value}M" if field == "memory_mib" and isinstance(value, int) else value
         raise ConfigError(shown, shown_value, f"must be {spec[1]}")
     problem = spec[2](value)
@@ -373,6 +375,7 @@ _FIELDS: dict[str, tuple[type, str, Callable[[Any], str]]] = {
     "boot_timeout": (float, "a number of seconds", _timeout),
     "accel": (str, "a string", _accel),
     "snapshot": (str, "a string", _any),
+    "ephemeral": (bool, "true or false", _any),
     "net": (str, "a string", lambda v: "" if v in NET_MODES else
             f"choose one of {', '.join(NET_MODES)}"),
     "nat_mac": (str, "a string", lambda v: "" if not v or (_MAC_RE.match(v) and

@@ -9,12 +9,21 @@
      +-- StateError                   a call in the wrong lifecycle state (name, state, allowed)
      +-- LockTimeout                  another pinnace call holds the object (path, timeout)
      +-- HostError                    the host lacks something pinnace needs (what, hint)
+     |    +-- ToolFailed              a host tool (qemu-img, mkfs.ext4) failed (command, exit_code, output)
+     +-- StoreError                   a file in the store is damaged or cannot be written (path, problem)
+     +-- InUseError                   an object cannot be removed while others use it (kind, name, users)
+     |    +-- ImageInUse              machines are made from the image
+     |    +-- VolumeInUse             machines have the volume attached
+     |    +-- NetworkInUse            machines joined the network
      +-- ImageBuildError              building an image failed (step, command, exit_code, log_tail)
      +-- SnapshotError                a snapshot is damaged, in use or unusable here (name, problem)
+     +-- VolumeError                  a volume is damaged or could not be made (name, problem)
+     +-- SwitchError                  a network's switch did not start or keep up (dir, problem, log_tail)
      +-- MachineError                 a machine misbehaved (name, log_tail)
      |    +-- LaunchError             QEMU would not start (command, exit_code)
      |    +-- BootTimeout             the guest did not become ready in time (timeout)
      |    +-- MachineCrashed          QEMU exited while it should have been running (exit_code)
+     |    +-- MigrationFailed         QEMU could not save or load the machine's state (problem)
      +-- CommandFailed                a guest command exited non-zero, from ExecResult.check() (result)
      +-- AgentError                   the guest agent channel failed
           +-- ProtocolError           the guest sent something that breaks the protocol
@@ -247,3 +256,117 @@ class AgentDisconnected(AgentError):
 
 class UnsafeArchive(AgentError):
     """A tar stream from the guest tried to write outside its target directory."""
+
+
+class ToolFailed(HostError):
+    """A host program pinnace runs (qemu-img, mkfs.ext4, tar) failed; carries its output."""
+
+    def __init__(self, command: Sequence[str], exit_code: int | None, output: str,
+                 hint: str = "") -> None:
+        self.command = tuple(command)
+        self.exit_code = exit_code
+        self.output = output
+        last = next((ln.strip() for ln in reversed(output.splitlines()) if ln.strip()), "")
+        tool = self.command[0].rsplit("/", 1)[-1] if self.command else "a host tool"
+        what = f"{tool} failed ({describe_exit(exit_code)})" + (f": {last[:300]}" if last else "")
+        super().__init__(what, hint or "see the message above; check free space and "
+                         "permissions under PINNACE_HOME")
+
+
+class StoreError(PinnaceError):
+    """A file in the store is damaged, or the filesystem refused a write (full, read-only)."""
+
+    def __init__(self, path: str, problem: str, hint: str = "") -> None:
+        self.path = path
+        self.problem = problem
+        self.hint = hint
+        super().__init__(f"{path}: {problem}" + (f"; {hint}" if hint else ""))
+
+
+def store_error(exc: OSError, doing: str) -> StoreError:
+    """A StoreError for an OSError met while ``doing`` something in the store."""
+    import errno
+
+    path = str(exc.filename or "the store")
+    if exc.errno == errno.ENOSPC:
+        return StoreError(path, f"no space left on the filesystem while {doing}",
+                          "free some space (pinnace gc, or delete machines, images or "
+                          "snapshots) and try again")
+    if exc.errno == errno.EROFS:
+        return StoreError(path, f"the filesystem is read-only while {doing}",
+                          "use a writable PINNACE_HOME")
+    return StoreError(path, f"{exc.strerror or exc} while {doing}",
+                      "check the permissions and free space under PINNACE_HOME")
+
+
+class InUseError(PinnaceError):
+    """An object cannot be removed while other objects depend on it."""
+
+    def __init__(self, kind: str, name: str, users: Sequence[str], hint: str) -> None:
+        self.kind = kind
+        self.name = name
+        self.users = tuple(users)
+        self.machines = self.users
+        who = ", ".join(repr(u) for u in self.users)
+        verb = "use" if len(self.users) > 1 else "uses"
+        noun = "machines" if len(self.users) > 1 else "machine"
+        super().__init__(f"{kind} {name!r}: {noun} {who} {verb} it; {hint}")
+
+
+class ImageInUse(InUseError):
+    """An image cannot be removed while machines are made from it."""
+
+    def __init__(self, image: str, machines: Sequence[str]) -> None:
+        self.image = image
+        super().__init__("image", image, machines, "delete them first")
+
+
+class VolumeInUse(InUseError):
+    """A volume cannot be removed while machines have it attached."""
+
+    def __init__(self, name: str, machines: Sequence[str]) -> None:
+        if len(machines) > 1:
+            hint = "delete the machines or recreate them without the volume"
+        else:
+            hint = "delete the machine or recreate it without the volume"
+        super().__init__("volume", name, machines, hint)
+
+
+class NetworkInUse(InUseError):
+    """A network cannot be removed while machines have a NIC on it."""
+
+    def __init__(self, name: str, machines: Sequence[str]) -> None:
+        super().__init__("network", name, machines, "delete them or 'pinnace network "
+                         "disconnect' them first")
+
+
+class VolumeError(PinnaceError):
+    """A volume is damaged or could not be made; ``problem`` says what and how to fix it."""
+
+    def __init__(self, name: str, problem: str) -> None:
+        self.name = name
+        self.problem = problem
+        super().__init__(f"volume {name!r}: {problem}")
+
+
+class SwitchError(PinnaceError):
+    """A network's switch did not start, or did not take up its ports in time."""
+
+    def __init__(self, dir: str, problem: str, *, log_tail: str = "") -> None:
+        self.dir = dir
+        self.problem = problem
+        self.log_tail = log_tail
+        super().__init__(f"network switch in {dir}: {problem}")
+
+    def __str__(self) -> str:
+        tail = self.log_tail.rstrip()
+        suffix = f"\n--- last lines of switch.log ---\n{tail}" if tail else ""
+        return super().__str__() + suffix
+
+
+class MigrationFailed(MachineError):
+    """QEMU could not save or load a machine's state (a migration to or from a file)."""
+
+    def __init__(self, name: str, problem: str, *, log_tail: str = "") -> None:
+        self.problem = problem
+        super().__init__(name, problem, log_tail=log_tail)

@@ -12,15 +12,12 @@ import os
 import subprocess
 import tarfile
 import tempfile
+from collections.abc import Awaitable, Callable
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
 
 from .agent import protocol as P
+from .agent.client import AgentClient, Process
 from .errors import ConfigError, RemoteError, UnsafeArchive
-
-if TYPE_CHECKING:
-    from .agent.client import Process
-    from .machine import AsyncMachine
 
 CHUNK = 1 << 20
 
@@ -38,10 +35,11 @@ def _failure(what: str, stderr: bytes) -> RemoteError:
 
 
 class AsyncFiles:
-    """``machine.files``: put and get files and directories."""
+    """``machine.files``: put and get files and directories. ``agent`` opens (or
+    returns) the machine's agent connection."""
 
-    def __init__(self, machine: AsyncMachine) -> None:
-        self._m = machine
+    def __init__(self, agent: Callable[[], Awaitable[AgentClient]]) -> None:
+        self._agent = agent
 
     async def put(self, local: str | os.PathLike[str], remote: str) -> int:
         """Copy a host file or directory to ``remote`` in the guest; return the bytes sent."""
@@ -49,7 +47,7 @@ class AsyncFiles:
         remote = _remote(remote)
         if not src.exists():
             raise ConfigError("host path", str(src), "no such file or directory")
-        agent = await self._m.agent()
+        agent = await self._agent()
         if src.is_dir():
             proc = agent.start_transfer("put", path=remote, archive=True)
             sent = 0
@@ -90,12 +88,17 @@ class AsyncFiles:
         """Copy ``remote`` (a file or a directory) from the guest to the host; return bytes."""
         remote = _remote(remote)
         dst = Path(local)
-        agent = await self._m.agent()
+        agent = await self._agent()
         proc = agent.start_transfer("get", path=remote, archive=True)
         if dst.is_dir():
             dst = dst / PurePosixPath(remote).name
         parent = dst.parent if dst.parent != Path("") else Path(".")
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.pinnace-", dir=parent)
+        try:
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.pinnace-", dir=parent)
+        except OSError as exc:
+            proc.abandon()
+            raise ConfigError("host path", str(local), f"cannot write there "
+                              f"({exc.strerror})") from None
         tmp = Path(tmp_name)
         received = 0
         err = bytearray()

@@ -7,15 +7,25 @@ States and the moves between them::
        |                  +--> failed(reason) <-- QEMU died or boot timed out             |
        +------------------------------------- start again ---------------------------------+
 
+    ready --pause--> paused --resume--> ready
     ready --stop(save=True)--> saved --start--> ready (resumed: processes and /tmp kept)
                                saved --halt--> stopped (the saved state is discarded)
 
 A machine made from a snapshot is ``created`` with a pending restore (resume.json):
 its first start loads the snapshot instead of booting, then gets its own identity.
+A pending restore is always carried out by ``start``, with or without ``wait``.
 
 The state on disk is a record of the last move; what a machine *is* comes from
-that record plus a live check of its QEMU process (``status()``), so a QEMU
-that died behind pinnace's back shows as stopped or failed, never as running.
+that record plus a live check of its process (``status()``), so a VMM that died
+behind pinnace's back shows as stopped or failed, never as running.
+
+Commands that die: every move is made holding the machine's lock, and the lock dies
+with the command. A machine recorded as ``starting`` or ``stopping``, or as busy
+being saved or snapshotted, while nobody holds its lock, was left by a command that
+was killed; the next command that looks at it finishes or rolls back that move
+(see ``_recover``): an interrupted start is killed and marked failed, an
+interrupted stop is finished, a guest left paused by an interrupted save or
+snapshot runs again (or, if the save had finished, the machine is saved).
 """
 
 from __future__ import annotations
@@ -30,20 +40,18 @@ import logging
 import os
 import re
 import shutil
-import subprocess
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
 from .agent.client import AgentClient, ExecResult, Process, anchor_from, clock_anchor
-from .backends.qemu import command as qcmd
-from .backends.qemu import host as qhost
-from .backends.qemu import process as qproc
-from .config import NAT_DNS, NAT_GATEWAY, NAT_GUEST, MachineConfig, PortForward
+from .backends import base as B
+from .backends.base import Backend, Handle, LaunchSpec, NatNic
+from .config import NAT_DNS, NAT_GATEWAY, NAT_GUEST, MachineConfig, Nic, PortForward, random_mac
 from .errors import (
-    AgentDisconnected,
     AgentError,
     AgentTimeout,
     BootTimeout,
@@ -55,12 +63,16 @@ from .errors import (
     PinnaceError,
     SnapshotError,
     StateError,
+    StoreError,
     describe_exit,
+    store_error,
 )
-from .store import MachineFiles, read_json, tail, write_json
-
-if TYPE_CHECKING:
-    from .client import AsyncPinnace
+from .files import AsyncFiles
+from .images import Images
+from .network.networks import AsyncNetworks
+from .snapshots.key import Capture, SnapshotLookup, machine_key, verify
+from .store import MachineFiles, Store, read_record, tail, write_json
+from .volumes import AsyncVolumes
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +81,7 @@ HOSTNAME_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,61}[A-Za-z0-9])?")
 STOP_TIMEOUT = 10.0
 QUIT_TIMEOUT = 5.0
 SERIAL_TAIL_LINES = 30
+LOCK_TIMEOUT = 120.0
 
 
 class MachineState(enum.StrEnum):
@@ -86,10 +99,14 @@ class MachineState(enum.StrEnum):
 
 S = MachineState
 LIVE = frozenset({S.STARTING, S.RUNNING, S.READY, S.PAUSED, S.STOPPING})
+MOVING = frozenset({S.STARTING, S.STOPPING})  # a command is in the middle of a move
 STARTABLE = (S.CREATED, S.STOPPED, S.SAVED, S.FAILED)
 STOPPABLE = (S.STARTING, S.RUNNING, S.READY, S.PAUSED)
+UP = (S.READY, S.RUNNING, S.PAUSED)  # the guest exists and can be saved
 AT_REST = (S.CREATED, S.STOPPED, S.FAILED)  # and not SAVED: its state fixes its shape
 RESTORE_AGENT_TIMEOUT = 30.0
+# Fields of state.json that describe the running process; kept across moves while it runs.
+_RUN_FIELDS = ("pid", "pid_start", "accel", "started_at", "ready_at", "restored", "was")
 
 
 @dataclass(frozen=True)
@@ -110,17 +127,35 @@ class MachineStatus:
         return d
 
 
+@dataclass(frozen=True)
+class MachineEnv:
+    """What a machine uses, handed to it by the client's wiring (no part holds the client)."""
+
+    store: Store
+    backend: Backend
+    images: Images
+    snapshots: SnapshotLookup
+    volumes: AsyncVolumes
+    networks: AsyncNetworks
+
+
+def handle_of(record: dict[str, Any]) -> Handle | None:
+    """The process a state record names, if it names one."""
+    pid, start = record.get("pid"), record.get("pid_start")
+    if isinstance(pid, int) and isinstance(start, int) and not isinstance(pid, bool):
+        return Handle(pid, start)
+    return None
+
+
 class AsyncMachine:
     """One machine in the store. Get it from ``AsyncPinnace.machines``."""
 
-    def __init__(self, pinnace: AsyncPinnace, name: str) -> None:
-        self._pn = pinnace
+    def __init__(self, name: str, env: MachineEnv) -> None:
         self.name = name
-        self.paths: MachineFiles = pinnace.store.machine_files(name)
+        self.env = env
+        self.paths: MachineFiles = env.store.machine_files(name)
         self.log = log.getChild(name)
-        from .files import AsyncFiles
-
-        self.files = AsyncFiles(self)
+        self.files = AsyncFiles(self.agent)
         self._agent: AgentClient | None = None
         self._agent_lock = asyncio.Lock()
 
@@ -129,78 +164,97 @@ class AsyncMachine:
 
     @property
     def config(self) -> MachineConfig:
+        fix = f"repair it, or remove the machine with 'pinnace delete --force {self.name}'"
         try:
-            return MachineConfig.from_json(self.paths.config.read_text())
+            data = read_record(self.paths.config, fix)
+            return MachineConfig.build(**data)
         except FileNotFoundError:
             raise NotFoundError("machine", self.name, "see 'pinnace ls'") from None
+        except ConfigError as exc:
+            raise StoreError(str(self.paths.config), f"is damaged ({exc})", fix) from None
 
-    def _lock(self, timeout: float = 120.0) -> Any:
-        return self._pn.store.lock("machine", self.name, timeout)
-
-    async def _locked(self, timeout: float = 120.0) -> contextlib.AbstractAsyncContextManager[None]:
-        lock = self._lock(timeout)
-        await asyncio.to_thread(lock.acquire)
-
-        @contextlib.asynccontextmanager
-        async def holder() -> Any:
-            try:
-                yield
-            finally:
-                lock.release()
-
-        return holder()
+    @contextlib.asynccontextmanager
+    async def _locked(self, timeout: float = LOCK_TIMEOUT,
+                      *others: tuple[str, str]) -> AsyncIterator[None]:
+        """Hold this machine's lock (and ``others``', in the store's lock order)."""
+        async with self.env.store.alocked(("machine", self.name), *others, timeout=timeout):
+            yield
 
     # -- state ---------------------------------------------------------------------------
 
     def _record(self) -> dict[str, Any]:
         try:
-            data = read_json(self.paths.state)
-            return data if isinstance(data, dict) else {}
-        except (FileNotFoundError, ValueError):
+            return read_record(self.paths.state, "")
+        except (FileNotFoundError, StoreError):
             return {}
 
     def _write_state(self, state: MachineState, reason: str = "", /, **fields: Any) -> None:
         record = {"state": str(state), "reason": reason, "updated_at": time.time(), **fields}
         write_json(self.paths.state, record)
-        self._event(str(state), reason=reason, **{k: v for k, v in fields.items() if k == "pid"})
+        self.event(str(state), reason=reason, **{k: v for k, v in fields.items()
+                                                 if k in ("pid", "busy")})
 
-    def _event(self, event: str, **fields: Any) -> None:
+    def _rewrite(self, record: dict[str, Any], state: MachineState | None = None,
+                 reason: str | None = None, **changes: Any) -> dict[str, Any]:
+        """Write the record again with its run fields, ``changes`` applied (None drops)."""
+        fields = {k: record[k] for k in (*_RUN_FIELDS, "busy") if k in record}
+        fields.update(changes)
+        fields = {k: v for k, v in fields.items() if v is not None}
+        self._write_state(state or MachineState(record["state"]),
+                          str(record.get("reason", "")) if reason is None else reason, **fields)
+        return self._record()
+
+    def event(self, event: str, **fields: Any) -> None:
+        """Append one line to the machine's events.jsonl (a history for people, not state)."""
         line = json.dumps({"time": time.time(), "event": event, **fields})
         with contextlib.suppress(OSError), open(self.paths.events, "a") as f:
             f.write(line + "\n")
 
-    def _process(self, record: dict[str, Any]) -> qproc.ProcessInfo | None:
-        pid, start = record.get("pid"), record.get("pid_start")
-        if isinstance(pid, int) and isinstance(start, int):
-            return qproc.ProcessInfo(pid, start)
-        return None
-
     def _alive(self) -> bool:
-        info = self._process(self._record())
-        return info is not None and info.alive()
+        handle = handle_of(self._record())
+        return handle is not None and self.env.backend.alive(handle)
 
     async def status(self) -> MachineStatus:
-        """The machine's state, reconciled with whether its QEMU is alive."""
+        """The machine's state, reconciled with whether its process is alive; a move
+        left half-done by a command that died is finished or rolled back first."""
+        return await self._status(holding=False)
+
+    async def _status(self, *, holding: bool) -> MachineStatus:
+        """``holding``: the caller holds this machine's lock, so any move recorded in
+        state.json is one a dead command left (ours has not begun)."""
         if not self.paths.dir.is_dir():
             raise NotFoundError("machine", self.name, "see 'pinnace ls'")
-        record = self._record()
         try:
+            record = read_record(self.paths.state, "")
             state = MachineState(record.get("state", ""))
-        except ValueError:
-            return MachineStatus(self.name, S.BROKEN, "state.json is missing or damaged")
-        info = self._process(record)
-        if state in LIVE and (info is None or not info.alive()):
-            state, reason, code = self._settle(state)
-            record = self._record()
-            return MachineStatus(self.name, state, reason, None, record.get("accel"),
-                                 record.get("started_at"), code)
+        except (FileNotFoundError, StoreError, ValueError):
+            return MachineStatus(self.name, S.BROKEN, f"{self.paths.state} is missing or "
+                                 f"damaged; 'pinnace delete --force {self.name}' removes the "
+                                 "machine")
+        handle = handle_of(record)
+        alive = handle is not None and self.env.backend.alive(handle)
+        if state in LIVE and not alive:
+            return await self._settle(state, record, holding=holding)
+        if state in MOVING or record.get("busy"):
+            lock = None if holding else self.env.store.try_locked("machine", self.name)
+            if holding or lock is not None:
+                try:
+                    record = await self._recover(state, record, handle)
+                finally:
+                    if lock is not None:
+                        lock.release()
+                return await self._status(holding=True)
         return MachineStatus(self.name, state, str(record.get("reason", "")),
-                             info.pid if info and state in LIVE else None, record.get("accel"),
-                             record.get("started_at"), record.get("exit_code"))
+                             handle.pid if handle and state in LIVE else None,
+                             record.get("accel"), record.get("started_at"),
+                             record.get("exit_code"))
 
-    def _settle(self, was: MachineState) -> tuple[MachineState, str, int | None]:
-        """QEMU is gone though the record says it runs: decide stopped or failed, and record it."""
-        code = qproc.await_exit_status(self.paths)
+    async def _settle(self, was: MachineState, record: dict[str, Any], *,
+                      holding: bool) -> MachineStatus:
+        """The process is gone though the record says it runs: decide stopped or failed,
+        and record it (if no other command is changing the machine)."""
+        backend = self.env.backend
+        code = await backend.await_exit_status(self.paths)
         serial = tail(self.paths.serial_log, 200)
         if was == S.STOPPING:
             state, reason = S.STOPPED, ""
@@ -210,18 +264,64 @@ class AsyncMachine:
             state, reason = S.STOPPED, "the guest powered off"
         else:
             state, reason = S.FAILED, f"QEMU {describe_exit(code)}"
-        lock = self._lock(0.0)
-        try:
-            lock.acquire()
-        except Exception:
-            return state, reason, code  # someone else is changing it; report, do not write
+        status = MachineStatus(self.name, state, reason, None, record.get("accel"),
+                               record.get("started_at"), code)
+        lock = None if holding else self.env.store.try_locked("machine", self.name)
+        if not holding and lock is None:
+            return status  # someone else is changing it; report, do not write
         try:
             if self._record().get("state") == str(was):
+                await self._drop_agent()
                 self._cleanup_runtime()
-                self._write_state(state, reason, exit_code=code, accel=self._record().get("accel"))
+                self._discard_partial_save()
+                self._write_state(state, reason, exit_code=code, accel=record.get("accel"))
         finally:
-            lock.release()
-        return state, reason, code
+            if lock is not None:
+                lock.release()
+        return status
+
+    async def _recover(self, state: MachineState, record: dict[str, Any],
+                       handle: Handle | None) -> dict[str, Any]:
+        """Finish or roll back a move a dead command left (we hold the lock; the process
+        is alive). Returns the record as it is now."""
+        backend = self.env.backend
+        busy = record.get("busy")
+        self.log.info("%s was left %s by a command that died; recovering", self.name,
+                      busy or state)
+        if state in MOVING:
+            if handle is not None:
+                await backend.kill(handle, self.paths)
+            await self._drop_agent()
+            self._cleanup_runtime()
+            self._discard_partial_save()
+            if state == S.STARTING:
+                self._write_state(S.FAILED, "the command starting it was interrupted; start it "
+                                  "again", accel=record.get("accel"))
+            else:
+                self._write_state(S.STOPPED, "the command stopping it was interrupted; it was "
+                                  "killed", accel=record.get("accel"))
+            return self._record()
+        if busy == "save" and self.paths.resume.exists():
+            # The state was saved whole (resume.json comes last): finish going down.
+            if handle is not None:
+                await backend.kill(handle, self.paths)
+            await self._drop_agent()
+            self._cleanup_runtime()
+            self._write_state(S.SAVED, "state saved; start resumes it", accel=record.get("accel"))
+            return self._record()
+        # An interrupted save or snapshot: the guest may be left paused. Let it run again.
+        self._discard_partial_save()
+        if state != S.PAUSED:
+            with contextlib.suppress(PinnaceError):
+                if await backend.run_state(self.paths) != B.RUNNING:
+                    await backend.resume(self.paths)
+        return self._rewrite(record, busy=None)
+
+    def _discard_partial_save(self) -> None:
+        """A saved state whose save never finished (no resume.json points at it)."""
+        if not self.paths.resume.exists():
+            with contextlib.suppress(FileNotFoundError):
+                self.paths.saved_state.unlink()
 
     def _cleanup_runtime(self) -> None:
         for p in self.paths.runtime_files():
@@ -229,96 +329,113 @@ class AsyncMachine:
                 p.unlink()
 
     async def _require(self, action: str, allowed: tuple[MachineState, ...]) -> MachineStatus:
-        """The current status, if its state is one ``action`` accepts; else StateError."""
-        st = await self.status()
+        """The current status (call holding the lock), if its state is one ``action``
+        accepts; else StateError."""
+        st = await self._status(holding=True)
         if st.state not in allowed:
             raise StateError(self.name, action, str(st.state), [str(s) for s in allowed])
         return st
 
+    @contextlib.asynccontextmanager
+    async def _busy(self, what: str) -> AsyncIterator[None]:
+        """Mark the machine busy with ``what`` (the guest may be paused meanwhile); a
+        command that dies inside leaves the mark for ``_recover``."""
+        self._rewrite(self._record(), busy=what)
+        try:
+            yield
+        finally:
+            record = self._record()
+            if record.get("busy") == what:
+                self._rewrite(record, busy=None)
+
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self, *, wait: bool = True, timeout: float | None = None) -> MachineStatus:
-        """Boot the machine; with ``wait``, return once its agent answers (state ready)."""
-        async with await self._locked():
+        """Boot the machine; with ``wait``, return once its agent answers (state ready).
+        A machine with a pending restore (from a snapshot, or saved) is restored whether
+        or not ``wait`` is given: its VMM can do nothing until the state is loaded."""
+        async with self._locked():
             await self._require("start", STARTABLE)
             cfg = self.config
-            image = self._pn.images.files_for(cfg.image_digest, cfg.image)
-            choice = await asyncio.to_thread(
-                qhost.choose_accel, cfg.accel, self._pn.store.cache_dir, image.kernel, image.initrd)
+            backend = self.env.backend
+            image = self.env.images.files_for(cfg.image_digest, cfg.image)
+            choice = await backend.choose_accel(cfg.accel)
             if choice.accel == "tcg" and cfg.accel == "auto" and choice.reason:
-                self.log.warning("KVM is not usable (%s); using TCG software emulation, "
-                                 "which is several times slower", choice.reason)
+                # Said once, when the probe runs; after that only with -v.
+                say = self.log.warning if choice.probed else self.log.info
+                say("KVM is not usable (%s); using TCG software emulation, which is several "
+                    "times slower", choice.reason)
             resume = self._resume_plan(cfg, choice.accel)
             devices = await self._claim_devices(cfg)
-            spec = qcmd.LaunchSpec(
+            spec = LaunchSpec(
                 name=self.name, files=self.paths, kernel=image.kernel, initrd=image.initrd,
                 cpus=cfg.cpus, memory_mib=cfg.memory_mib, accel=choice.accel,
-                cmdline=cfg.cmdline, tsc_khz=qhost.cached_tsc_khz(self._pn.store.cache_dir),
+                cmdline=cfg.cmdline,
                 memory_file=Path(resume["memory"]) if resume and resume.get("memory") else None,
                 incoming=resume is not None, **devices,
             )
-            argv = qcmd.build_argv(qhost.qemu_binary(), spec)
             self._cleanup_runtime()
-            if self.paths.serial_log.exists():
-                self.paths.serial_log.replace(self.paths.dir / "serial.log.prev")
-            with contextlib.suppress(FileNotFoundError):
-                self.paths.qemu_log.unlink()
+            try:
+                if self.paths.serial_log.exists():
+                    self.paths.serial_log.replace(self.paths.prev_serial_log)
+                with contextlib.suppress(FileNotFoundError):
+                    self.paths.qemu_log.unlink()
+            except OSError as exc:
+                raise store_error(exc, "rotating the machine's logs") from None
             self._write_state(S.STARTING, accel=choice.accel)
-            self.log.debug("launching: %s", qcmd.render(argv))
             started = time.time()
             try:
-                launched = await asyncio.to_thread(qproc.launch, argv, self.paths)
-            except TimeoutError as exc:
-                self._write_state(S.FAILED, f"QEMU did not start: {exc}", accel=choice.accel)
-                raise LaunchError(self.name, str(exc), command=argv, exit_code=None,
-                                  log_tail=tail(self.paths.qemu_log)) from exc
+                launched = await backend.launch(spec)
+            except LaunchError as exc:
+                self._write_state(S.FAILED, exc.message, accel=choice.accel)
+                raise
             if isinstance(launched, int):
                 qlog = tail(self.paths.qemu_log)
                 first = qlog.strip().splitlines()[-1] if qlog.strip() else describe_exit(launched)
                 self._write_state(S.FAILED, f"QEMU would not start: {first}",
                                   accel=choice.accel, exit_code=launched)
-                raise LaunchError(self.name, f"QEMU would not start: {first}", command=argv,
+                raise LaunchError(self.name, f"QEMU would not start: {first}", command=(),
                                   exit_code=launched, log_tail=qlog)
             fields: dict[str, Any] = {"pid": launched.pid, "pid_start": launched.start_time,
-                      "accel": choice.accel, "started_at": started}
+                                      "accel": choice.accel, "started_at": started}
+            if resume is not None:
+                self._write_state(S.STARTING, **fields)
+                return await self._restore(resume, launched, fields, timeout)
             self._write_state(S.STARTING if wait else S.RUNNING, **fields)
             if not wait:
-                return await self.status()
-            if resume is not None:
-                return await self._restore(resume, launched, fields, timeout)
+                return await self._status(holding=True)
             boot_timeout = timeout if timeout is not None else cfg.boot_timeout
             try:
-                await self._connect_agent(boot_timeout, alive=launched.alive)
-            except (AgentTimeout, AgentDisconnected, AgentError) as exc:
-                await asyncio.to_thread(qproc.kill, launched, self.paths)
+                await self._connect_agent(boot_timeout, alive=lambda: backend.alive(launched))
+            except AgentError as exc:
+                await backend.kill(launched, self.paths)
                 serial = tail(self.paths.serial_log, SERIAL_TAIL_LINES)
                 panic = [ln for ln in tail(self.paths.serial_log, 300).splitlines()
                          if "Kernel panic" in ln]
                 if panic and panic[-1] not in serial:  # the stack dump pushed it out
                     serial = f"{panic[-1]}\n...\n{serial}"
-                code = qproc.read_exit_status(self.paths)
+                code = backend.exit_status(self.paths)
+                self._cleanup_runtime()
                 if isinstance(exc, AgentTimeout) and code in (None, 137):
-                    self._cleanup_runtime()
                     self._write_state(S.FAILED, f"boot timed out after {boot_timeout:g} s",
                                       accel=choice.accel)
                     raise BootTimeout(self.name, boot_timeout, log_tail=serial) from None
-                self._cleanup_runtime()
                 crashed = MachineCrashed(self.name, code, during="boot", log_tail=serial)
                 self._write_state(S.FAILED, crashed.message, accel=choice.accel, exit_code=code)
                 raise crashed from exc
             try:
                 await self._setup_guest(self._agent, cfg, None, mounts=True)
             except (AgentError, ConnectionError, MachineError) as exc:
-                await self._fail_start(launched, fields, f"setting up the guest failed: {exc}")
+                await self._fail_start(launched, f"setting up the guest failed: {exc}",
+                                       choice.accel)
             self._write_state(S.READY, **fields, ready_at=time.time())
-            return await self.status()
+            return await self._status(holding=True)
 
-    async def _fail_start(self, launched: qproc.ProcessInfo, fields: dict[str, Any],
-                          reason: str) -> NoReturn:
-        await asyncio.to_thread(qproc.kill, launched, self.paths)
+    async def _fail_start(self, launched: Handle, reason: str, accel: str | None) -> NoReturn:
+        await self.env.backend.kill(launched, self.paths)
         await self._drop_agent()
         self._cleanup_runtime()
-        self._write_state(S.FAILED, reason, accel=fields.get("accel"))
+        self._write_state(S.FAILED, reason, accel=accel)
         raise MachineError(self.name, reason, log_tail=tail(self.paths.qemu_log))
 
     async def _claim_devices(self, cfg: MachineConfig) -> dict[str, Any]:
@@ -326,14 +443,14 @@ class AsyncMachine:
         ports for its forwards, volumes no other running machine writes to, its NICs
         plugged into their networks' switches. Returns the LaunchSpec's device fields."""
         for p in cfg.ports:
-            _check_port_free(p, self._pn, self.name)
+            _check_port_free(p, self.env.store, self.name)
         volumes = []
         for v in cfg.volumes:
-            vol = self._pn.volumes.get(v.source)
-            for other in self._pn.volumes.users(v.source):
+            vol = self.env.volumes.get(v.source)
+            for other in self.env.volumes.users(v.source):
                 if other == self.name:
                     continue
-                om = AsyncMachine(self._pn, other)
+                om = AsyncMachine(other, self.env)
                 try:
                     running = (await om.status()).state in LIVE
                     theirs = [m.ro for m in om.config.volumes if m.source == v.source]
@@ -350,11 +467,11 @@ class AsyncMachine:
                                   "or recreate the machine without it")
         for i, nic in enumerate(cfg.nics):
             if nic.network:
-                await asyncio.to_thread(self._pn.networks.register, nic.network, self.name,
+                await asyncio.to_thread(self.env.networks.register, nic.network, self.name,
                                         self.paths, i, nic.mac)
         nat = None
         if cfg.net != "none":
-            nat = qcmd.NatNic(cfg.nat_mac, restrict=cfg.net == "restricted", forwards=tuple(
+            nat = NatNic(cfg.nat_mac, restrict=cfg.net == "restricted", forwards=tuple(
                 (p.proto, p.host_ip, p.host_port, p.guest_port) for p in cfg.ports))
         return {"nat": nat, "nics": tuple(n.mac for n in cfg.nics), "volumes": tuple(volumes),
                 "shares": tuple((Path(sh.source), sh.ro) for sh in cfg.shares)}
@@ -369,7 +486,7 @@ class AsyncMachine:
         assert agent is not None
         for i, n in enumerate(cfg.nics):
             if not n.network:
-                await self._set_link(i, False)
+                await self.env.backend.set_link(self.paths, i, False)
         known = bool((macs or {}).get("template"))
         requests = []
         if cfg.net != "none":
@@ -386,9 +503,9 @@ class AsyncMachine:
                 None if bare else [nic.ip] if nic.network else [],
                 up=None if bare else bool(nic.network)))
         if mounts:
-            requests += [agent.request("mount", fstype="ext4", source=qcmd.volume_serial(i),
+            requests += [agent.request("mount", fstype="ext4", source=B.volume_serial(i),
                                        path=v.path, ro=v.ro) for i, v in enumerate(cfg.volumes)]
-            requests += [agent.request("mount", fstype="9p", source=qcmd.share_tag(i),
+            requests += [agent.request("mount", fstype="9p", source=B.share_tag(i),
                                        path=sh.path, ro=sh.ro) for i, sh in enumerate(cfg.shares)]
         await asyncio.gather(*requests)
 
@@ -414,10 +531,9 @@ class AsyncMachine:
     async def connect(self, network: str, ip: str | None = None) -> str:
         """Plug a NIC into ``network`` and give it an address; return the address. A running
         machine uses a spare NIC (create it with spare_nics); one at rest gets a new NIC."""
-        from .config import Nic
-
-        async with await self._locked():
-            st = await self.status()
+        self.env.networks.get(network)  # it must exist (and the name be valid)
+        async with self._locked(LOCK_TIMEOUT, ("network", network)):
+            st = await self._status(holding=True)
             live = st.state in (S.READY, S.RUNNING)
             if not live and st.state not in AT_REST:
                 raise StateError(self.name, "connect", str(st.state),
@@ -430,32 +546,29 @@ class AsyncMachine:
                 raise ConfigError("network", network, f"{self.name!r} has no spare NIC (its "
                                   "devices are fixed while it runs or restores a snapshot); "
                                   "create it with --spare-nics 1")
-            with self._pn.store.lock("network", network):
-                addr = self._pn.networks.allocate(network, ip, set())
-                nics = list(cfg.nics)
-                from .config import random_mac
-
-                index = spare[0] if spare else len(nics)
-                mac = nics[index].mac if spare else random_mac()
-                nic = Nic(mac, network, addr)
-                if spare:
-                    nics[index] = nic
-                else:
-                    nics.append(nic)
-                write_json(self.paths.config, cfg.with_changes(nics=tuple(nics)).to_dict())
+            addr = self.env.networks.allocate(network, ip, set())
+            nics = list(cfg.nics)
+            index = spare[0] if spare else len(nics)
+            mac = nics[index].mac if spare else random_mac()
+            nic = Nic(mac, network, addr)
+            if spare:
+                nics[index] = nic
+            else:
+                nics.append(nic)
+            write_json(self.paths.config, cfg.with_changes(nics=tuple(nics)).to_dict())
             if live:
-                await asyncio.to_thread(self._pn.networks.register, network, self.name,
+                await asyncio.to_thread(self.env.networks.register, network, self.name,
                                         self.paths, index, mac)
-                await self._set_link(index, True)
+                await self.env.backend.set_link(self.paths, index, True)
                 agent = await self.agent()
                 await self._nic_request(agent, None, mac, [addr], up=True)
-            self._event("connected", network=network, address=addr)
+            self.event("connected", network=network, address=addr)
             return addr
 
     async def disconnect(self, network: str) -> None:
         """Unplug the machine's NIC from ``network``; a running machine keeps it, spare."""
-        async with await self._locked():
-            st = await self.status()
+        async with self._locked(LOCK_TIMEOUT, ("network", network)):
+            st = await self._status(holding=True)
             cfg = self.config
             found = [i for i, n in enumerate(cfg.nics) if n.network == network]
             if not found:
@@ -465,36 +578,27 @@ class AsyncMachine:
             if st.state in (S.READY, S.RUNNING):
                 agent = await self.agent()
                 await self._nic_request(agent, None, nic.mac, [], up=False)
-                await self._set_link(index, False)
+                await self.env.backend.set_link(self.paths, index, False)
             elif st.state not in AT_REST:
                 raise StateError(self.name, "disconnect", str(st.state),
                                  ["ready", "running", *[str(x) for x in AT_REST]])
-            await asyncio.to_thread(self._pn.networks.unregister, network, self.name, index)
+            await asyncio.to_thread(self.env.networks.unregister, network, self.name, index)
             nics = list(cfg.nics)
-            nics[index] = type(nic)(nic.mac)
+            nics[index] = Nic(nic.mac)
             write_json(self.paths.config, cfg.with_changes(nics=tuple(nics)).to_dict())
-            self._event("disconnected", network=network)
-
-    async def _set_link(self, index: int, up: bool) -> None:
-        from .backends.qemu.qmp import execute, qmp_session
-
-        async with qmp_session(self.paths.qmp_sock, self.name) as client:
-            await execute(client, "set_link", {"name": qcmd.nic_id(index), "up": up})
+            self.event("disconnected", network=network)
 
     def _resume_plan(self, cfg: MachineConfig, accel: str) -> dict[str, Any] | None:
         """What the next start restores (resume.json), checked against this host; or None."""
         try:
-            plan = read_json(self.paths.resume)
+            plan = read_record(self.paths.resume, "'pinnace halt' discards the saved state")
         except FileNotFoundError:
             return None
-        except ValueError:
-            raise MachineError(self.name, "resume.json is damaged; 'pinnace halt' discards "
-                               "the saved state") from None
-        from .snapshots import machine_key, verify
-
-        want = machine_key(self._pn, cfg, accel)
+        except StoreError as exc:
+            raise MachineError(self.name, str(exc)) from None
+        want = machine_key(self.env.backend, cfg, accel)
         if plan.get("snapshot"):
-            snap = self._pn.snapshots.by_ref(plan["snapshot"])
+            snap = self.env.snapshots.by_ref(str(plan["snapshot"]))
             verify(snap)
             changed = want.changes(snap.key)
             if changed:
@@ -504,25 +608,28 @@ class AsyncMachine:
             if changed:
                 raise MachineError(self.name, f"its saved state does not fit this host: "
                                    f"{'; '.join(changed)}; 'pinnace halt' discards it")
-            if not Path(plan["state"]).is_file():
+            if not Path(str(plan.get("state"))).is_file():
                 raise MachineError(self.name, "the saved state file is missing; 'pinnace halt' "
                                    "discards the saved state")
         return dict(plan)
 
-    async def _restore(self, plan: dict[str, Any], launched: qproc.ProcessInfo,
+    async def _restore(self, plan: dict[str, Any], launched: Handle,
                        fields: dict[str, Any], timeout: float | None) -> MachineStatus:
-        """Load a saved state into the QEMU just launched, run it, and reconnect the agent;
+        """Load a saved state into the VMM just launched, run it, and reconnect the agent;
         a clone of a snapshot also gets its own hostname, the host's clock and fresh entropy."""
-        from .backends.qemu.qmp import MigrationFailed, load_state
+        backend = self.env.backend
+
+        def alive() -> bool:
+            return backend.alive(launched)
 
         try:
             # Connect to the agent while the state loads: the HELLO waits in the port's
             # socket and the guest reads it as soon as its CPUs run.
             connecting = asyncio.ensure_future(AgentClient.open(
-                self.paths, timeout=timeout or RESTORE_AGENT_TIMEOUT, alive=launched.alive))
+                self.paths, timeout=timeout or RESTORE_AGENT_TIMEOUT, alive=alive))
             try:
-                await load_state(self.paths.qmp_sock, self.name, Path(plan["state"]),
-                                 ignore_shared=bool(plan.get("ignore_shared")))
+                await backend.load(self.paths, Path(plan["state"]),
+                                   ignore_shared=bool(plan.get("ignore_shared")))
             except BaseException:
                 connecting.cancel()
                 with contextlib.suppress(BaseException):
@@ -542,7 +649,7 @@ class AsyncMachine:
                 work.append(asyncio.ensure_future(
                     self._setup_guest(agent, self.config, plan.get("macs"), mounts=False)))
             try:
-                await agent.welcomed(timeout or RESTORE_AGENT_TIMEOUT, alive=launched.alive)
+                await agent.welcomed(timeout or RESTORE_AGENT_TIMEOUT, alive=alive)
                 await asyncio.gather(*work)
             except BaseException:
                 for task in work:  # one failed: the others must not go on talking to it
@@ -552,19 +659,14 @@ class AsyncMachine:
                 raise
             async with self._agent_lock:
                 self._agent = agent
-        except (MigrationFailed, ConnectionError, AgentError) as exc:
-            await self._fail_start(launched, fields, f"restoring the saved state failed: {exc}")
+        except (MachineError, ConnectionError, AgentError, KeyError, TypeError) as exc:
+            await self._fail_start(launched, f"restoring the saved state failed: {exc}",
+                                   fields.get("accel"))
         self.paths.resume.unlink()
         with contextlib.suppress(FileNotFoundError):
             self.paths.saved_state.unlink()
         self._write_state(S.READY, **fields, ready_at=time.time(), restored=True)
-        return await self.status()
-
-    async def _resume_cpus(self) -> None:
-        from .backends.qemu.qmp import execute, qmp_session
-
-        async with qmp_session(self.paths.qmp_sock, self.name) as client:
-            await execute(client, "cont")
+        return await self._status(holding=True)
 
     async def _connect_agent(self, timeout: float, alive: Callable[[], bool]) -> AgentClient:
         async with self._agent_lock:
@@ -579,7 +681,8 @@ class AsyncMachine:
             return self._agent
         st = await self.status()
         if st.state not in (S.READY, S.RUNNING):
-            raise StateError(self.name, "talk to the agent of", str(st.state), ["ready", "running"])
+            raise StateError(self.name, "reach the guest agent of", str(st.state),
+                             ["ready", "running"])
         return await self._connect_agent(timeout, alive=self._alive)
 
     async def _drop_agent(self) -> None:
@@ -599,35 +702,59 @@ class AsyncMachine:
         return await self._shutdown("stop", graceful=True, timeout=timeout)
 
     async def _save(self) -> MachineStatus:
-        from .backends.qemu.qmp import MigrationFailed, save_state
-        from .snapshots import machine_key
-
-        async with await self._locked():
-            st = await self._require("save", (S.READY, S.RUNNING, S.PAUSED))
+        backend = self.env.backend
+        async with self._locked():
+            st = await self._require("save", UP)
             record = self._record()
-            info = self._process(record)
-            assert info is not None
-            key = machine_key(self._pn, self.config, st.accel or "tcg")
+            handle = handle_of(record)
+            assert handle is not None
+            key = machine_key(backend, self.config, st.accel or "tcg")
             reading = await self._guest_clock(st.state)
             await self._drop_agent()
-            try:
-                stopped = await save_state(self.paths.qmp_sock, self.name,
-                                           self.paths.saved_state, ignore_shared=False)
-            except (MigrationFailed, ConnectionError) as exc:
-                with contextlib.suppress(Exception):
-                    await self._resume_cpus()
-                with contextlib.suppress(FileNotFoundError):
-                    self.paths.saved_state.unlink()
-                raise MachineError(self.name, f"saving failed, the machine keeps running: {exc}",
-                                   log_tail=tail(self.paths.qemu_log)) from None
-            write_json(self.paths.resume, {"state": str(self.paths.saved_state), "memory": None,
-                                           "ignore_shared": False, "snapshot": "",
-                                           "clock": clock_anchor(reading, stopped),
-                                           "key": asdict(key)})
-            await self._bring_down(info, graceful=False, timeout=0, kill=False)
-            self._cleanup_runtime()
-            self._write_state(S.SAVED, "state saved; start resumes it", accel=record.get("accel"))
-            return await self.status()
+            async with self._busy("save"):
+                try:
+                    stopped = await backend.save(self.paths, self.paths.saved_state,
+                                                 ignore_shared=False)
+                except MachineError as exc:
+                    if st.state != S.PAUSED:
+                        with contextlib.suppress(PinnaceError):
+                            await backend.resume(self.paths)
+                    with contextlib.suppress(FileNotFoundError):
+                        self.paths.saved_state.unlink()
+                    raise MachineError(self.name, "saving failed, the machine keeps running: "
+                                       f"{exc.message}", log_tail=tail(self.paths.qemu_log)
+                                       ) from None
+                # resume.json comes last: with it, the saved state is whole.
+                write_json(self.paths.resume, {
+                    "state": str(self.paths.saved_state), "memory": None, "ignore_shared": False,
+                    "snapshot": "", "clock": clock_anchor(reading, stopped), "key": asdict(key)})
+                await self._bring_down(handle, graceful=False, timeout=0, kill=False)
+                self._cleanup_runtime()
+                self._write_state(S.SAVED, "state saved; start resumes it",
+                                  accel=record.get("accel"))
+            return await self._status(holding=True)
+
+    async def capture(self, stream: Path, disk: Path) -> Capture:
+        """Save the running machine's whole state (RAM included) to ``stream`` and copy its
+        disk to ``disk``, then let it run on: what a snapshot is made from."""
+        backend = self.env.backend
+        async with self._locked():
+            st = await self._require("snapshot", UP)
+            cfg = self.config
+            key = machine_key(backend, cfg, st.accel or "tcg")
+            reading = await self._guest_clock(st.state)
+            await self._drop_agent()
+            async with self._busy("snapshot"):
+                try:
+                    stopped = await backend.save(self.paths, stream, ignore_shared=False)
+                    try:
+                        await asyncio.to_thread(shutil.copyfile, self.paths.disk, disk)
+                    except OSError as exc:
+                        raise store_error(exc, "copying the machine's disk") from None
+                finally:
+                    if st.state != S.PAUSED:
+                        await backend.resume(self.paths)
+            return Capture(cfg, key, clock_anchor(reading, stopped))
 
     async def _guest_clock(self, state: MachineState) -> tuple[float, float] | None:
         """Read the guest's CLOCK_MONOTONIC before saving it (see AgentClient.monotonic);
@@ -641,16 +768,36 @@ class AsyncMachine:
             return None
         return await agent.monotonic()
 
+    async def pause(self) -> MachineStatus:
+        """Stop the guest's CPUs; it keeps its memory and resumes where it was."""
+        async with self._locked():
+            await self._require("pause", (S.READY, S.RUNNING))
+            await self.env.backend.pause(self.paths)
+            record = self._record()
+            self._rewrite(record, S.PAUSED, "paused; resume runs it again",
+                          was=record["state"])
+            return await self._status(holding=True)
+
+    async def resume(self) -> MachineStatus:
+        """Run a paused guest again."""
+        async with self._locked():
+            await self._require("resume", (S.PAUSED,))
+            await self.env.backend.resume(self.paths)
+            record = self._record()
+            was = S.RUNNING if record.get("was") == str(S.RUNNING) else S.READY
+            self._rewrite(record, was, "", was=None)
+            return await self._status(holding=True)
+
     async def halt(self) -> MachineStatus:
         """Stop at once without asking the guest: QEMU quits (disk caches flushed), or is killed.
         A saved machine's saved state is discarded (it becomes stopped)."""
-        if (await self.status()).state == S.SAVED:
-            async with await self._locked():
-                await self._require("halt", (S.SAVED,))
+        async with self._locked():
+            st = await self._require("halt", (*STOPPABLE, S.SAVED))
+            if st.state == S.SAVED:
                 self._discard_saved()
                 self._write_state(S.STOPPED, "saved state discarded")
-                return await self.status()
-        return await self._shutdown("halt", graceful=False, timeout=0)
+                return await self._status(holding=True)
+            return await self._down(st, graceful=False, timeout=0, kill=False)
 
     def _discard_saved(self) -> None:
         for p in (self.paths.resume, self.paths.saved_state):
@@ -663,67 +810,67 @@ class AsyncMachine:
 
     async def _shutdown(self, action: str, *, graceful: bool, timeout: float,
                         kill: bool = False) -> MachineStatus:
-        async with await self._locked():
+        async with self._locked():
             st = await self._require(action, STOPPABLE)
-            record = self._record()
-            info = self._process(record)
-            assert info is not None
-            self._write_state(S.STOPPING, **{k: record[k] for k in
-                                             ("pid", "pid_start", "accel", "started_at")
-                                             if k in record})
-            how = await self._bring_down(info, graceful=graceful and st.state != S.PAUSED,
-                                         timeout=timeout, kill=kill)
-            await self._drop_agent()
-            self._cleanup_runtime()
-            self._write_state(S.STOPPED, how, accel=record.get("accel"),
-                              exit_code=qproc.await_exit_status(self.paths))
-            return await self.status()
+            return await self._down(st, graceful=graceful, timeout=timeout, kill=kill)
 
-    async def _bring_down(self, info: qproc.ProcessInfo, *, graceful: bool, timeout: float,
+    async def _down(self, st: MachineStatus, *, graceful: bool, timeout: float,
+                    kill: bool) -> MachineStatus:
+        """Take a live machine down (holding its lock) and record it stopped."""
+        record = self._record()
+        handle = handle_of(record)
+        assert handle is not None
+        self._write_state(S.STOPPING, **{k: record[k] for k in _RUN_FIELDS if k in record})
+        how = await self._bring_down(handle, graceful=graceful and st.state != S.PAUSED,
+                                     timeout=timeout, kill=kill)
+        await self._drop_agent()
+        self._cleanup_runtime()
+        self._write_state(S.STOPPED, how, accel=record.get("accel"),
+                          exit_code=await self.env.backend.await_exit_status(self.paths))
+        return await self._status(holding=True)
+
+    async def _bring_down(self, handle: Handle, *, graceful: bool, timeout: float,
                           kill: bool) -> str:
         """Escalate: agent poweroff, QMP quit, SIGKILL. Return how it went down."""
-        from .backends.qemu.qmp import quit_qemu
-
+        backend = self.env.backend
         how = "killed"
         if not kill and graceful:
             try:
-                agent = await self._connect_agent(min(timeout, 3.0), alive=info.alive)
+                agent = await self._connect_agent(min(timeout, 3.0),
+                                                  alive=lambda: backend.alive(handle))
                 await agent.request("poweroff", timeout=min(timeout, 3.0))
             except AgentError as exc:
                 self.log.debug("agent poweroff failed: %s", exc)
-            if await asyncio.to_thread(qproc.wait_exit, info, timeout):
+            if await backend.wait_exit(handle, timeout):
                 how = "powered off by the agent"
         if not kill and how == "killed":
-            if await quit_qemu(self.paths.qmp_sock, self.name, QUIT_TIMEOUT):
-                if await asyncio.to_thread(qproc.wait_exit, info, QUIT_TIMEOUT):
+            if await backend.quit(self.paths, QUIT_TIMEOUT):
+                if await backend.wait_exit(handle, QUIT_TIMEOUT):
                     how = "QEMU quit" if not graceful else "the guest did not power off; QEMU quit"
         if how == "killed":
-            await asyncio.to_thread(qproc.kill, info, self.paths)
-        else:  # the launcher shell writes the status just after QEMU ends: let it finish
-            await asyncio.to_thread(qproc.await_exit_status, self.paths)
+            await backend.kill(handle, self.paths)
+        else:  # the launcher writes the status just after the process ends: let it finish
+            await backend.await_exit_status(self.paths)
         return how
 
     async def delete(self, *, force: bool = False) -> None:
         """Remove the machine and everything in its directory; ``force`` kills it first."""
-        async with await self._locked():
-            st = await self.status()
+        async with self._locked():
+            st = await self._status(holding=True)
             if st.state in LIVE or st.state == S.BROKEN:
                 if not force and st.state != S.BROKEN:
                     raise StateError(self.name, "delete", str(st.state),
                                      [str(s) for s in AT_REST] + ["any state, with --force"])
-                info = self._process(self._record())
-                if info is not None:
-                    await asyncio.to_thread(qproc.kill, info, self.paths)
+                handle = handle_of(self._record())
+                if handle is not None:
+                    await self.env.backend.kill(handle, self.paths)
             await self._drop_agent()
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(PinnaceError, OSError):
                 for i, nic in enumerate(self.config.nics):
                     if nic.network:
-                        await asyncio.to_thread(self._pn.networks.unregister, nic.network,
+                        await asyncio.to_thread(self.env.networks.unregister, nic.network,
                                                 self.name, i)
-            trash = self._pn.store.tmp_dir / f"delete-{os.getpid()}-{self.name}"
-            self._pn.store.tmp_dir.mkdir(parents=True, exist_ok=True)
-            os.rename(self.paths.dir, trash)
-            shutil.rmtree(trash, ignore_errors=True)
+            self.env.store.remove_tree(self.paths.dir)
 
     async def configure(self, **changes: Any) -> MachineConfig:
         """Change cpus, memory, cmdline, boot_timeout or accel; only while the machine is at rest."""
@@ -732,11 +879,11 @@ class AsyncMachine:
         if unknown:
             raise ConfigError("option", sorted(unknown)[0],
                               f"configure can change {', '.join(sorted(allowed))}")
-        async with await self._locked():
+        async with self._locked():
             await self._require("configure", AT_REST)
             cfg = self.config.with_changes(**changes)
             write_json(self.paths.config, cfg.to_dict())
-            self._event("configured", changes={k: v for k, v in changes.items() if v is not None})
+            self.event("configured", changes={k: v for k, v in changes.items() if v is not None})
             return cfg
 
     # -- the guest -----------------------------------------------------------------------
@@ -813,10 +960,8 @@ class AsyncMachine:
         await self._drop_agent()
 
 
-def _check_port_free(p: PortForward, pn: AsyncPinnace, me: str) -> None:
+def _check_port_free(p: PortForward, store: Store, me: str) -> None:
     """ConfigError naming who holds the host port of forward ``p``, if anyone does."""
-    import socket
-
     kind = socket.SOCK_STREAM if p.proto == "tcp" else socket.SOCK_DGRAM
     with socket.socket(socket.AF_INET, kind) as s:
         try:
@@ -825,21 +970,15 @@ def _check_port_free(p: PortForward, pn: AsyncPinnace, me: str) -> None:
         except OSError as exc:
             problem = exc.strerror or str(exc)
     holder = "another program on this host"
-    for other in pn.store.machines_dir.glob("*/config.json"):
-        with contextlib.suppress(OSError, ValueError, TypeError):
-            ports = read_json(other).get("ports") or []
-            if other.parent.name != me and any(
-                    q.get("host_port") == p.host_port and q.get("proto") == p.proto
-                    for q in ports):
-                holder = f"machine {other.parent.name!r}, if it is running"
+    for name, cfg in store.machine_configs():
+        ports = cfg.get("ports") or []
+        if name != me and isinstance(ports, list) and any(
+                isinstance(q, dict) and q.get("host_port") == p.host_port
+                and q.get("proto") == p.proto for q in ports):
+            holder = f"machine {name!r}, if it is running"
     raise ConfigError("port", str(p), f"host port {p.host_ip}:{p.host_port}/{p.proto} cannot be "
                       f"used ({problem}; held by {holder}); choose another host port")
 
 
-def create_disk(image_rootfs: Path, disk: Path) -> None:
-    """A qcow2 overlay on the image's root filesystem: the machine's writes go here only."""
-    subprocess.run(
-        [qhost.qemu_img(), "create", "-q", "-f", "qcow2", "-b", str(image_rootfs), "-F", "raw",
-         str(disk)],
-        check=True, capture_output=True, text=True,
-    )
+__all__ = ["AT_REST", "LIVE", "AsyncMachine", "MachineEnv", "MachineState",
+           "MachineStatus", "handle_of"]

@@ -1,34 +1,59 @@
-"""The store on disk: paths, atomic writes and locks.
+"""The store on disk: its layout, atomic writes, removal, and locks.
 
-This is the only module that knows the layout. Every file name inside an
-object's directory is a constant here, so no path string is spelled twice::
+This is the only module that knows the layout. Every file and folder is named
+here, so no path string is spelled twice::
 
     $PINNACE_HOME/                   default ~/.local/share/pinnace
       machines/<name>/               one directory per machine (MachineFiles)
-      images/<digest>/               vmlinux, initrd.img, rootfs.ext4, image.json
+      images/<digest>/               vmlinux, initrd.img, rootfs.ext4, image.json (ImageFiles)
       refs/images/<name>             the digest an image name points at
-      cache/                         build layers and host probes, safe to delete
+      snapshots/<name>/              memory, state, disk.qcow2, clone.qcow2, snapshot.json
+      volumes/<name>/                volume.ext4, volume.json (VolumeFiles)
+      networks/<name>/               network.json, ports/, the switch's files (NetworkFiles)
+      cache/                         build layers, host probes, ready snapshots; safe to delete
+        ready/<slot>.json            which ready snapshot serves an image and shape
+        ready/<id>/                  a ready snapshot (SnapshotFiles)
       locks/                         one lock file per object, outside its directory
-      tmp/                           staging for atomic creation of directories
+      tmp/                           staging and trash: <what>-<pid>-..., removed by gc when
+                                     that process is gone
+
+Writes are atomic (temporary file, fsync, rename, fsync of the folder): a reader sees
+the old file or the new one. Objects are made whole in tmp/ and renamed into place,
+and removed by renaming them into tmp/ first, so a killed command leaves either the
+whole object or nothing in its place, plus a folder in tmp/ that ``pinnace gc`` removes.
+
+Locks: one ``flock`` per object, taken through :meth:`Store.locked` (or
+:meth:`Store.alocked` in async code, which waits in a thread, never in the event
+loop). A command that needs several takes them all at once, and they are always
+taken in this order (LOCK_ORDER), so two commands can never wait for each other::
+
+    ready slot < image < snapshot < machine (by name) < network (by name) < volume
+
+A lock is held by an open file; a command that dies drops its locks with it. So a
+machine whose state says a command is moving it (starting, stopping) while nobody
+holds its lock was left by a command that died; :mod:`pinnace.machine` finishes
+or rolls back what it left.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import fcntl
 import json
 import os
 import re
+import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, LockTimeout
+from .errors import ConfigError, LockTimeout, StoreError, store_error
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 NAME_HINT = "use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
@@ -74,6 +99,11 @@ class MachineFiles:
         return self.dir / "serial.log"
 
     @property
+    def prev_serial_log(self) -> Path:
+        """The serial log of the run before the last."""
+        return self.dir / "serial.log.prev"
+
+    @property
     def qemu_log(self) -> Path:
         return self.dir / "qemu.log"
 
@@ -104,6 +134,12 @@ class MachineFiles:
     @property
     def events(self) -> Path:
         return self.dir / "events.jsonl"
+
+    @property
+    def owner(self) -> Path:
+        """Of an ephemeral machine (run --rm): "PID STARTTIME" of the command that will
+        delete it; once that process is gone, ``gc`` deletes the machine."""
+        return self.dir / "owner"
 
     @property
     def resume(self) -> Path:
@@ -157,6 +193,111 @@ class ImageFiles:
         return self.dir / "image.json"
 
 
+@dataclass(frozen=True)
+class SnapshotFiles:
+    """The files of one snapshot (named, or a ready snapshot in the cache)."""
+
+    dir: Path
+
+    @property
+    def memory(self) -> Path:
+        """Guest RAM, raw; mapped copy-on-write by every clone."""
+        return self.dir / "memory"
+
+    @property
+    def state(self) -> Path:
+        """QEMU's device state (a migration stream without the RAM)."""
+        return self.dir / "state"
+
+    @property
+    def disk(self) -> Path:
+        return self.dir / "disk.qcow2"
+
+    @property
+    def clone_disk(self) -> Path:
+        """An empty overlay on disk.qcow2: each clone starts with a copy of it."""
+        return self.dir / "clone.qcow2"
+
+    @property
+    def meta(self) -> Path:
+        return self.dir / "snapshot.json"
+
+    @property
+    def stream(self) -> Path:
+        """While a snapshot is made from a running machine: its whole saved state."""
+        return self.dir / "stream"
+
+    @property
+    def run(self) -> MachineFiles:
+        """While a snapshot is made: the folder of the QEMU that writes it."""
+        return MachineFiles(self.dir / "run")
+
+    def checked(self) -> dict[str, Path]:
+        """The files snapshot.json lists with their size and checksum."""
+        return {"memory": self.memory, "state": self.state, "disk.qcow2": self.disk,
+                "clone.qcow2": self.clone_disk}
+
+
+@dataclass(frozen=True)
+class VolumeFiles:
+    """The files in one volume's directory."""
+
+    dir: Path
+
+    @property
+    def image(self) -> Path:
+        return self.dir / "volume.ext4"
+
+    @property
+    def meta(self) -> Path:
+        return self.dir / "volume.json"
+
+
+@dataclass(frozen=True)
+class NetworkFiles:
+    """The files in one network's directory: its description and its switch's files."""
+
+    dir: Path
+
+    @property
+    def meta(self) -> Path:
+        return self.dir / "network.json"
+
+    @property
+    def ports_dir(self) -> Path:
+        """One ``<port-id>.json`` per NIC on the network, written by pinnace."""
+        return self.dir / "ports"
+
+    def port_file(self, port_id: str) -> Path:
+        return self.ports_dir / f"{port_id}.json"
+
+    @property
+    def switch_pid(self) -> Path:
+        return self.dir / "switch.pid"
+
+    @property
+    def supervisor_pid(self) -> Path:
+        return self.dir / "supervisor.pid"
+
+    @property
+    def state(self) -> Path:
+        """The ports the running switch has bound and rejected, rewritten when they change."""
+        return self.dir / "switch.ports.json"
+
+    @property
+    def log(self) -> Path:
+        return self.dir / "switch.log"
+
+    @property
+    def lock(self) -> Path:
+        """Held while the switch's supervisor is started or stopped."""
+        return self.dir / "switch.lock"
+
+    @property
+    def stats(self) -> Path:
+        return self.dir / "switch.stats.json"
+
+
 class Store:
     """A pinnace store rooted at one directory."""
 
@@ -192,8 +333,25 @@ class Store:
         return self.home / "refs" / "images"
 
     @property
+    def snapshots_dir(self) -> Path:
+        return self.home / "snapshots"
+
+    @property
+    def volumes_dir(self) -> Path:
+        return self.home / "volumes"
+
+    @property
+    def networks_dir(self) -> Path:
+        return self.home / "networks"
+
+    @property
     def cache_dir(self) -> Path:
         return self.home / "cache"
+
+    @property
+    def ready_dir(self) -> Path:
+        """Ready snapshots and the pointers saying which serves an image and shape."""
+        return self.cache_dir / "ready"
 
     @property
     def locks_dir(self) -> Path:
@@ -209,40 +367,190 @@ class Store:
     def image_files(self, digest: str) -> ImageFiles:
         return ImageFiles(self.images_dir / digest)
 
+    def image_ref(self, name: str) -> Path:
+        return self.image_refs_dir / name
+
+    def snapshot_files(self, name: str) -> SnapshotFiles:
+        return SnapshotFiles(self.snapshots_dir / name)
+
+    def ready_files(self, ident: str) -> SnapshotFiles:
+        return SnapshotFiles(self.ready_dir / ident)
+
+    def ready_pointer(self, slot: str) -> Path:
+        return self.ready_dir / f"{slot}.json"
+
+    def volume_files(self, name: str) -> VolumeFiles:
+        return VolumeFiles(self.volumes_dir / name)
+
+    def network_files(self, name: str) -> NetworkFiles:
+        return NetworkFiles(self.networks_dir / name)
+
+    def host_cache(self, name: str) -> Path:
+        """A small JSON file of facts about the host (probes), in the cache."""
+        return self.cache_dir / name
+
     def ensure(self) -> None:
         """Create the top-level directories (idempotent)."""
-        for d in (self.machines_dir, self.images_dir, self.image_refs_dir, self.cache_dir,
-                  self.locks_dir, self.tmp_dir):
-            d.mkdir(parents=True, exist_ok=True)
+        try:
+            for d in (self.machines_dir, self.images_dir, self.image_refs_dir, self.cache_dir,
+                      self.locks_dir, self.tmp_dir):
+                d.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise store_error(exc, "making the store's folders") from None
+
+    def machine_configs(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(name, config.json as a dict) of every machine whose config can be read,
+        by name; damaged or vanishing ones are skipped (``status`` reports them)."""
+        d = self.machines_dir
+        if not d.is_dir():
+            return
+        for entry in sorted(d.iterdir()):
+            try:
+                data = read_json(entry / "config.json")
+            except (OSError, ValueError):
+                continue
+            if isinstance(data, dict):
+                yield entry.name, data
 
     # --- locks -----------------------------------------------------------------------
 
     def lock(self, kind: str, name: str, timeout: float = 60.0) -> FileLock:
-        """A lock on one object (``kind``/``name``); hold it while changing the object."""
+        """The lock on one object. Take it with :meth:`locked` or :meth:`alocked`, which
+        keep LOCK_ORDER; a FileLock alone is for the single-lock helpers below."""
+        if kind not in LOCK_ORDER:
+            raise ValueError(f"unknown lock kind {kind!r}")
         self.locks_dir.mkdir(parents=True, exist_ok=True)
         return FileLock(self.locks_dir / f"{kind}-{name}.lock", timeout)
 
-    # --- staging ---------------------------------------------------------------------
+    def _ordered(self, objs: tuple[tuple[str, str], ...], timeout: float) -> list[FileLock]:
+        keys = sorted(set(objs), key=lambda o: (LOCK_ORDER.index(o[0]), o[1]))
+        return [self.lock(kind, name, timeout) for kind, name in keys]
+
+    @contextlib.contextmanager
+    def locked(self, *objs: tuple[str, str], timeout: float = 60.0) -> Iterator[None]:
+        """Hold the locks of ``objs`` ((kind, name) pairs), taken in LOCK_ORDER."""
+        with contextlib.ExitStack() as stack:
+            for lk in self._ordered(objs, timeout):
+                stack.enter_context(lk)
+            yield
+
+    @contextlib.asynccontextmanager
+    async def alocked(self, *objs: tuple[str, str], timeout: float = 60.0) -> AsyncIterator[None]:
+        """:meth:`locked` for async code: the waiting happens in a thread."""
+        held: list[FileLock] = []
+        try:
+            for lk in self._ordered(objs, timeout):
+                await _acquire_in_thread(lk)
+                held.append(lk)
+            yield
+        finally:
+            for lk in reversed(held):
+                lk.release()
+
+    def try_locked(self, kind: str, name: str) -> FileLock | None:
+        """The lock of one object if nobody holds it (taken), else None. No waiting."""
+        lk = self.lock(kind, name, 0.0)
+        try:
+            lk.acquire()
+        except LockTimeout:
+            return None
+        return lk
+
+    # --- staging and removal ---------------------------------------------------------
 
     @contextlib.contextmanager
     def staging_dir(self, prefix: str) -> Iterator[Path]:
-        """A fresh directory under tmp/ that is removed unless the caller renamed it away."""
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        path = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=self.tmp_dir))
+        """A fresh directory under tmp/ that is removed unless the caller renamed it away.
+        ``prefix`` is a word like ``machine-``; the folder carries our pid, so that
+        ``gc`` can tell a dead command's leftovers from a live one's work."""
+        try:
+            self.tmp_dir.mkdir(parents=True, exist_ok=True)
+            path = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=self.tmp_dir))
+        except OSError as exc:
+            raise store_error(exc, "making a staging folder") from None
         try:
             yield path
         finally:
             if path.exists():
                 shutil.rmtree(path, ignore_errors=True)
 
-    def clean_tmp(self) -> None:
-        """Remove staging directories left by pinnace processes that have died."""
-        if not self.tmp_dir.is_dir():
+    def remove_tree(self, path: Path) -> None:
+        """Remove a folder of the store: renamed into tmp/ first, so it vanishes at once
+        and whole, then deleted (a killed command leaves it to ``gc``)."""
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        trash = self.tmp_dir / f"delete-{os.getpid()}-{secrets.token_hex(4)}-{path.name}"
+        try:
+            os.rename(path, trash)
+        except FileNotFoundError:
             return
-        for entry in self.tmp_dir.iterdir():
-            m = re.match(r"^[a-z]+-(\d+)-", entry.name)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def leftovers(self) -> list[Path]:
+        """Folders and files in tmp/ of pinnace processes that have died."""
+        out: list[Path] = []
+        if not self.tmp_dir.is_dir():
+            return out
+        for entry in sorted(self.tmp_dir.iterdir()):
+            m = re.match(r"^\.?[a-z]+-(\d+)-", entry.name)
             if m and not pid_alive(int(m.group(1))):
+                out.append(entry)
+        return out
+
+    def clean_tmp(self) -> list[Path]:
+        """Remove what :meth:`leftovers` finds; return what was removed."""
+        gone = self.leftovers()
+        for entry in gone:
+            if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    entry.unlink()
+        return gone
+
+
+# The order in which locks are taken (see the module's docstring).
+LOCK_ORDER = ("ready", "image", "snapshot", "machine", "network", "volume")
+
+
+async def _acquire_in_thread(lk: FileLock) -> None:
+    """Take ``lk`` in a worker thread. If the waiting task is cancelled, the lock is
+    released as soon as the thread gets it, so a cancelled wait never leaks it."""
+    fut = asyncio.ensure_future(asyncio.to_thread(lk.acquire))
+    try:
+        await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        def drop(f: asyncio.Future[None]) -> None:
+            if not f.cancelled() and f.exception() is None:
+                lk.release()
+
+        fut.add_done_callback(drop)
+        raise
+
+
+def proc_start_time(pid: int) -> int | None:
+    """When process ``pid`` started (field 22 of /proc/PID/stat, in ticks since boot), or
+    None if it is gone or a zombie: a pid and its start time name one process for good."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rindex(b")") + 2:].split()  # comm may hold spaces and parentheses
+    return None if fields[0] == b"Z" else int(fields[19])
+
+
+def this_process() -> str:
+    """"PID STARTTIME" of this process, for an owner file."""
+    pid = os.getpid()
+    return f"{pid} {proc_start_time(pid)}"
+
+
+def owner_alive(text: str) -> bool:
+    """True if the process an owner file names ("PID STARTTIME") still runs."""
+    words = text.split()
+    if len(words) != 2 or not all(w.isdigit() for w in words):
+        return False
+    return proc_start_time(int(words[0])) == int(words[1])
 
 
 def pid_alive(pid: int) -> bool:
@@ -318,7 +626,12 @@ def try_lock(path: Path) -> int | None:
 def write_atomic(path: Path, data: bytes | str, mode: int = 0o644) -> None:
     """Write ``data`` to ``path`` so readers see the old file or the new one, never a torn one."""
     raw = data.encode() if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        # The temporary name starts with '.': readers of a folder (the switch's ports/)
+        # skip such files.
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as exc:
+        raise store_error(exc, f"writing {path.name}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(raw)
@@ -326,11 +639,13 @@ def write_atomic(path: Path, data: bytes | str, mode: int = 0o644) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
-    except BaseException:
+        fsync_dir(path.parent)
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise store_error(exc, f"writing {path.name}") from None
         raise
-    fsync_dir(path.parent)
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -339,6 +654,21 @@ def write_json(path: Path, obj: Any) -> None:
 
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
+
+
+def read_record(path: Path, fix: str) -> dict[str, Any]:
+    """A JSON object the store keeps (config.json, state.json, snapshot.json...).
+    FileNotFoundError passes through; anything else unreadable is a StoreError naming
+    the file and ``fix``."""
+    try:
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or bad UTF-8
+        raise StoreError(str(path), f"cannot be read ({exc})", fix) from None
+    if not isinstance(data, dict):
+        raise StoreError(str(path), "is not a JSON object", fix)
+    return data
 
 
 def fsync_dir(path: Path) -> None:

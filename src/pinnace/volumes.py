@@ -10,10 +10,8 @@ A volume is built whole in a staging directory and renamed into place, so a volu
 either exists complete or not at all. It cannot be removed while a machine's
 config.json lists it under ``"volumes"``.
 
-Errors raised here, under ``PinnaceError``::
-
-    VolumeError          a volume is damaged or could not be made (name, problem)
-     +-- VolumeInUse     machines have it attached (name, machines)
+Errors raised here (in :mod:`pinnace.errors`): VolumeError (a volume is damaged or
+could not be made) and VolumeInUse (machines have it attached).
 """
 
 from __future__ import annotations
@@ -23,18 +21,25 @@ import builtins
 import errno
 import logging
 import os
-import secrets
 import shutil
 import subprocess
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from .config import parse_size
-from .errors import AlreadyExistsError, ConfigError, HostError, NotFoundError, PinnaceError
-from .store import NAME_RE, Store, fsync_dir, read_json, validate_name, write_json
+from .errors import (
+    AlreadyExistsError,
+    ConfigError,
+    HostError,
+    NotFoundError,
+    StoreError,
+    VolumeError,
+    VolumeInUse,
+    store_error,
+)
+from .store import NAME_RE, Store, VolumeFiles, fsync_dir, read_record, validate_name, write_json
 
 log = logging.getLogger(__name__)
 
@@ -46,50 +51,6 @@ MKFS_TIMEOUT = 600.0
 MKFS = "mkfs.ext4"
 # Debian keeps mkfs.ext4 in sbin, which is not on an ordinary user's PATH.
 _SBIN_DIRS = ("/usr/sbin", "/sbin")
-
-
-class VolumeError(PinnaceError):
-    """A volume is damaged or could not be made; ``problem`` says what and how to fix it."""
-
-    def __init__(self, name: str, problem: str) -> None:
-        self.name = name
-        self.problem = problem
-        super().__init__(f"volume {name!r}: {problem}")
-
-
-class VolumeInUse(VolumeError):
-    """A volume cannot be removed while machines have it attached."""
-
-    def __init__(self, name: str, machines: Sequence[str]) -> None:
-        self.machines = tuple(machines)
-        shown = ", ".join(repr(m) for m in self.machines)
-        if len(self.machines) == 1:
-            problem = (f"machine {shown} uses it; delete the machine or recreate it "
-                       "without the volume")
-        else:
-            problem = (f"machines {shown} use it; delete the machines or recreate them "
-                       "without the volume")
-        super().__init__(name, problem)
-
-
-class _HasStore(Protocol):
-    @property
-    def store(self) -> Store: ...
-
-
-@dataclass(frozen=True)
-class VolumeFiles:
-    """The files in one volume's directory."""
-
-    dir: Path
-
-    @property
-    def image(self) -> Path:
-        return self.dir / "volume.ext4"
-
-    @property
-    def meta(self) -> Path:
-        return self.dir / "volume.json"
 
 
 @dataclass(frozen=True)
@@ -144,15 +105,13 @@ def _damaged(name: str, path: Path, problem: str) -> VolumeError:
 
 def _read(files: VolumeFiles, name: str) -> Volume:
     try:
-        meta = read_json(files.meta)
+        meta = read_record(files.meta, "")
     except FileNotFoundError:
         if not files.dir.is_dir():
             raise NotFoundError("volume", name, "see 'pinnace volume ls'") from None
         raise _damaged(name, files.meta, "is missing") from None
-    except (OSError, ValueError) as exc:  # ValueError: bad JSON or bad UTF-8
-        raise _damaged(name, files.meta, f"cannot be read ({exc})") from None
-    if not isinstance(meta, dict):
-        raise _damaged(name, files.meta, "is not a JSON object")
+    except StoreError as exc:
+        raise _damaged(name, files.meta, exc.problem) from None
     size, journal, created = meta.get("size"), meta.get("journal"), meta.get("created")
     label = meta.get("label", name[:LABEL_MAX])
     if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
@@ -184,7 +143,7 @@ def _make_sparse(path: Path, size: int, asked: str | int) -> None:
         if exc.errno == errno.EFBIG:
             raise ConfigError("volume size", asked, f"the filesystem holding {path.parent} "
                               "cannot hold a file this large; choose a smaller size") from exc
-        raise
+        raise store_error(exc, "making the volume's file") from None
     finally:
         os.close(fd)
 
@@ -217,17 +176,17 @@ def _mkfs(mkfs: str, image: Path, *, name: str, label: str, journal: bool) -> No
 class AsyncVolumes:
     """The volumes in a store."""
 
-    def __init__(self, pinnace: _HasStore) -> None:
-        self._pn = pinnace
+    def __init__(self, store: Store) -> None:
+        self.store = store
 
     @property
     def dir(self) -> Path:
         """The directory that holds one directory per volume."""
-        return self._pn.store.home / "volumes"
+        return self.store.volumes_dir
 
     def files(self, name: str) -> VolumeFiles:
         """The files of volume ``name`` (which need not exist)."""
-        return VolumeFiles(self.dir / validate_name("volume", name))
+        return self.store.volume_files(validate_name("volume", name))
 
     # -- lookup --------------------------------------------------------------------------
 
@@ -252,18 +211,11 @@ class AsyncVolumes:
     def users(self, name: str) -> tuple[str, ...]:
         """Machines whose config.json attaches volume ``name``; unreadable configs are skipped."""
         users: builtins.list[str] = []
-        store = self._pn.store
-        if not store.machines_dir.is_dir():
-            return ()
-        for entry in sorted(store.machines_dir.iterdir()):
-            try:
-                cfg = read_json(store.machine_files(entry.name).config)
-            except (OSError, ValueError):
-                continue
-            attached = cfg.get("volumes") if isinstance(cfg, dict) else None
+        for machine, cfg in self.store.machine_configs():
+            attached = cfg.get("volumes")
             if isinstance(attached, builtins.list) and any(
                     isinstance(v, dict) and v.get("source") == name for v in attached):
-                users.append(entry.name)
+                users.append(machine)
         return tuple(users)
 
     def usage(self, vol: Volume) -> int:
@@ -286,9 +238,12 @@ class AsyncVolumes:
         return await asyncio.to_thread(self._create, name, size, nbytes, journal, mkfs)
 
     def _create(self, name: str, asked: str | int, size: int, journal: bool, mkfs: str) -> Volume:
-        store = self._pn.store
+        store = self.store
         final = self.files(name)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise store_error(exc, "making the volumes folder") from None
         with store.staging_dir("volume-") as stage:
             staged = VolumeFiles(stage)
             label = name[:LABEL_MAX]
@@ -296,7 +251,7 @@ class AsyncVolumes:
             _mkfs(mkfs, staged.image, name=name, label=label, journal=journal)
             write_json(staged.meta, {"name": name, "size": size, "journal": journal,
                                      "created": time.time(), "label": label})
-            with store.lock("volume", name):
+            with store.locked(("volume", name)):
                 if final.dir.exists():
                     raise AlreadyExistsError("volume", name)
                 try:
@@ -304,7 +259,7 @@ class AsyncVolumes:
                 except OSError as exc:  # made meanwhile by something that ignores the lock
                     if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
                         raise AlreadyExistsError("volume", name) from None
-                    raise
+                    raise store_error(exc, "putting the volume in place") from None
             fsync_dir(self.dir)
         log.info("volume %s: created, %d bytes, journal %s", name, size, journal)
         return self.get(name)
@@ -317,20 +272,15 @@ class AsyncVolumes:
 
     def _remove(self, name: str) -> None:
         files = self.files(name)
-        with self._pn.store.lock("volume", name):
+        with self.store.locked(("volume", name)):
             if not files.dir.is_dir():
                 raise NotFoundError("volume", name, "see 'pinnace volume ls'")
             users = self.users(name)
             if users:
                 raise VolumeInUse(name, users)
-            # Rename first so the volume disappears at once, even if deleting takes a while.
-            tmp = self._pn.store.tmp_dir
-            tmp.mkdir(parents=True, exist_ok=True)
-            trash = tmp / f"delete-{os.getpid()}-{secrets.token_hex(4)}-{name}"
-            os.rename(files.dir, trash)
-        shutil.rmtree(trash, ignore_errors=True)
+            # Renamed away first, so the volume disappears at once, even if deleting takes a while.
+            self.store.remove_tree(files.dir)
         log.info("volume %s: removed", name)
 
 
-__all__ = ["AsyncVolumes", "Volume", "VolumeError", "VolumeFiles", "VolumeInUse", "mkfs_binary",
-           "volume_size"]
+__all__ = ["AsyncVolumes", "Volume", "mkfs_binary", "volume_size"]

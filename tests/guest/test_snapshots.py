@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from pinnace import ConfigError, SnapshotError, snapshots
+from pinnace import ConfigError, SnapshotError
+from pinnace.snapshots import key as snapkey
 
 
 def test_stop_save_then_start_resumes_processes_and_tmp(machine):
@@ -103,8 +104,8 @@ def test_ready_cache_rebuilds_on_key_change_and_damage(pn, monkeypatch):
     notices.clear()
     _run(pn, go())
     assert notices == []  # restored, not rebuilt
-    current = snapshots.SNAPSHOT_FORMAT
-    monkeypatch.setattr(snapshots, "SNAPSHOT_FORMAT", 999)
+    current = snapkey.SNAPSHOT_FORMAT
+    monkeypatch.setattr(snapkey, "SNAPSHOT_FORMAT", 999)
     _run(pn, go())
     assert any(f"format {current} -> 999" in n for n in notices), notices
     monkeypatch.undo()

@@ -26,7 +26,6 @@ from pinnace.network.switch import (
     MAX_MACS,
     PortSpec,
     Switch,
-    SwitchFiles,
     ensure_running,
     notify,
     remove_port,
@@ -34,6 +33,7 @@ from pinnace.network.switch import (
     stop,
     write_port,
 )
+from pinnace.store import NetworkFiles
 
 BROADCAST = b"\xff" * 6
 UNKNOWN = bytes.fromhex("525400ffffff")
@@ -295,7 +295,7 @@ def test_port_files_come_and_go(lan, make_qemu):
 
 def test_bad_port_files_are_skipped_and_reported_once(lan, root, caplog):
     net, a, b, c = lan
-    ports = SwitchFiles(net).ports_dir
+    ports = NetworkFiles(net).ports_dir
     (ports / "bad.json").write_text("{not json")
     (ports / "bad name.json").write_text("{}")
     (ports / ".e.json.123").write_text("being written")
@@ -350,14 +350,14 @@ def test_supervised_switch_survives_sigkill_and_stops_clean(lan):
     assert ensure_running(net) == sup  # the same supervisor, a new switch on the same paths
     new = running(net)["switch_pid"]
     assert new != old and running(net)["switch_alive"]
-    assert "killed by SIGKILL" in SwitchFiles(net).log.read_text()
+    assert "killed by SIGKILL" in NetworkFiles(net).log.read_text()
     frame = a.send(BROADCAST, b"after")  # nothing changed on the QEMU side
     assert b.recv() == frame
     assert c.recv() == frame
 
     os.kill(new, signal.SIGUSR1)
-    wait_for(lambda: SwitchFiles(net).stats.exists())
-    counters = json.loads(SwitchFiles(net).stats.read_text())["ports"]
+    wait_for(lambda: NetworkFiles(net).stats.exists())
+    counters = json.loads(NetworkFiles(net).stats.read_text())["ports"]
     assert counters["a"]["rx"] == 1 and counters["b"]["tx"] == counters["c"]["tx"] == 1
 
     assert stop(net) is True
@@ -373,7 +373,7 @@ def test_notify_applies_port_changes_before_returning(lan, make_qemu):
     assert notify(net) is False  # no switch yet
     # An old, unchanged mtime on ports/ hides changes from the switch's own polling,
     # so only notify's SIGHUP can make it see port d.
-    ports = SwitchFiles(net).ports_dir
+    ports = NetworkFiles(net).ports_dir
     old = time.time() - 3600
     os.utime(ports, (old, old))
     ensure_running(net)

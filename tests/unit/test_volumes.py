@@ -4,7 +4,6 @@ import json
 import os
 import shutil
 import subprocess
-from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
@@ -26,7 +25,7 @@ def home(tmp_path):
 
 @pytest.fixture
 def vols(home):
-    return AsyncVolumes(SimpleNamespace(store=Store(home)))
+    return AsyncVolumes(Store(home))
 
 
 def create(vols, name, size, **kw):

@@ -6,18 +6,28 @@ import contextlib
 import json
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from . import echo_table, fail
+from . import each, echo_table, fail
+
+if TYPE_CHECKING:
+    from ..client import AsyncPinnace
 
 
 def _images(ctx: click.Context) -> Any:
     from ..images import Images
     from ..store import Store
 
-    return Images(Store(ctx.obj.get("home")))
+    try:
+        return Images(Store(ctx.obj.get("home")))
+    except Exception as exc:
+        fail(exc, _verbose(ctx))
+
+
+def _verbose(ctx: click.Context) -> int:
+    return int(ctx.obj.get("verbose", 0)) if ctx.obj else 0
 
 
 class RichReporter:
@@ -75,17 +85,15 @@ def build(ctx: click.Context, name: str, packages: tuple[str, ...], suite: str |
       pinnace image build
       pinnace image build web --package nginx --package curl
     """
-    from ..errors import PinnaceError
-
     start = time.monotonic()
     try:
         img = _images(ctx).build(name, packages, suite=suite, mirror=mirror, refresh=refresh,
                                  reporter=RichReporter())
-    except PinnaceError as exc:
-        fail(exc)
     except KeyboardInterrupt:
         click.echo("pinnace: build interrupted; nothing was added to the store", err=True)
         raise SystemExit(130) from None
+    except Exception as exc:
+        fail(exc, _verbose(ctx))
     click.echo(f"{name}: {img.short} ({time.monotonic() - start:.1f} s)", err=True)
     click.echo(img.digest)
 
@@ -103,7 +111,10 @@ def ls(ctx: click.Context, fmt: str, quiet: bool) -> None:
     """
     from ..config import format_size
 
-    images = _images(ctx).list()
+    try:
+        images = _images(ctx).list()
+    except Exception as exc:
+        fail(exc, _verbose(ctx))
     if quiet:
         for img in images:
             click.echo(img.digest)
@@ -129,12 +140,10 @@ def inspect(ctx: click.Context, ref: str) -> None:
     Example:
       pinnace image inspect default
     """
-    from ..errors import PinnaceError
-
     try:
         img = _images(ctx).get(ref)
-    except PinnaceError as exc:
-        fail(exc)
+    except Exception as exc:
+        fail(exc, _verbose(ctx))
     click.echo(json.dumps(img.to_dict(), indent=2))
 
 
@@ -148,12 +157,8 @@ def rm(ctx: click.Context, refs: tuple[str, ...]) -> None:
     Example:
       pinnace image rm web
     """
-    from ..errors import PinnaceError
 
-    images = _images(ctx)
-    for ref in refs:
-        try:
-            img = images.remove(ref)
-        except PinnaceError as exc:
-            fail(exc)
-        click.echo(f"{ref}: removed ({img.short})", err=True)
+    async def act(pn: AsyncPinnace, ref: str) -> str:
+        return f"removed ({(await pn.images.remove(ref)).short})"
+
+    each(ctx, refs, act)

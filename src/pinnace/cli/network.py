@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from . import Group, echo_table, run
+from . import Group, call, each, echo_table
 
 if TYPE_CHECKING:
     from ..client import AsyncPinnace
@@ -35,7 +35,7 @@ def create(ctx: click.Context, name: str, subnet: str) -> None:
         net = await pn.networks.create(name, subnet)
         click.echo(net.name)
 
-    run(ctx, go)
+    call(ctx, go)
 
 
 @network.command(name="ls")
@@ -65,7 +65,7 @@ def ls(ctx: click.Context, fmt: str) -> None:
                   for r in rows]
         echo_table(table)
 
-    run(ctx, go)
+    call(ctx, go)
 
 
 @network.command()
@@ -87,7 +87,7 @@ def inspect(ctx: click.Context, name: str) -> None:
         click.echo(json.dumps({**net.to_dict(), "machines": members,
                                "switch": switch.running(net.path)}, indent=2))
 
-    run(ctx, go)
+    call(ctx, go)
 
 
 @network.command(name="rm")
@@ -101,12 +101,11 @@ def rm(ctx: click.Context, names: tuple[str, ...]) -> None:
       pinnace network rm lan
     """
 
-    async def go(pn: AsyncPinnace) -> None:
-        for name in names:
-            await pn.networks.remove(name)
-            click.echo(f"{name}: removed")
+    async def act(pn: AsyncPinnace, name: str) -> str:
+        await pn.networks.remove(name)
+        return "removed"
 
-    run(ctx, go)
+    each(ctx, names, act)
 
 
 @network.command()
@@ -127,7 +126,7 @@ def connect(ctx: click.Context, name: str, machine: str, ip: str | None) -> None
         addr = await (await pn.machines.get(machine)).connect(name, ip)
         click.echo(addr)
 
-    run(ctx, go)
+    call(ctx, go)
 
 
 @network.command()
@@ -145,4 +144,4 @@ def disconnect(ctx: click.Context, name: str, machine: str) -> None:
     async def go(pn: AsyncPinnace) -> None:
         await (await pn.machines.get(machine)).disconnect(name)
 
-    run(ctx, go)
+    call(ctx, go)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from . import Group, echo_table, run
+from . import Group, call, each, echo_table
 
 if TYPE_CHECKING:
     from ..client import AsyncPinnace
@@ -36,7 +36,7 @@ def create(ctx: click.Context, machine: str, name: str) -> None:
         snap = await pn.snapshots.create(await pn.machines.get(machine), name)
         click.echo(f"{snap.name}: saved from {machine} in {time.monotonic() - t0:.1f} s", err=True)
 
-    run(ctx, go)
+    call(ctx, go)
 
 
 @snapshot.command(name="ls")
@@ -62,7 +62,7 @@ def ls(ctx: click.Context, fmt: str) -> None:
                          time.strftime("%Y-%m-%d %H:%M", time.localtime(s.created))))
         echo_table(rows)
 
-    run(ctx, go)
+    call(ctx, go)
 
 
 @snapshot.command()
@@ -85,7 +85,7 @@ def inspect(ctx: click.Context, name: str, verify: bool) -> None:
         click.echo(json.dumps({**snap.to_dict(), "used_by": list(pn.snapshots.users(snap.ref))},
                               indent=2))
 
-    run(ctx, go)
+    call(ctx, go)
 
 
 @snapshot.command()
@@ -99,12 +99,11 @@ def rm(ctx: click.Context, names: tuple[str, ...]) -> None:
       pinnace snapshot rm web-ready
     """
 
-    async def go(pn: AsyncPinnace) -> None:
-        for name in names:
-            await pn.snapshots.remove(name)
-            click.echo(f"{name}: removed", err=True)
+    async def act(pn: AsyncPinnace, name: str) -> str:
+        await pn.snapshots.remove(name)
+        return "removed"
 
-    run(ctx, go)
+    each(ctx, names, act)
 
 
 __all__ = ["snapshot"]

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from . import Group, echo_table, run
+from . import Group, call, each, echo_table
 
 if TYPE_CHECKING:
     from ..client import AsyncPinnace
@@ -39,7 +39,7 @@ def create(ctx: click.Context, name: str, size: str, journal: bool) -> None:
         vol = await pn.volumes.create(name, size, journal=journal)
         click.echo(vol.name)
 
-    run(ctx, go)
+    call(ctx, go)
 
 
 def _row(pn: AsyncPinnace, vol: Volume) -> dict[str, Any]:
@@ -67,7 +67,7 @@ def ls(ctx: click.Context, fmt: str, as_json: bool, quiet: bool) -> None:
     async def go(pn: AsyncPinnace) -> list[dict[str, Any]]:
         return [_row(pn, v) for v in pn.volumes.list()]
 
-    rows = run(ctx, go)
+    rows = call(ctx, go)
     if quiet:
         for r in rows:
             click.echo(r["name"])
@@ -96,7 +96,7 @@ def inspect(ctx: click.Context, name: str) -> None:
     async def go(pn: AsyncPinnace) -> None:
         click.echo(json.dumps(_row(pn, pn.volumes.get(name)), indent=2))
 
-    run(ctx, go)
+    call(ctx, go)
 
 
 @volume.command()
@@ -112,22 +112,11 @@ def rm(ctx: click.Context, names: tuple[str, ...]) -> None:
       pinnace volume rm data scratch
     """
 
-    async def go(pn: AsyncPinnace) -> int:
-        from ..errors import PinnaceError
+    async def act(pn: AsyncPinnace, name: str) -> str:
+        await pn.volumes.remove(name)
+        return "removed"
 
-        failed = 0
-        for name in names:
-            try:
-                await pn.volumes.remove(name)
-            except PinnaceError as exc:
-                click.echo(f"pinnace: error: {exc}", err=True)
-                failed += 1
-            else:
-                click.echo(f"{name}: removed", err=True)
-        return failed
-
-    if run(ctx, go):
-        ctx.exit(1)
+    each(ctx, names, act)
 
 
 __all__ = ["volume"]

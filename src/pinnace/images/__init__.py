@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import os
 import re
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError, NotFoundError, PinnaceError
-from ..store import ImageFiles, Store, read_json, validate_name, write_atomic
+from ..errors import ConfigError, ImageInUse, NotFoundError, StoreError
+from ..store import ImageFiles, Store, read_record, validate_name, write_atomic
 
 if TYPE_CHECKING:
     from .build import Reporter
@@ -49,16 +49,6 @@ class Image:
                 "size": self.size, **{k: v for k, v in self.manifest.items() if k != "digest"}}
 
 
-class ImageInUse(PinnaceError):
-    """An image cannot be removed while machines are made from it."""
-
-    def __init__(self, image: str, machines: Sequence[str]) -> None:
-        self.image = image
-        self.machines = tuple(machines)
-        super().__init__(f"image {image!r} is used by machine(s) {', '.join(machines)}; "
-                         "delete them first")
-
-
 class Images:
     """The images in a store (synchronous: building is subprocess work)."""
 
@@ -66,7 +56,7 @@ class Images:
         self.store = store
 
     def _ref(self, name: str) -> Path:
-        return self.store.image_refs_dir / name
+        return self.store.image_ref(name)
 
     def build(self, name: str = DEFAULT_IMAGE, packages: Sequence[str] = (), *,
               suite: str | None = None, mirror: str | None = None, refresh: bool = False,
@@ -78,10 +68,10 @@ class Images:
         spec = ImageSpec.create(packages, suite=suite, mirror=mirror)
         builder = ImageBuilder(self.store, spec, reporter)
         if refresh:
-            shutil.rmtree(builder.base_dir(), ignore_errors=True)
+            self.store.remove_tree(builder.base_dir())
             target = self.store.image_files(spec.digest).dir
             if target.exists() and not self._users(spec.digest):
-                shutil.rmtree(target)
+                self.store.remove_tree(target)
         builder.build()
         self.store.image_refs_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(self._ref(name), spec.digest + "\n")
@@ -110,10 +100,11 @@ class Images:
     def _load(self, digest: str) -> Image:
         files = self.store.image_files(digest)
         try:
-            manifest = read_json(files.manifest)
-        except (FileNotFoundError, ValueError):
+            manifest = read_record(files.manifest, "")
+        except (FileNotFoundError, StoreError):
             raise NotFoundError("image", digest,
-                                "its files are gone; rebuild it with 'pinnace image build'") from None
+                                "its files are gone or damaged; rebuild it with "
+                                "'pinnace image build'") from None
         names = tuple(sorted(n for n, d in self._refs().items() if d == digest))
         return Image(digest, names, files.dir, manifest)
 
@@ -142,18 +133,8 @@ class Images:
         return files
 
     def _users(self, digest: str) -> builtins.list[str]:
-        from ..config import MachineConfig
-
-        users = []
-        if self.store.machines_dir.is_dir():
-            for d in sorted(self.store.machines_dir.iterdir()):
-                try:
-                    cfg = MachineConfig.from_json((d / "config.json").read_text())
-                except (OSError, ValueError):
-                    continue
-                if cfg.image_digest == digest:
-                    users.append(cfg.name)
-        return users
+        return [name for name, cfg in self.store.machine_configs()
+                if cfg.get("image_digest") == digest]
 
     def remove(self, ref: str) -> Image:
         """Remove an image name; the image's files go when no name and no machine uses them."""
@@ -163,17 +144,12 @@ class Images:
         remaining = [n for n in image.names if n != ref] if is_name else []
         if not remaining and users:
             raise ImageInUse(ref, users)
-        with self.store.lock("image-build", image.digest, timeout=60):
-            if is_name:
-                os.unlink(self._ref(ref))
-            else:
-                for n in image.names:
+        with self.store.locked(("image", image.digest), timeout=60):
+            for n in [ref] if is_name else image.names:
+                with contextlib.suppress(FileNotFoundError):
                     os.unlink(self._ref(n))
             if not remaining:
-                trash = self.store.tmp_dir / f"delete-{os.getpid()}-{image.digest}"
-                self.store.tmp_dir.mkdir(parents=True, exist_ok=True)
-                os.rename(image.path, trash)
-                shutil.rmtree(trash, ignore_errors=True)
+                self.store.remove_tree(image.path)
         return image
 
 

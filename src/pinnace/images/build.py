@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from ..errors import ConfigError, HostError, ImageBuildError
+from ..errors import ConfigError, HostError, ImageBuildError, store_error
 from ..store import Store, fsync_dir, write_json
 from . import kernel as K
 from .cpio import CpioWriter
@@ -275,19 +275,24 @@ class ImageBuilder:
         """Build the image unless the store has it; return its directory."""
         check_host_tools()
         digest = self.spec.digest
-        final = self.store.image_files(digest).dir
-        if (final / "image.json").exists():
+        files = self.store.image_files(digest)
+        final = files.dir
+        if files.manifest.exists():
             return final
         self.store.ensure()
         self.store.clean_tmp()
-        with self.store.lock("image-build", digest, timeout=3600):
-            if (final / "image.json").exists():
+        with self.store.locked(("image", digest), timeout=3600):
+            if files.manifest.exists():
                 return final
-            base = self.ensure_base()
-            with self.store.staging_dir("image-") as stage:
-                self._build_into(stage, base)
-                stage.rename(final)
-                fsync_dir(final.parent)
+            try:
+                base = self.ensure_base()
+                with self.store.staging_dir("image-") as stage:
+                    self._build_into(stage, base)
+                    stage.rename(final)
+                    fsync_dir(final.parent)
+            except OSError as exc:
+                raise store_error(exc, "building the image (nothing was added to the store)"
+                                  ) from None
         return final
 
     def _build_into(self, stage: Path, base: Path) -> None:

@@ -8,29 +8,25 @@ subnet (the agent sets it: no DHCP) and registers it with the switch as a port f
 
 from __future__ import annotations
 
+import asyncio
 import builtins
-import contextlib
 import ipaddress
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ..errors import AlreadyExistsError, ConfigError, NotFoundError, PinnaceError
-from ..store import MachineFiles, read_json, validate_name, write_json
-
-if TYPE_CHECKING:
-    from ..client import AsyncPinnace
-
-
-class NetworkInUse(PinnaceError):
-    def __init__(self, name: str, machines: tuple[str, ...]) -> None:
-        self.name, self.machines = name, machines
-        who = ", ".join(repr(m) for m in machines)
-        super().__init__(f"network {name!r}: machine{'s' if len(machines) > 1 else ''} {who} "
-                         "joined it; delete them or 'pinnace network disconnect' them first")
+from ..errors import (
+    AlreadyExistsError,
+    ConfigError,
+    NetworkInUse,
+    NotFoundError,
+    PinnaceError,
+    StoreError,
+    store_error,
+)
+from ..store import MachineFiles, NetworkFiles, Store, read_record, validate_name, write_json
 
 
 @dataclass(frozen=True)
@@ -67,66 +63,71 @@ def port_id(machine: str, nic: int) -> str:
 class AsyncNetworks:
     """The virtual networks in a store."""
 
-    def __init__(self, pinnace: AsyncPinnace) -> None:
-        self._pn = pinnace
+    def __init__(self, store: Store) -> None:
+        self.store = store
 
     @property
     def dir(self) -> Path:
-        return self._pn.store.home / "networks"
+        return self.store.networks_dir
+
+    def files(self, name: str) -> NetworkFiles:
+        return self.store.network_files(validate_name("network", name))
 
     def get(self, name: str) -> Network:
-        validate_name("network", name)
-        path = self.dir / name
+        files = self.files(name)
         try:
-            meta = read_json(path / "network.json")
-            return Network(name, path, check_subnet(str(meta["subnet"])), float(meta["created"]))
+            meta = read_record(files.meta, "")
+            return Network(name, files.dir, check_subnet(str(meta["subnet"])),
+                           float(meta["created"]))
         except FileNotFoundError:
             raise NotFoundError("network", name, "see 'pinnace network ls', or create it with "
                                 "'pinnace network create NAME --subnet 10.77.0.0/24'") from None
-        except (ValueError, KeyError, TypeError, ConfigError) as exc:
-            raise ConfigError("network", name, f"its network.json is damaged ({exc}); "
-                              "remove it with 'pinnace network rm'") from None
+        except (ValueError, KeyError, TypeError, ConfigError, StoreError) as exc:
+            raise StoreError(str(files.meta), f"is damaged ({exc})", "remove the network with "
+                             f"'pinnace network rm {name}'") from None
 
     def list(self) -> builtins.list[Network]:
         out = []
         if self.dir.is_dir():
             for entry in sorted(self.dir.iterdir()):
-                with contextlib.suppress(PinnaceError):
+                try:
                     out.append(self.get(entry.name))
+                except PinnaceError:
+                    continue
         return out
 
     async def create(self, name: str, subnet: str) -> Network:
         validate_name("network", name)
         subnet = check_subnet(subnet)
         net = ipaddress.IPv4Network(subnet)
-        store = self._pn.store
+        store = self.store
         store.ensure()
-        with store.lock("network", name):
-            if (self.dir / name).exists():
+        async with store.alocked(("network", name)):
+            if self.files(name).dir.exists():
                 raise AlreadyExistsError("network", name)
             for other in self.list():
                 if ipaddress.IPv4Network(other.subnet).overlaps(net):
                     raise ConfigError("subnet", subnet, f"it overlaps network {other.name!r} "
                                       f"({other.subnet}); choose another")
-            self.dir.mkdir(parents=True, exist_ok=True)
             with store.staging_dir("network-") as stage:
-                write_json(stage / "network.json", {"name": name, "subnet": subnet,
-                                                    "created": time.time()})
-                (stage / "ports").mkdir()
-                os.rename(stage, self.dir / name)
+                staged = NetworkFiles(stage)
+                write_json(staged.meta, {"name": name, "subnet": subnet, "created": time.time()})
+                try:
+                    staged.ports_dir.mkdir()
+                    self.dir.mkdir(parents=True, exist_ok=True)
+                    os.rename(stage, self.files(name).dir)
+                except OSError as exc:
+                    raise store_error(exc, "making the network") from None
         return self.get(name)
 
     def members(self, name: str) -> dict[str, builtins.list[tuple[int, str]]]:
         """Machine -> [(NIC index, address)] for every machine with a NIC on ``name``."""
         out: dict[str, builtins.list[tuple[int, str]]] = {}
-        d = self._pn.store.machines_dir
-        if d.is_dir():
-            for entry in sorted(d.iterdir()):
-                with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
-                    nics = read_json(entry / "config.json").get("nics") or []
-                    for i, nic in enumerate(nics):
-                        if nic.get("network") == name:
-                            out.setdefault(entry.name, []).append((i, str(nic.get("ip", ""))))
+        for machine, cfg in self.store.machine_configs():
+            nics = cfg.get("nics")
+            for i, nic in enumerate(nics if isinstance(nics, builtins.list) else []):
+                if isinstance(nic, dict) and nic.get("network") == name:
+                    out.setdefault(machine, []).append((i, str(nic.get("ip", ""))))
         return out
 
     def allocate(self, name: str, want: str | None, taken: set[str]) -> str:
@@ -166,7 +167,7 @@ class AsyncNetworks:
     def unregister(self, name: str, machine: str, nic: int) -> None:
         from . import switch
 
-        path = self.dir / name
+        path = self.files(name).dir
         if not path.is_dir():
             return
         switch.remove_port(path, port_id(machine, nic))
@@ -176,20 +177,15 @@ class AsyncNetworks:
         """Stop the network's switch and remove it; refused while machines are on it."""
         from . import switch
 
-        validate_name("network", name)
-        store = self._pn.store
-        with store.lock("network", name):
-            path = self.dir / name
+        path = self.files(name).dir
+        async with self.store.alocked(("network", name)):
             if not path.is_dir():
                 raise NotFoundError("network", name, "see 'pinnace network ls'")
             users = tuple(self.members(name))
             if users:
                 raise NetworkInUse(name, users)
-            switch.stop(path)
-            store.tmp_dir.mkdir(parents=True, exist_ok=True)
-            trash = store.tmp_dir / f"network-{os.getpid()}-{name}"
-            os.rename(path, trash)
-            shutil.rmtree(trash, ignore_errors=True)
+            await asyncio.to_thread(switch.stop, path)
+            await asyncio.to_thread(self.store.remove_tree, path)
 
 
-__all__ = ["AsyncNetworks", "Network", "NetworkInUse", "check_subnet"]
+__all__ = ["AsyncNetworks", "Network", "check_subnet"]

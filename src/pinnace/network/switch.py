@@ -21,8 +21,8 @@ directory's mtime in case a signal is lost. One directory per network::
     DIR/switch.lock            held while the supervisor is started or stopped
     DIR/switch.stats.json      per-port counters, written on SIGUSR1
 
-The switch process imports nothing beyond the standard library and pinnace's error
-tree, so a restart takes a few tens of milliseconds. :func:`ensure_running`,
+The switch process imports nothing beyond the standard library, pinnace's error
+tree and its store module, so a restart takes a few tens of milliseconds. :func:`ensure_running`,
 :func:`notify`, :func:`stop` and :func:`running` are what the rest of pinnace calls.
 """
 
@@ -49,7 +49,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TypedDict
 
-from ..errors import ConfigError, PinnaceError
+from ..errors import ConfigError, SwitchError
+from ..store import FileLock, NetworkFiles, proc_start_time, tail, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -76,60 +77,6 @@ _BACKOFF_MAX = 2.0
 _FLAPPING = 1.0  # a switch that dies sooner than this after starting doubles the backoff
 _HEALTHY = 10.0  # a switch that ran this long resets it
 _LOCK_TIMEOUT = 30.0
-
-
-class SwitchError(PinnaceError):
-    """A network's switch did not start, or did not take up its ports in time."""
-
-    def __init__(self, dir: str, problem: str, *, log_tail: str = "") -> None:
-        self.dir = dir
-        self.problem = problem
-        self.log_tail = log_tail
-        super().__init__(f"network switch in {dir}: {problem}")
-
-    def __str__(self) -> str:
-        tail = self.log_tail.rstrip()
-        suffix = f"\n--- last lines of switch.log ---\n{tail}" if tail else ""
-        return super().__str__() + suffix
-
-
-@dataclass(frozen=True)
-class SwitchFiles:
-    """The files in one network's directory."""
-
-    dir: Path
-
-    @property
-    def ports_dir(self) -> Path:
-        return self.dir / "ports"
-
-    def port_file(self, port_id: str) -> Path:
-        return self.ports_dir / f"{port_id}.json"
-
-    @property
-    def switch_pid(self) -> Path:
-        return self.dir / "switch.pid"
-
-    @property
-    def supervisor_pid(self) -> Path:
-        return self.dir / "supervisor.pid"
-
-    @property
-    def state(self) -> Path:
-        """The ports the running switch has bound and rejected, rewritten when they change."""
-        return self.dir / "switch.ports.json"
-
-    @property
-    def log(self) -> Path:
-        return self.dir / "switch.log"
-
-    @property
-    def lock(self) -> Path:
-        return self.dir / "switch.lock"
-
-    @property
-    def stats(self) -> Path:
-        return self.dir / "switch.stats.json"
 
 
 # --- port files ------------------------------------------------------------------------
@@ -183,7 +130,7 @@ def parse_port(data: bytes) -> PortSpec:
     return PortSpec(paths[0], paths[1], labels[0], labels[1])
 
 
-def read_ports(files: SwitchFiles) -> tuple[dict[str, PortSpec], dict[str, str]]:
+def read_ports(files: NetworkFiles) -> tuple[dict[str, PortSpec], dict[str, str]]:
     """The port files in the directory: specs by port id, and problems by file name."""
     specs: dict[str, PortSpec] = {}
     problems: dict[str, str] = {}
@@ -223,15 +170,15 @@ def write_port(dir: Path, port_id: str, spec: PortSpec) -> None:
         parse_port(text.encode())
     except ValueError as exc:
         raise ConfigError("port", spec, str(exc)) from exc
-    files = SwitchFiles(Path(dir))
+    files = NetworkFiles(Path(dir))
     files.ports_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(files.port_file(port_id), text)
+    write_atomic(files.port_file(port_id), text)
 
 
 def remove_port(dir: Path, port_id: str) -> None:
     """Remove a port file if it exists; call :func:`notify` to apply it at once."""
     with contextlib.suppress(FileNotFoundError):
-        SwitchFiles(Path(dir)).port_file(port_id).unlink()
+        NetworkFiles(Path(dir)).port_file(port_id).unlink()
 
 
 # --- the switch ------------------------------------------------------------------------
@@ -295,7 +242,7 @@ class Switch:
     """
 
     def __init__(self, dir: Path, *, clock: Callable[[], float] = time.monotonic) -> None:
-        self.files = SwitchFiles(Path(dir))
+        self.files = NetworkFiles(Path(dir))
         self.rejected: dict[str, str] = {}  # port file name -> why it is not bound
         self._clock = clock
         self._ports: dict[str, _Port] = {}
@@ -364,7 +311,7 @@ class Switch:
             self.rescan()
         if self._stats_wanted:
             self._stats_wanted = False
-            _write_atomic(self.files.stats, json.dumps(self.stats(), indent=2) + "\n")
+            write_atomic(self.files.stats, json.dumps(self.stats(), indent=2) + "\n")
         if now >= self._next_tick:
             self._next_tick = now + _POLL_INTERVAL
             if self._retry_binds or self._ports_changed():
@@ -508,7 +455,7 @@ class Switch:
             "rejected": self.rejected,
         }
         if state != self._state:
-            _write_atomic(self.files.state, json.dumps(state, indent=2, sort_keys=True) + "\n")
+            write_atomic(self.files.state, json.dumps(state, indent=2, sort_keys=True) + "\n")
             self._state = state
 
     def stats(self) -> dict[str, object]:
@@ -545,18 +492,6 @@ class Switch:
 # --- processes -------------------------------------------------------------------------
 
 
-def _start_time(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat (ticks since boot), or None if gone or a zombie."""
-    # As pinnace.backends.qemu.process.proc_start_time; repeated to keep this module light.
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    fields = data[data.rindex(b")") + 2:].split()  # comm may hold spaces and parentheses
-    return None if fields[0] == b"Z" else int(fields[19])
-
-
 @dataclass(frozen=True)
 class _Proc:
     """A process named by pid and start time, so a reused pid is not mistaken for it."""
@@ -565,7 +500,7 @@ class _Proc:
     start: int
 
     def alive(self) -> bool:
-        return _start_time(self.pid) == self.start
+        return proc_start_time(self.pid) == self.start
 
     def send(self, sig: int) -> None:
         if self.alive():
@@ -590,7 +525,7 @@ def _live(path: Path) -> _Proc | None:
 
 def _write_pid_file(path: Path) -> None:
     pid = os.getpid()
-    _write_atomic(path, f"{pid} {_start_time(pid)}\n")
+    write_atomic(path, f"{pid} {proc_start_time(pid)}\n")
 
 
 def _remove_pid_file(path: Path) -> None:
@@ -600,20 +535,9 @@ def _remove_pid_file(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    # The temporary name starts with '.', which the switch skips in ports/.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def serve(dir: Path) -> int:
     """Run the switch for ``dir`` in this process until SIGTERM or SIGINT; return 0."""
-    files = SwitchFiles(dir)
+    files = NetworkFiles(dir)
     sw = Switch(dir)
     try:
         signal.signal(signal.SIGTERM, lambda _s, _f: sw.stop())
@@ -639,7 +563,7 @@ def supervise(dir: Path, *, detach: bool = False) -> int:
     ``detach``, fork into a new session first; the parent exits once the supervisor
     has written its pid file.
     """
-    files = SwitchFiles(dir)
+    files = NetworkFiles(dir)
     files.dir.mkdir(parents=True, exist_ok=True)
     ready = _detach() if detach else None
     log_fd = os.open(files.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -744,7 +668,7 @@ class SwitchStatus(TypedDict):
 
 def running(dir: Path) -> SwitchStatus:
     """The supervisor's and the switch's pids, and whether each is still that process."""
-    files = SwitchFiles(Path(dir))
+    files = NetworkFiles(Path(dir))
     sup = _read_pid_file(files.supervisor_pid)
     sw = _read_pid_file(files.switch_pid)
     return {
@@ -761,9 +685,7 @@ def ensure_running(dir: Path, timeout: float = 5.0) -> int:
     Returns once the switch has taken up every port file (bound it, or rejected it with
     a reason in switch.log); raises SwitchError if that takes longer than ``timeout``.
     """
-    from ..store import FileLock  # loaded in pinnace already; kept out of the switch process
-
-    files = SwitchFiles(Path(dir).absolute())
+    files = NetworkFiles(Path(dir).absolute())
     files.ports_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(files.lock, _LOCK_TIMEOUT):
         sup = _live(files.supervisor_pid)
@@ -783,7 +705,7 @@ def notify(dir: Path, timeout: float = 2.0) -> bool:
     Returns False if the network has no switch (nothing to tell); raises SwitchError if
     the switch has not caught up within ``timeout``.
     """
-    files = SwitchFiles(Path(dir).absolute())
+    files = NetworkFiles(Path(dir).absolute())
     sup = _live(files.supervisor_pid)
     sw = _live(files.switch_pid)
     if sup is None and sw is None:
@@ -800,9 +722,7 @@ def stop(dir: Path, timeout: float = 5.0) -> bool:
     Returns True if they stopped on SIGTERM within ``timeout``, False if they had to be
     killed. Safe to call when nothing runs.
     """
-    from ..store import FileLock
-
-    files = SwitchFiles(Path(dir).absolute())
+    files = NetworkFiles(Path(dir).absolute())
     if not files.dir.is_dir():
         return True
     with FileLock(files.lock, _LOCK_TIMEOUT):
@@ -845,7 +765,7 @@ def _await(done: Callable[[], bool], timeout: float) -> bool:
     return True
 
 
-def _start_supervisor(files: SwitchFiles, timeout: float) -> _Proc:
+def _start_supervisor(files: NetworkFiles, timeout: float) -> _Proc:
     with open(files.log, "ab") as log_file:
         proc = subprocess.Popen(
             [sys.executable, "-m", _MODULE, "--supervise", "--detach", str(files.dir)],
@@ -864,7 +784,7 @@ def _start_supervisor(files: SwitchFiles, timeout: float) -> _Proc:
     return sup
 
 
-def _await_in_sync(files: SwitchFiles, sup: _Proc | None, timeout: float) -> None:
+def _await_in_sync(files: NetworkFiles, sup: _Proc | None, timeout: float) -> None:
     """Wait until a live switch has taken up every port file as it is now."""
 
     def in_sync() -> bool:
@@ -893,9 +813,7 @@ def _await_in_sync(files: SwitchFiles, sup: _Proc | None, timeout: float) -> Non
         raise _error(files, f"the switch did not take up its ports within {timeout:g} s")
 
 
-def _error(files: SwitchFiles, problem: str) -> SwitchError:
-    from ..store import tail
-
+def _error(files: NetworkFiles, problem: str) -> SwitchError:
     return SwitchError(str(files.dir), problem, log_tail=tail(files.log, lines=20))
 
 

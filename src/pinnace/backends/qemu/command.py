@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...agent.protocol import AGENT_PORTS, PORT_NAME
-from ...store import MachineFiles
+from ..base import LaunchSpec, NatNic, share_tag, volume_serial
 
 # Kernel arguments every guest gets. pci=off: microvm has no PCI bus, so do not
 # probe one; i8042.*: there is no PS/2 controller either; panic=-1 with
@@ -16,49 +15,6 @@ BASE_CMDLINE = (
     "console=ttyS0 loglevel=4 pci=off panic=-1 reboot=t "
     "i8042.noaux i8042.nomux i8042.dumbkbd i8042.nopnp"
 )
-
-
-@dataclass(frozen=True)
-class LaunchSpec:
-    name: str
-    files: MachineFiles
-    kernel: Path
-    initrd: Path
-    cpus: int
-    memory_mib: int
-    accel: str  # kvm or tcg
-    cmdline: str = ""
-    tsc_khz: int | None = None
-    agent_ports: int = AGENT_PORTS
-    # Guest RAM: anonymous memory unless ``memory_file`` is given; that file is mapped
-    # shared (writes go to the file: a snapshot template) or private (copy-on-write: a clone).
-    memory_file: Path | None = None
-    memory_shared: bool = False
-    incoming: bool = False  # wait for QMP migrate-incoming instead of booting
-    # Devices after the fixed ones, in this order (a saved state depends on it):
-    nat: NatNic | None = None
-    nics: tuple[str, ...] = ()  # MACs of NICs on virtual networks (dgram to the switch)
-    volumes: tuple[tuple[Path, bool], ...] = ()  # (ext4 file, read-only)
-    shares: tuple[tuple[Path, bool], ...] = ()  # (host folder, read-only)
-    extra_args: tuple[str, ...] = field(default=())
-
-
-@dataclass(frozen=True)
-class NatNic:
-    """QEMU's user-mode NAT; ``restrict`` cuts every way out except the port forwards."""
-
-    mac: str
-    restrict: bool
-    forwards: tuple[tuple[str, str, int, int], ...] = ()  # (proto, host ip, host port, guest port)
-
-
-def volume_serial(index: int) -> str:
-    """The virtio serial the agent finds volume ``index`` by."""
-    return f"pinnace-vol{index}"
-
-
-def share_tag(index: int) -> str:
-    return f"pinnace-share{index}"
 
 
 def nic_id(index: int) -> str:
@@ -158,11 +114,9 @@ def devices_key(nat: bool, nics: int, volumes: int, shares: int) -> str:
     return f"{DEVICES},nat*{int(nat)},dgram*{nics},blk*{volumes},9p*{shares}"
 
 
-def template_mac(nic: int) -> str:
-    """The MAC of NIC ``nic`` (-1: the NAT NIC) in a ready-snapshot template; each clone
-    replaces it with its own after restore."""
-    return f"02:70:6e:00:00:{nic + 1:02x}"
-
-
 def render(argv: list[str]) -> str:
     return " ".join(shlex.quote(a) for a in argv)
+
+
+__all__ = ["CPU_MODEL", "LaunchSpec", "NatNic", "build_argv", "devices_key", "kernel_cmdline",
+           "nic_id", "render"]

@@ -12,17 +12,25 @@ import shutil
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import HostError
 from ...store import write_json
+from ..base import AccelChoice
+from .command import CPU_MODEL
+
+PROBE_TIMED_OUT = "no output within"
 
 log = logging.getLogger(__name__)
 
 QEMU_BINARY = "qemu-system-x86_64"
-KVM_PROBE_TIMEOUT = 15.0
-PROBE_MARKER = b"PINNACE-PROBE-OK"
+# The whole accelerator probe, QEMU's start included. Its answer is kept in kvm-probe.json
+# until the host reboots or QEMU changes.
+KVM_PROBE_TIMEOUT = 2.0
+PROBE_POLL_INTERVAL = 0.005
+PROBE_BYTE = b"K"  # what the probe firmware writes to its serial port
+PROBE_FIRMWARE_SIZE = 0x10000  # -bios maps it below 4 GiB and at 0xF0000
+RESET_VECTOR = 0xFFF0  # the image offset of F000:FFF0, where the CPU starts
 
 
 def qemu_binary() -> str:
@@ -86,8 +94,6 @@ def cached_tsc_khz(cache_dir: Path) -> int | None:
     except (OSError, ValueError):
         pass
     value = host_tsc_khz()
-    from ...store import write_json
-
     cache_dir.mkdir(parents=True, exist_ok=True)
     write_json(cache, {"boot_id": bid, "tsc_khz": value})
     return value
@@ -147,21 +153,15 @@ def _kernel_log() -> str:
         return ""
 
 
-@dataclass(frozen=True)
-class AccelChoice:
-    accel: str  # "kvm" or "tcg"
-    reason: str
-    probed: bool  # the answer came from a probe run now, not the cache
-
-
 def _probe_key(binary: str) -> dict[str, str]:
     st = os.stat(binary)
     return {"qemu": binary, "qemu_mtime": str(st.st_mtime_ns), "host": os.uname().release,
             "boot_id": boot_id()}
 
 
-def choose_accel(requested: str, cache_dir: Path, kernel: Path, initrd: Path) -> AccelChoice:
-    """Resolve auto|kvm|tcg to kvm or tcg; 'auto' uses KVM only if a probe guest booted on it."""
+def choose_accel(requested: str, cache_dir: Path) -> AccelChoice:
+    """Resolve auto|kvm|tcg to kvm or tcg; 'auto' uses KVM only if a probe VM ran on it
+    (a firmware of a few bytes, see ``probe_kvm``: the answer takes at most 2 s)."""
     if requested == "tcg":
         return AccelChoice("tcg", "requested", False)
     binary = qemu_binary()
@@ -173,7 +173,7 @@ def choose_accel(requested: str, cache_dir: Path, kernel: Path, initrd: Path) ->
         return AccelChoice("kvm", "requested", False)
     forced = os.environ.get("PINNACE_ACCEL")
     if forced in ("kvm", "tcg"):
-        return choose_accel(forced, cache_dir, kernel, initrd)
+        return choose_accel(forced, cache_dir)
     ok, why = kvm_device_usable()
     if not ok:
         return AccelChoice("tcg", why, False)
@@ -185,11 +185,12 @@ def choose_accel(requested: str, cache_dir: Path, kernel: Path, initrd: Path) ->
             return AccelChoice("kvm" if cached["ok"] else "tcg", cached["reason"], False)
     except (OSError, ValueError, KeyError):
         pass
-    ok, reason = probe_kvm(binary, kernel, initrd)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    from ...store import write_json
-
-    write_json(cache, {"key": key, "ok": ok, "reason": reason, "time": time.time()})
+    ok, reason = probe_kvm(binary)
+    if ok or PROBE_TIMED_OUT not in reason:
+        # A probe that only ran out of time (a very busy host) is not remembered: the
+        # next start asks again rather than staying on TCG until the host reboots.
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        write_json(cache, {"key": key, "ok": ok, "reason": reason, "time": time.time()})
     return AccelChoice("kvm" if ok else "tcg", reason, True)
 
 
@@ -201,29 +202,83 @@ def kvm_device_usable() -> tuple[bool, str]:
     return True, ""
 
 
-def probe_kvm(binary: str, kernel: Path, initrd: Path) -> tuple[bool, str]:
-    """Boot the real guest kernel under KVM until its initramfs prints a marker."""
-    with tempfile.TemporaryDirectory(prefix="pinnace-kvm-probe-") as tmp:
+def probe_firmware() -> bytes:
+    """A 64 KiB firmware image (for ``-bios``) that prints PROBE_BYTE on COM1 and halts.
+
+    The CPU starts at F000:FFF0, the image's last 16 bytes, in real mode:
+    ``mov al, PROBE_BYTE; mov dx, 0x3f8; out dx, al; 1: hlt; jmp 1b``.
+    """
+    code = bytes([0xB0, PROBE_BYTE[0],        # mov al, 'K'
+                  0xBA, 0xF8, 0x03,           # mov dx, 0x3f8
+                  0xEE,                       # out dx, al
+                  0xF4,                       # 1: hlt
+                  0xEB, 0xFD])                # jmp 1b
+    image = bytearray(PROBE_FIRMWARE_SIZE)
+    image[RESET_VECTOR:RESET_VECTOR + len(code)] = code
+    return bytes(image)
+
+
+def probe_kvm(binary: str, *, accel: str = "kvm",
+              timeout: float = KVM_PROBE_TIMEOUT) -> tuple[bool, str]:
+    """Whether QEMU can run a guest under ``accel``: (answer, reason), within ``timeout`` s.
+
+    Starts a VM shaped like pinnace's (microvm, the same CPU model) whose firmware
+    (``probe_firmware``) writes one byte to its serial port, and watches for that byte.
+    QEMU is killed as soon as the byte is there, it exits, or the time is up.
+    """
+    cpu = CPU_MODEL.get(accel)
+    if cpu is None:
+        raise ValueError(f"unknown accelerator {accel!r}")
+    name = accel.upper()
+    with tempfile.TemporaryDirectory(prefix=f"pinnace-{accel}-probe-") as tmp:
+        firmware = Path(tmp) / "probe.bin"
+        firmware.write_bytes(probe_firmware())
         serial = Path(tmp) / "serial.log"
+        errors = Path(tmp) / "stderr.log"
         argv = [
-            binary, "-machine", "microvm,accel=kvm", "-cpu", "host", "-m", "256", "-smp", "1",
+            binary, "-machine", f"microvm,accel={accel},rtc=on,isa-serial=on,x-option-roms=off",
+            "-cpu", cpu, "-smp", "1", "-m", "16",
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-            "-chardev", f"file,id=ser,path={serial}", "-serial", "chardev:ser",
-            "-kernel", str(kernel), "-initrd", str(initrd),
-            "-append", "console=ttyS0 panic=-1 pinnace.probe=1",
+            "-bios", str(firmware),
+            "-chardev", f"file,id=ser,path={_qemu_opt(str(serial))}", "-serial", "chardev:ser",
         ]
         start = time.monotonic()
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT)
+        deadline = start + timeout
+        with open(errors, "wb") as err:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=err)
         try:
-            out, _ = proc.communicate(timeout=KVM_PROBE_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, _ = proc.communicate()
-        took = time.monotonic() - start
-        booted = serial.exists() and PROBE_MARKER in serial.read_bytes()
-    if booted:
-        return True, f"a probe guest booted under KVM in {took:.1f} s"
-    detail = out.decode("utf-8", "replace").strip().splitlines()
-    why = detail[-1] if detail else f"no output within {KVM_PROBE_TIMEOUT:g} s"
-    return False, f"a probe guest did not boot under KVM ({why[:160]})"
+            while True:
+                exited = proc.poll() is not None
+                printed = _has_probe_byte(serial)
+                if printed or exited or time.monotonic() >= deadline:
+                    break
+                time.sleep(PROBE_POLL_INTERVAL)
+            took = time.monotonic() - start
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        stderr = errors.read_bytes().decode("utf-8", "replace")
+    if printed:
+        return True, f"a probe VM ran under {name} in {took:.2f} s"
+    prefix = f"{os.path.basename(binary)}: "
+    lines = [line.strip().removeprefix(prefix) for line in stderr.splitlines()
+             if line.strip() and "warning:" not in line]
+    if exited:
+        why = "; ".join(lines) or f"QEMU exited with status {proc.returncode}"
+    else:
+        why = f"{PROBE_TIMED_OUT} {timeout:g} s"
+    return False, f"a probe VM did not run under {name} ({why[:200]})"
+
+
+def _has_probe_byte(serial: Path) -> bool:
+    try:
+        return PROBE_BYTE in serial.read_bytes()
+    except OSError:  # not created yet
+        return False
+
+
+def _qemu_opt(value: str) -> str:
+    """``value`` quoted for a QEMU option list, where a comma is written as two."""
+    return value.replace(",", ",,")

@@ -12,10 +12,9 @@ import os
 import signal
 import subprocess
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
-from ...store import MachineFiles
+from ...store import MachineFiles, proc_start_time
+from ..base import Handle
 
 # "$1" is the exit file, "$2" the log, "$3" a token naming this launch; QEMU's argv follows.
 # The exit file holds "STATUS TOKEN": a launcher shell of an earlier QEMU that writes its
@@ -27,30 +26,14 @@ _WRAPPER = (
 )
 
 
-@dataclass(frozen=True)
-class ProcessInfo:
-    pid: int
-    start_time: int  # field 22 of /proc/<pid>/stat: tells a reused pid apart
-
-    def alive(self) -> bool:
-        st = proc_start_time(self.pid)
-        return st is not None and st == self.start_time
+def alive(handle: Handle) -> bool:
+    """True while the process runs: the same pid and start time, not a zombie."""
+    st = proc_start_time(handle.pid)
+    return st is not None and st == handle.start_time
 
 
-def proc_start_time(pid: int) -> int | None:
-    try:
-        data = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return None
-    # comm may hold spaces and parentheses: split after the last ')'.
-    fields = data[data.rindex(b")") + 2:].split()
-    if fields[0] == b"Z":
-        return None  # a zombie is dead for our purposes
-    return int(fields[19])
-
-
-def launch(argv: list[str], files: MachineFiles, timeout: float = 10.0) -> ProcessInfo | int:
-    """Start QEMU detached; return its ProcessInfo, or its exit status if it died at once."""
+def launch(argv: list[str], files: MachineFiles, timeout: float = 10.0) -> Handle | int:
+    """Start QEMU detached; return its Handle, or its exit status if it died at once."""
     for p in (files.pid, files.exit_status):
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
@@ -69,7 +52,7 @@ def launch(argv: list[str], files: MachineFiles, timeout: float = 10.0) -> Proce
         if pid is not None:
             st = proc_start_time(pid)
             if st is not None:
-                return ProcessInfo(pid, st)
+                return Handle(pid, st)
         if time.monotonic() > deadline:
             raise TimeoutError("QEMU neither wrote its pid file nor exited")
         time.sleep(0.002)
@@ -106,9 +89,9 @@ def read_exit_status(files: MachineFiles, token: str | None = None) -> int | Non
     return int(status) if status.lstrip("-").isdigit() else None
 
 
-def signal_process(info: ProcessInfo, sig: int) -> bool:
+def signal_process(info: Handle, sig: int) -> bool:
     """Send ``sig`` if the process is still the one we started; True if sent."""
-    if not info.alive():
+    if not alive(info):
         return False
     try:
         os.kill(info.pid, sig)
@@ -117,17 +100,17 @@ def signal_process(info: ProcessInfo, sig: int) -> bool:
     return True
 
 
-def wait_exit(info: ProcessInfo, timeout: float) -> bool:
+def wait_exit(info: Handle, timeout: float) -> bool:
     """Wait for the process to end; True if it did within ``timeout``."""
     deadline = time.monotonic() + timeout
-    while info.alive():
+    while alive(info):
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.01)
     return True
 
 
-def kill(info: ProcessInfo, files: MachineFiles, timeout: float = 5.0) -> None:
+def kill(info: Handle, files: MachineFiles, timeout: float = 5.0) -> None:
     """SIGKILL QEMU and wait until it and its exit status are gone/written."""
     signal_process(info, signal.SIGKILL)
     wait_exit(info, timeout)

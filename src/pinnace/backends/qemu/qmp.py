@@ -13,6 +13,8 @@ from typing import Any
 
 from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, StateError
 
+from ...errors import MigrationFailed
+
 log = logging.getLogger(__name__)
 
 __all__ = ["ExecuteError", "qmp_session", "quit_qemu"]
@@ -48,6 +50,13 @@ async def execute(client: QMPClient, cmd: str, args: dict[str, Any] | None = Non
     return await asyncio.wait_for(client.execute(cmd, args), timeout)
 
 
+async def query_status(sock: Path, name: str, timeout: float = 5.0) -> str:
+    """QEMU's run state: running, paused, postmigrate, inmigrate, ..."""
+    async with qmp_session(sock, name, timeout) as client:
+        reply = await execute(client, "query-status", timeout=timeout)
+        return str(reply.get("status", "unknown"))
+
+
 async def quit_qemu(sock: Path, name: str, timeout: float = 5.0) -> bool:
     """Ask QEMU to quit; True if the request was delivered."""
     try:
@@ -72,7 +81,7 @@ async def _set_caps(client: QMPClient, ignore_shared: bool) -> None:
         {"capability": "x-ignore-shared", "state": ignore_shared}]})
 
 
-async def _await_migration(client: QMPClient, what: str, timeout: float) -> None:
+async def _await_migration(client: QMPClient, name: str, what: str, timeout: float) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
@@ -81,14 +90,11 @@ async def _await_migration(client: QMPClient, what: str, timeout: float) -> None
         if status == "completed":
             return
         if status in ("failed", "cancelled"):
-            raise MigrationFailed(f"{what} {status}: {st.get('error-desc', 'no reason given')}")
+            raise MigrationFailed(name, f"{what} {status}: "
+                                  f"{st.get('error-desc', 'no reason given')}")
         if loop.time() > deadline:
-            raise MigrationFailed(f"{what} did not finish within {timeout:g} s")
+            raise MigrationFailed(name, f"{what} did not finish within {timeout:g} s")
         await asyncio.sleep(MIGRATION_POLL)
-
-
-class MigrationFailed(Exception):
-    """QEMU could not save or load a state."""
 
 
 async def save_state(sock: Path, name: str, state: Path, *, ignore_shared: bool,
@@ -101,7 +107,7 @@ async def save_state(sock: Path, name: str, state: Path, *, ignore_shared: bool,
         stopped = time.monotonic()
         await _set_caps(client, ignore_shared)
         await execute(client, "migrate", {"uri": f"exec:cat > {shlex.quote(str(state))}"})
-        await _await_migration(client, "saving the state", timeout)
+        await _await_migration(client, name, "saving the state", timeout)
         if resume:
             await execute(client, "cont")
     return stopped
@@ -113,9 +119,9 @@ async def load_state(sock: Path, name: str, state: Path, *, ignore_shared: bool,
     async with qmp_session(sock, name, starting=True) as client:
         await _set_caps(client, ignore_shared)
         await execute(client, "migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(state))}"})
-        await _await_migration(client, "loading the state", timeout)
+        await _await_migration(client, name, "loading the state", timeout)
         if run:
             await execute(client, "cont")
 
 
-__all__ += ["MigrationFailed", "load_state", "save_state"]
+__all__ += ["load_state", "save_state"]

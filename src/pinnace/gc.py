@@ -1,0 +1,174 @@
+"""``pinnace gc``: remove what commands that died left behind.
+
+A command killed at any moment leaves the store telling the truth (see
+:mod:`pinnace.store` and :mod:`pinnace.machine`), but it may leave garbage:
+
+- staging and trash folders in tmp/ of a process that is gone;
+- machines made by ``run --rm`` whose command died before deleting them;
+- VMM and switch processes that no machine or network owns any more (their
+  folder is gone, or the machine's record names another process);
+- ready snapshots that no pointer names and no machine uses.
+
+Only processes whose files are inside this store are ever touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import PinnaceError
+from .machine import LIVE, handle_of
+from .machines import AsyncMachines
+from .network.networks import AsyncNetworks
+from .snapshots import AsyncSnapshots
+from .store import Store, owner_alive, read_record
+
+SWITCH_MODULE = "pinnace.network.switch"
+
+
+@dataclass(frozen=True)
+class Removed:
+    """One thing gc removed (or, in a dry run, would remove)."""
+
+    kind: str  # "staging", "machine", "process", "snapshot"
+    what: str
+
+    def __str__(self) -> str:
+        verb = "killed" if self.kind == "process" else "removed"
+        return f"{verb} {self.kind} {self.what}"
+
+
+@dataclass(frozen=True)
+class _Proc:
+    pid: int
+    argv: list[str]
+
+
+def _processes() -> list[_Proc]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                raw = f.read()
+        except OSError:
+            continue
+        if raw:
+            out.append(_Proc(int(entry), [a.decode("utf-8", "replace")
+                                          for a in raw.rstrip(b"\0").split(b"\0")]))
+    return out
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.relative_to(folder)
+        return True
+    except ValueError:
+        return False
+
+
+class Collector:
+    """Finds and removes a store's garbage."""
+
+    def __init__(self, store: Store, machines: AsyncMachines, snapshots: AsyncSnapshots,
+                 networks: AsyncNetworks) -> None:
+        self.store = store
+        self.machines = machines
+        self.snapshots = snapshots
+        self.networks = networks
+
+    async def collect(self, *, dry_run: bool = False) -> list[Removed]:
+        """Remove the garbage (unless ``dry_run``) and return what it was."""
+        out: list[Removed] = []
+        out += await self._ephemeral(dry_run)
+        out += await self._orphan_processes(dry_run)
+        for path in self.snapshots.unused_ready():
+            out.append(Removed("snapshot", str(path.relative_to(self.store.home))))
+            if not dry_run:
+                await asyncio.to_thread(self.store.remove_tree, path)
+        for path in self.store.leftovers():
+            out.append(Removed("staging", str(path.relative_to(self.store.home))))
+        if not dry_run:
+            await asyncio.to_thread(self.store.clean_tmp)
+        return out
+
+    async def _ephemeral(self, dry_run: bool) -> list[Removed]:
+        """Machines of ``run --rm`` whose command is gone."""
+        out = []
+        for name, cfg in list(self.store.machine_configs()):
+            if not cfg.get("ephemeral"):
+                continue
+            try:
+                owner = self.store.machine_files(name).owner.read_text()
+            except OSError:
+                owner = ""
+            if owner_alive(owner):
+                continue
+            out.append(Removed("machine", f"{name} (made by 'run --rm', whose command died)"))
+            if not dry_run:
+                with contextlib.suppress(PinnaceError):
+                    await self.machines.handle(name).delete(force=True)
+        return out
+
+    async def _orphan_processes(self, dry_run: bool) -> list[Removed]:
+        out = []
+        dead_staging = {p.name for p in self.store.leftovers()}
+        for proc in _processes():
+            why = await self._orphan(proc, dead_staging)
+            if why is None:
+                continue
+            out.append(Removed("process", f"{proc.pid} ({why})"))
+            if not dry_run:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(proc.pid, signal.SIGKILL)
+        return out
+
+    async def _orphan(self, proc: _Proc, dead_staging: set[str]) -> str | None:
+        """Why ``proc`` is an orphan of this store, or None if it is not one (or not ours)."""
+        argv = proc.argv
+        if os.path.basename(argv[0]).startswith("qemu-system") and "-pidfile" in argv[:-1]:
+            # A VMM: its pid file lies in its machine's folder.
+            folder = Path(argv[argv.index("-pidfile") + 1]).parent
+            if _inside(folder, self.store.machines_dir):
+                name = folder.relative_to(self.store.machines_dir).parts[0]
+                return await self._machine_orphan(proc.pid, name)
+            if _inside(folder, self.store.tmp_dir):
+                top = folder.relative_to(self.store.tmp_dir).parts[0]
+                if top in dead_staging or not (self.store.tmp_dir / top).exists():
+                    return f"QEMU of {top}, a snapshot whose command died"
+            return None
+        if SWITCH_MODULE in argv and argv[-1].startswith("/"):
+            folder = Path(argv[-1])
+            if not _inside(folder, self.store.home):
+                return None
+            if folder.parent != self.store.networks_dir or not folder.is_dir():
+                return f"switch of {folder.name}, a network that is gone"
+        return None
+
+    async def _machine_orphan(self, pid: int, name: str) -> str | None:
+        files = self.store.machine_files(name)
+        if not files.dir.is_dir():
+            return f"QEMU of {name}, a machine that is gone"
+        lock = self.store.try_locked("machine", name)
+        if lock is None:
+            return None  # a command is working on it: its process may not be recorded yet
+        try:
+            status = await self.machines.handle(name).status()
+            try:
+                handle = handle_of(read_record(files.state, ""))
+            except (OSError, PinnaceError):
+                handle = None
+            if status.state in LIVE and handle is not None and handle.pid == pid:
+                return None
+            return f"QEMU of {name}, which is {status.state} and does not own it"
+        finally:
+            lock.release()
+
+
+__all__ = ["Collector", "Removed"]

@@ -1,0 +1,278 @@
+"""Making machines: create (from an image or a snapshot), clone, run, and listing them.
+
+A machine's directory is built whole in the store's staging area and renamed into
+place, so a machine exists complete or not at all. ``run`` starts machines from the
+ready snapshot of their image and shape (see :mod:`pinnace.snapshots`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shutil
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .config import MachineConfig, Mount, Nic, PortForward, default_net, random_mac
+from .errors import (
+    AlreadyExistsError,
+    ConfigError,
+    NotFoundError,
+    PinnaceError,
+    StateError,
+    store_error,
+)
+from .images import DEFAULT_IMAGE
+from .machine import AT_REST, AsyncMachine, MachineEnv, MachineState, MachineStatus
+from .snapshots import AsyncSnapshots
+from .snapshots.key import Snapshot, machine_key
+from .store import MachineFiles, this_process, validate_name, write_atomic, write_json
+
+
+class AsyncMachines:
+    """The machines in a store."""
+
+    def __init__(self, env: MachineEnv, snapshots: AsyncSnapshots) -> None:
+        self.env = env
+        self.snapshots = snapshots
+
+    def handle(self, name: str) -> AsyncMachine:
+        """A handle on machine ``name``, which need not exist (yet)."""
+        return AsyncMachine(name, self.env)
+
+    async def get(self, name: str) -> AsyncMachine:
+        """A handle on an existing machine."""
+        validate_name("machine", name)
+        m = self.handle(name)
+        if not m.paths.dir.is_dir():
+            raise NotFoundError("machine", name, "see 'pinnace ls'")
+        return m
+
+    async def create(self, name: str, *, image: str = DEFAULT_IMAGE, cpus: int | None = None,
+                     memory: str | int | None = None, cmdline: str | None = None,
+                     boot_timeout: float | None = None, accel: str | None = None,
+                     snapshot: str | Snapshot | None = None, ephemeral: bool = False,
+                     **devices: Any) -> AsyncMachine:
+        """Create a stopped machine with its own disk overlay on ``image``; or, from
+        ``snapshot``, one whose first start restores that snapshot (in a fraction of a
+        second) instead of booting.
+
+        Devices (see :meth:`_devices`): ``net`` ("nat", "restricted" or "none"),
+        ``ports`` (["8080:80", "127.0.0.1:5353:53/udp"]), ``networks`` (["lan",
+        "lan:10.77.0.9"]), ``spare_nics`` (disconnected NICs to connect later),
+        ``volumes`` (["data:/data", "cache:/cache:ro"]), ``shares`` (["./src:/src:ro"]).
+        """
+        validate_name("machine", name)
+        self.env.store.ensure()
+        if snapshot is not None:
+            snap = (snapshot if isinstance(snapshot, Snapshot)
+                    else self.env.snapshots.get(snapshot))
+            return await self._from_snapshot(name, snap, cpus=cpus, memory=memory,
+                                             boot_timeout=boot_timeout, accel=accel,
+                                             ephemeral=ephemeral, **devices)
+        images = self.env.images
+        digest = images.resolve(image)
+        files = images.files_for(digest, image)
+        cfg = MachineConfig.build(name=name, image=image, image_digest=digest, cpus=cpus,
+                                  memory=memory, cmdline=cmdline, boot_timeout=boot_timeout,
+                                  accel=accel, ephemeral=ephemeral)
+        return await self._materialise(cfg, base=files.rootfs, devices=devices)
+
+    def _devices(self, name: str, *, net: str | None = None,
+                 ports: Sequence[str | PortForward] = (), networks: Sequence[str] = (),
+                 spare_nics: int = 0, volumes: Sequence[str | Mount] = (),
+                 shares: Sequence[str | Mount] = (), taken: dict[str, set[str]] | None = None,
+                 ) -> dict[str, Any]:
+        """Config fields for a machine's NICs, volumes and shares, checked and resolved:
+        MACs made, addresses handed out (hold the networks' locks). A machine on a
+        network gets only that NIC unless ``net`` asks for NAT as well."""
+        if isinstance(spare_nics, bool) or not isinstance(spare_nics, int) \
+                or not 0 <= spare_nics <= 8:
+            raise ConfigError("spare NICs", spare_nics, "give 0 to 8")
+        if net is None:
+            net = "none" if networks else default_net()
+        nics = []
+        for spec in networks:
+            netname, _, ip = str(spec).partition(":")
+            self.env.networks.get(netname)
+            taken_here = (taken or {}).setdefault(netname, set())
+            addr = self.env.networks.allocate(netname, ip or None, taken_here)
+            taken_here.add(addr.split("/")[0])
+            nics.append(Nic(random_mac(), netname, addr))
+        nics += [Nic(random_mac()) for _ in range(spare_nics)]
+        vols = [v if isinstance(v, Mount) else Mount.parse(v, "volume") for v in volumes]
+        for v in vols:
+            self.env.volumes.get(v.source)  # it must exist
+        return {
+            "net": net, "nat_mac": random_mac() if net != "none" else "",
+            "ports": tuple(p if isinstance(p, PortForward) else PortForward.parse(p)
+                           for p in ports),
+            "nics": tuple(nics), "volumes": tuple(vols),
+            "shares": tuple(m if isinstance(m, Mount) else Mount.parse(m, "share")
+                            for m in shares),
+        }
+
+    async def _from_snapshot(self, name: str, snap: Snapshot, *, cpus: int | None,
+                             memory: str | int | None, boot_timeout: float | None,
+                             accel: str | None, ephemeral: bool,
+                             **devices: Any) -> AsyncMachine:
+        cfg = MachineConfig.build(name=name, image=snap.image,
+                                  image_digest=snap.key["image_digest"], cpus=snap.cpus,
+                                  memory_mib=snap.memory_mib, boot_timeout=boot_timeout,
+                                  accel=snap.key["accel"], snapshot=snap.ref,
+                                  ephemeral=ephemeral)
+        asked = MachineConfig.build(name=name, cpus=cpus or snap.cpus,
+                                    memory=memory if memory is not None else f"{snap.memory_mib}M",
+                                    accel=accel or snap.key["accel"])
+        if (asked.cpus, asked.memory_mib) != (cfg.cpus, cfg.memory_mib) or (
+                accel not in (None, "auto") and accel != snap.key["accel"]):
+            raise ConfigError("machine shape", f"{asked.cpus} CPU, {asked.memory_mib}M, {asked.accel}",
+                              f"snapshot {snap.name!r} was made with {snap.shape}, "
+                              f"{snap.key['accel']}; a restored machine keeps its snapshot's shape")
+        files = snap.paths
+        resume = {"state": str(files.state), "memory": str(files.memory), "ignore_shared": True,
+                  "snapshot": snap.ref, "macs": snap.macs, "clock": snap.clock}
+        return await self._materialise(cfg, copy_disk=files.clone_disk, resume=resume,
+                                       devices=devices)
+
+    async def _materialise(self, cfg: MachineConfig, *, base: Path | None = None,
+                           copy_disk: Path | None = None, resume: dict[str, Any] | None = None,
+                           devices: dict[str, Any] | None = None,
+                           hold: tuple[tuple[str, str], ...] = (),
+                           check: Callable[[], Awaitable[None]] | None = None) -> AsyncMachine:
+        """Build the machine's directory in staging and rename it into place whole: a disk
+        overlay on ``base``, or a copy of ``copy_disk``. ``devices`` (create's options) are
+        resolved here, under the locks of the networks they name, so two machines never
+        get one address. ``hold``: more locks to take with those (all in the store's
+        order); ``check`` runs once they are held."""
+        store = self.env.store
+        if not store.socket_paths_fit(cfg.name):
+            raise ConfigError("machine name", cfg.name, "it is too long for this PINNACE_HOME's "
+                              "socket paths; choose a shorter name or a shorter PINNACE_HOME")
+        m = self.handle(cfg.name)
+        nets = sorted({str(n).partition(":")[0] for n in (devices or {}).get("networks") or ()})
+        locks = [("network", validate_name("network", n)) for n in nets]
+        async with store.alocked(("machine", cfg.name), *locks, *hold, timeout=30):
+            if check is not None:
+                await check()
+            if m.paths.dir.exists():
+                raise AlreadyExistsError("machine", cfg.name)
+            if devices is not None:
+                cfg = cfg.with_changes(**self._devices(cfg.name, **devices))
+            if cfg.snapshot:
+                snap = self.env.snapshots.by_ref(cfg.snapshot)
+                changed = machine_key(self.env.backend, cfg, snap.key["accel"]).changes(snap.key)
+                if changed:
+                    raise ConfigError("machine shape", "; ".join(changed), f"snapshot "
+                                      f"{snap.name!r} has other devices; a restored machine "
+                                      "keeps its snapshot's devices")
+            with store.staging_dir("machine-") as stage:
+                staged = MachineFiles(stage)
+                if copy_disk is not None:
+                    try:
+                        await asyncio.to_thread(shutil.copyfile, copy_disk, staged.disk)
+                        os.chmod(staged.disk, 0o644)  # a snapshot's clone.qcow2 is read-only
+                    except OSError as exc:
+                        raise store_error(exc, "copying the machine's disk") from None
+                else:
+                    assert base is not None
+                    await self.env.backend.create_disk(base, staged.disk)
+                write_json(staged.config, cfg.to_dict())
+                write_json(staged.state, {"state": "created", "reason": ""})
+                if cfg.ephemeral:
+                    write_atomic(staged.owner, this_process() + "\n")
+                if resume is not None:
+                    write_json(staged.resume, resume)
+                try:
+                    os.rename(stage, m.paths.dir)
+                except OSError as exc:
+                    raise store_error(exc, "putting the new machine in place") from None
+        m.event("created", image=cfg.image, digest=cfg.image_digest)
+        return m
+
+    async def clone(self, source: str, name: str) -> AsyncMachine:
+        """A new machine with a copy of ``source``'s config and disk; the source must be at rest."""
+        validate_name("machine", name)
+        src = await self.get(source)
+        cfg = src.config.with_changes(name=name, ephemeral=False)
+
+        async def at_rest() -> None:  # checked holding the source's lock: it cannot start
+            st = await src.status()
+            if st.state not in AT_REST:
+                raise StateError(source, "clone", str(st.state), [str(s) for s in AT_REST])
+
+        devices = {  # the same devices; its own MACs and addresses
+            "net": cfg.net, "ports": cfg.ports, "volumes": cfg.volumes, "shares": cfg.shares,
+            "networks": [n.network for n in cfg.nics if n.network],
+            "spare_nics": sum(1 for n in cfg.nics if not n.network)}
+        return await self._materialise(cfg, copy_disk=src.paths.disk, devices=devices,
+                                       hold=(("machine", source),), check=at_rest)
+
+    async def run(self, *, image: str = DEFAULT_IMAGE, name: str | None = None, count: int = 1,
+                  cpus: int | None = None, memory: str | int | None = None,
+                  accel: str | None = None, notify: Any = None, rm: bool = False,
+                  **devices: Any) -> list[AsyncMachine]:
+        """Start ``count`` machines from the image's ready snapshot, concurrently.
+
+        The first run of an image and shape boots it once and saves the ready snapshot;
+        later runs restore it. Names are ``name`` (or ``name-1``..``name-N``), else random.
+        ``devices`` are create's; machines with volumes or shares boot instead (what a
+        disk holds is not in a snapshot's RAM). ``rm``: the caller deletes them when done
+        (if it dies first, ``pinnace gc`` does).
+        """
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 256:
+            raise ConfigError("count", count, "give between 1 and 256 machines")
+        store = self.env.store
+        store.ensure()
+        digest = self.env.images.resolve(image)
+        self.env.images.files_for(digest, image)
+        cfg = MachineConfig.build(name=name or "run", image=image, image_digest=digest,
+                                  cpus=cpus, memory=memory, accel=accel)
+        if name is not None:
+            names = [name] if count == 1 else [f"{name}-{i}" for i in range(1, count + 1)]
+            for n in names:
+                validate_name("machine", n)
+        else:
+            names = [f"run-{secrets.token_hex(3)}" for _ in range(count)]
+        snap: Snapshot | None = None
+        if not devices.get("volumes") and not devices.get("shares"):
+            nets = devices.get("networks") or ()
+            shape = cfg.with_changes(**self._devices(cfg.name, **{
+                **devices, "networks": [], "spare_nics": len(nets)
+                + int(devices.get("spare_nics") or 0),
+                "net": devices.get("net") or ("none" if nets else default_net())}))
+            choice = await self.env.backend.choose_accel(cfg.accel)
+            snap = await self.snapshots.ready(shape, choice.accel, notify=notify)
+        made = await asyncio.gather(*(self.create(
+            n, image=image, cpus=cpus, memory=memory, accel=accel, snapshot=snap,
+            ephemeral=rm, **devices) for n in names), return_exceptions=True)
+        machines = [m for m in made if isinstance(m, AsyncMachine)]
+        errors = [e for e in made if isinstance(e, BaseException)]
+        if not errors:
+            started = await asyncio.gather(*(m.start() for m in machines), return_exceptions=True)
+            errors = [e for e in started if isinstance(e, BaseException)]
+        if errors:
+            await asyncio.gather(*(m.delete(force=True) for m in machines), return_exceptions=True)
+            raise errors[0]
+        return machines
+
+    async def list(self) -> list[MachineStatus]:
+        """Every machine's status, reconciled with its process; damaged ones show as broken."""
+        out: list[MachineStatus] = []
+        d = self.env.store.machines_dir
+        if not d.is_dir():
+            return out
+        for entry in sorted(d.iterdir()):
+            try:
+                validate_name("machine", entry.name)
+                out.append(await self.handle(entry.name).status())
+            except (PinnaceError, OSError) as exc:  # a damaged directory must not break ls
+                out.append(MachineStatus(entry.name, MachineState.BROKEN, str(exc)))
+        return out
+
+    async def delete(self, name: str, *, force: bool = False) -> None:
+        await (await self.get(name)).delete(force=force)
+
+__all__ = ["AsyncMachines"]

@@ -1,0 +1,316 @@
+"""Snapshots: a machine's saved RAM, device state and disk, and the ready-snapshot cache.
+
+What a snapshot is and how it is checked lives in :mod:`.key`; this module makes
+and removes them. Clones map ``memory`` with ``share=off``: unchanged pages stay
+shared between them, and restore time does not grow with RAM size. A snapshot is
+only made in the "mapped" form: a machine whose RAM was not in a file is first
+saved as one stream (RAM inside) and loaded into a paused VMM whose RAM *is* a
+shared file, which is then saved again; one path for every source.
+
+The ready-snapshot cache (``ready()``) keeps one snapshot per image and machine shape,
+made by booting the image once; its key (image digest, shape, QEMU version,
+accelerator, CPU model, SNAPSHOT_FORMAT) is checked before every use and a change
+rebuilds it, with a notice naming what changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Protocol
+
+from ..agent.client import AgentClient, clock_anchor
+from ..backends.base import Backend, LaunchSpec, NatNic
+from ..config import NAT_GUEST, MachineConfig
+from ..errors import (
+    AgentError,
+    AlreadyExistsError,
+    LaunchError,
+    MachineError,
+    NotFoundError,
+    PinnaceError,
+    SnapshotError,
+    store_error,
+)
+from ..images import Images
+from ..store import SnapshotFiles, Store, read_json, tail, validate_name, write_json
+from .key import (
+    SNAPSHOT_FORMAT,
+    Capture,
+    Snapshot,
+    SnapshotKey,
+    SnapshotLookup,
+    machine_key,
+    sha256_file,
+    template_mac,
+    template_macs,
+    verify,
+)
+
+log = logging.getLogger(__name__)
+
+TEMPLATE_BOOT_TIMEOUT = 120.0
+READY_LOCK_TIMEOUT = 600.0
+
+
+class Source(Protocol):
+    """What a snapshot is made from: a machine (pinnace.machine.AsyncMachine)."""
+
+    name: str
+
+    @property
+    def config(self) -> MachineConfig: ...
+
+    async def capture(self, stream: Path, disk: Path) -> Capture: ...
+
+
+class AsyncSnapshots:
+    """The snapshots in a store, and the ready-snapshot cache."""
+
+    def __init__(self, store: Store, backend: Backend, images: Images,
+                 lookup: SnapshotLookup) -> None:
+        self.store = store
+        self.backend = backend
+        self.images = images
+        self.lookup = lookup
+
+    # -- lookup --------------------------------------------------------------------------
+
+    def get(self, name: str) -> Snapshot:
+        return self.lookup.get(name)
+
+    def by_ref(self, ref: str) -> Snapshot:
+        return self.lookup.by_ref(ref)
+
+    def list(self) -> list[Snapshot]:
+        return self.lookup.list()
+
+    def users(self, ref: str) -> tuple[str, ...]:
+        return self.lookup.users(ref)
+
+    async def remove(self, name: str) -> None:
+        """Remove snapshot ``name``; refused while machines are made from it."""
+        validate_name("snapshot", name)
+        async with self.store.alocked(("snapshot", name), timeout=30):
+            files = self.store.snapshot_files(name)
+            if not files.dir.is_dir():
+                raise NotFoundError("snapshot", name, "see 'pinnace snapshot ls'")
+            users = self.users(f"snapshots/{name}")
+            if users:
+                raise SnapshotError(name, f"machine(s) {', '.join(users)} are made from it; "
+                                    "delete them first")
+            await asyncio.to_thread(self.store.remove_tree, files.dir)
+
+    # -- making them ---------------------------------------------------------------------
+
+    async def create(self, machine: Source, name: str) -> Snapshot:
+        """Save a running machine as snapshot ``name``; the machine keeps running."""
+        validate_name("snapshot", name)
+        final = self.store.snapshot_files(name)
+        if final.dir.exists():
+            raise AlreadyExistsError("snapshot", name)
+        cfg = machine.config
+        if cfg.volumes or cfg.shares:
+            raise SnapshotError(name, f"machine {machine.name!r} has volumes or shared "
+                                "folders, whose contents live outside it and cannot be saved "
+                                "with it; snapshot a machine without them")
+        try:
+            self.store.snapshots_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise store_error(exc, "making the snapshots folder") from None
+        with self.store.staging_dir("snapshot-") as stage:
+            staged = SnapshotFiles(stage)
+            captured = await machine.capture(staged.stream, staged.disk)
+            clock = await self._map(staged, captured.config, captured.key, final,
+                                    from_stream=True, clock=captured.clock)
+            staged.stream.unlink()
+            return await self._finish(staged, final, name, f"snapshots/{name}", captured.config,
+                                      captured.key, source=machine.name, clock=clock, macs={
+                                          "nat": cfg.nat_mac, "nics": [n.mac for n in cfg.nics]})
+
+    async def ready(self, cfg: MachineConfig, accel: str, *,
+                    notify: Callable[[str], Any] | None = None) -> Snapshot:
+        """The ready snapshot for this image and shape, built (once, under a lock) if it is
+        missing, damaged or was made for anything else."""
+        key = machine_key(self.backend, cfg, accel)
+        slot = f"{cfg.image}-{cfg.cpus}c-{cfg.memory_mib}m-{key.nics}n"
+        pointer = self.store.ready_pointer(slot)
+        say = notify or (lambda msg: log.warning("%s", msg))
+        old = self._current(pointer)
+        if old is not None and old.key == asdict(key):
+            try:
+                verify(old)
+                return old
+            except SnapshotError:
+                pass
+        async with self.store.alocked(("ready", slot), timeout=READY_LOCK_TIMEOUT):
+            old = self._current(pointer)  # someone may have built it while we waited
+            reason = "there is none yet"
+            if old is not None:
+                try:
+                    if old.key == asdict(key):
+                        verify(old)
+                        return old
+                    reason = "; ".join(key.changes(old.key))
+                except SnapshotError as exc:
+                    reason = str(exc)
+            say(f"building the ready snapshot of image {cfg.image!r} ({key.shape}): {reason}")
+            t0 = time.monotonic()
+            snap = await self._build_ready(cfg, key, slot)
+            write_json(pointer, {"ref": snap.ref})
+            say(f"ready snapshot built in {time.monotonic() - t0:.1f} s")
+            if old is not None and not self.users(old.ref):
+                with contextlib.suppress(OSError):
+                    await asyncio.to_thread(self.store.remove_tree, old.path)
+            return snap
+
+    def _current(self, pointer: Path) -> Snapshot | None:
+        try:
+            return self.by_ref(str(read_json(pointer)["ref"]))
+        except (OSError, ValueError, KeyError, TypeError, PinnaceError):
+            return None
+
+    def unused_ready(self) -> builtins.list[Path]:
+        """Ready snapshots no pointer names and no machine uses (left by a crash or a
+        rebuild that could not remove them): what ``gc`` removes."""
+        d = self.store.ready_dir
+        if not d.is_dir():
+            return []
+        named = set()
+        for p in d.glob("*.json"):
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                named.add(str(read_json(p)["ref"]))
+        out = []
+        for entry in sorted(d.iterdir()):
+            ref = self.lookup.ref_of(SnapshotFiles(entry))
+            if entry.is_dir() and ref not in named and not self.users(ref):
+                out.append(entry)
+        return out
+
+    async def _build_ready(self, cfg: MachineConfig, key: SnapshotKey, slot: str) -> Snapshot:
+        ident = f"{slot}-{int(time.time() * 1000):x}"
+        final = self.store.ready_files(ident)
+        try:
+            self.store.ready_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise store_error(exc, "making the ready-snapshot folder") from None
+        with self.store.staging_dir("ready-") as stage:
+            staged = SnapshotFiles(stage)
+            clock = await self._map(staged, cfg, key, final, from_stream=False)
+            return await self._finish(staged, final, ident, f"cache/ready/{ident}", cfg, key,
+                                      source="", clock=clock, macs=template_macs(cfg))
+
+    async def _map(self, files: SnapshotFiles, cfg: MachineConfig, key: SnapshotKey,
+                   final: SnapshotFiles, *, from_stream: bool,
+                   clock: float | None = None) -> float | None:
+        """Run a VMM whose RAM is the shared file ``files.memory``: booted from the image,
+        or loaded from ``files.stream`` (``from_stream``); then save its device state.
+        Returns the guest's CLOCK_MONOTONIC when it stopped (``clock`` for a stream,
+        which is loaded without running)."""
+        backend = self.backend
+        run = files.run
+        try:
+            run.dir.mkdir()
+        except OSError as exc:
+            raise store_error(exc, "staging a snapshot") from None
+        image = self.images.files_for(cfg.image_digest, cfg.image)
+        if from_stream:
+            os.rename(files.disk, run.disk)
+        else:
+            await backend.create_disk(image.rootfs, run.disk)
+        spec = LaunchSpec(
+            name=cfg.name, files=run, kernel=image.kernel, initrd=image.initrd, cpus=cfg.cpus,
+            memory_mib=cfg.memory_mib, accel=key.accel, cmdline=cfg.cmdline,
+            memory_file=files.memory, memory_shared=True, incoming=from_stream,
+            **template_devices(cfg),
+        )
+        launched = await backend.launch(spec)
+        if isinstance(launched, int):
+            raise LaunchError(cfg.name, f"QEMU would not start for the snapshot: "
+                              f"{tail(run.qemu_log, 3).strip()}", command=(),
+                              exit_code=launched)
+        try:
+            if not from_stream:
+                agent = await AgentClient.connect(run, timeout=TEMPLATE_BOOT_TIMEOUT,
+                                                  alive=lambda: backend.alive(launched))
+                try:
+                    await _warm(agent, cfg)
+                    reading = await agent.monotonic()
+                finally:
+                    await agent.close()
+            else:
+                await backend.load(run, files.stream, ignore_shared=False, run=False)
+            stopped = await backend.save(run, files.state, ignore_shared=True)
+            if not from_stream:
+                clock = clock_anchor(reading, stopped)
+        except MachineError as exc:
+            raise SnapshotError(cfg.name, f"QEMU could not save it: {exc.message}; "
+                                f"{tail(run.qemu_log, 3).strip()}") from None
+        except AgentError as exc:
+            raise SnapshotError(cfg.name, f"the guest could not be readied: {exc}; "
+                                f"{tail(run.serial_log, 3).strip()}") from None
+        finally:
+            if not await backend.quit(run, 5.0) or not await backend.wait_exit(launched, 5.0):
+                await backend.kill(launched, run)
+            await backend.await_exit_status(run)  # before run/ goes
+        os.rename(run.disk, files.disk)
+        await asyncio.to_thread(self.store.remove_tree, run.dir)
+        size = await backend.disk_size(files.disk)
+        await backend.create_disk(final.disk, files.clone_disk, base_format="qcow2", size=size)
+        return clock
+
+    async def _finish(self, files: SnapshotFiles, final: SnapshotFiles, name: str, ref: str,
+                      cfg: MachineConfig, key: SnapshotKey, *, source: str,
+                      macs: dict[str, Any], clock: float | None) -> Snapshot:
+        def sums() -> dict[str, dict[str, Any]]:
+            return {n: {"size": p.stat().st_size, "sha256": sha256_file(p)}
+                    for n, p in files.checked().items()}
+
+        listed = await asyncio.to_thread(sums)
+        for p in (files.state, files.disk, files.clone_disk):
+            os.chmod(p, 0o444)  # clones depend on these bytes never changing
+        # (memory stays writable by its owner: QEMU opens it read-write even to map it private)
+        write_json(files.meta, {"image": cfg.image, "key": asdict(key), "source": source,
+                                "created": time.time(), "files": listed, "macs": macs,
+                                "clock": clock})
+        try:
+            os.rename(files.dir, final.dir)
+        except OSError as exc:
+            if final.dir.exists():
+                raise AlreadyExistsError("snapshot", name) from None
+            raise store_error(exc, "putting the snapshot in place") from None
+        return self.by_ref(ref)
+
+
+async def _warm(agent: AgentClient, cfg: MachineConfig) -> None:
+    """Walk the template through what every clone does first (the identity and network
+    requests and an exec), so the modules, binaries and files that takes are already
+    loaded in the RAM that clones map; then flush the disk that the snapshot freezes.
+
+    The NAT NIC gets the address every clone's has (NAT_GUEST), without the default
+    route (the template's netdev is restricted): a clone only changes the MAC, and adds
+    the route if it has a way out."""
+    macs = template_macs(cfg)
+    await asyncio.gather(
+        agent.refresh_identity(cfg.name),
+        *([agent.request("set_network", mac=macs["nat"], addresses=[NAT_GUEST], up=True)]
+          if macs["nat"] else []),
+        *(agent.request("set_network", mac=mac, addresses=[], up=False) for mac in macs["nics"]))
+    (await agent.exec(["true"])).check()
+    (await agent.exec(["sync"])).check()
+
+
+def template_devices(cfg: MachineConfig) -> dict[str, Any]:
+    """The NICs of a template: the machine's shape, with template MACs and no way out."""
+    nat = NatNic(template_mac(-1), restrict=True) if cfg.net != "none" else None
+    return {"nat": nat, "nics": tuple(template_mac(i) for i in range(len(cfg.nics)))}
+
+
+__all__ = ["SNAPSHOT_FORMAT", "AsyncSnapshots", "Snapshot", "SnapshotKey", "Source", "verify"]
