@@ -39,9 +39,13 @@ def test_lock_times_out_while_held(tmp_path):
 def test_lock_waits_for_release(tmp_path):
     a = FileLock(tmp_path / "l", timeout=5)
     a.acquire()
-    threading.Timer(0.2, a.release).start()
+    threading.Timer(0.3, a.release).start()
+    t0 = time.monotonic()
     with FileLock(tmp_path / "l", timeout=5):
-        pass
+        waited = time.monotonic() - t0
+        with pytest.raises(LockTimeout):  # held, exclusively
+            FileLock(tmp_path / "l", timeout=0.05).acquire()
+    assert 0.25 <= waited < 3
 
 
 def test_tail_strips_control_characters(tmp_path):

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from . import call
+from .common import call
 
 if TYPE_CHECKING:
     from ..client import AsyncPinnace

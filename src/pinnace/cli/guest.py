@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from . import call
+from .common import call
 
 if TYPE_CHECKING:
     from ..client import AsyncPinnace

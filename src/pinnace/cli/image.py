@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from . import each, echo_table, fail
+from .common import each, echo_table, fail
 
 if TYPE_CHECKING:
     from ..client import AsyncPinnace

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from . import each
+from .common import each
 
 if TYPE_CHECKING:
     from ..client import AsyncPinnace

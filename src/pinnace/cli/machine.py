@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from . import call, echo_table
+from .common import call, echo_table
 
 if TYPE_CHECKING:
     from ..client import AsyncPinnace

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from . import call
+from .common import call
 from .guest import PASSTHROUGH, exit_code_of, stream_exec
 from .machine import device_options, devices, size_option
 

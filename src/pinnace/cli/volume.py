@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from . import Group, call, each, echo_table
+from .common import Group, call, each, echo_table
 
 if TYPE_CHECKING:
     from ..client import AsyncPinnace

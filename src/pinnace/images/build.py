@@ -311,10 +311,7 @@ class ImageBuilder:
             if not vmlinuz:
                 raise ImageBuildError("kernel", f"{kdeb.name} has no /boot/vmlinuz-*")
             kver = vmlinuz[0].name.removeprefix("vmlinuz-")
-            try:
-                elf = K.extract_vmlinux(vmlinuz[0].read_bytes())
-            except K.KernelError as exc:
-                raise ImageBuildError("kernel", str(exc)) from exc
+            elf = K.extract_vmlinux(vmlinuz[0].read_bytes())
             if not K.has_pvh_entry(elf):
                 raise ImageBuildError("kernel", f"{kver} has no PVH entry note (CONFIG_PVH)")
             (stage / "vmlinux").write_bytes(elf)

@@ -16,6 +16,8 @@ import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 
+from ..errors import ImageBuildError
+
 # Compression magics a bzImage payload may start with, tried in order.
 _XZ = b"\xfd7zXZ\x00"
 _GZIP = b"\x1f\x8b\x08"
@@ -41,10 +43,6 @@ ROOTFS_MODULE_DIRS = (
 ROOTFS_MODULE_GLOBS = ("kernel/drivers/net/*.ko",)
 
 
-class KernelError(Exception):
-    """The kernel package did not hold what pinnace needs."""
-
-
 def extract_vmlinux(vmlinuz: bytes) -> bytes:
     """Decompress the ELF kernel inside a bzImage, trying each compression it may use."""
     if vmlinuz[:4] == b"\x7fELF":
@@ -59,7 +57,7 @@ def extract_vmlinux(vmlinuz: bytes) -> bytes:
             if out[:4] == b"\x7fELF":
                 return out
             start = vmlinuz.find(magic, start + 1)
-    raise KernelError("no compressed ELF kernel found inside vmlinuz")
+    raise ImageBuildError("kernel", "no compressed ELF kernel found inside vmlinuz")
 
 
 def _unxz(data: bytes) -> bytes:
