@@ -86,7 +86,7 @@ class StateError(PinnaceError):
         self.allowed = tuple(allowed)
         super().__init__(
             f"cannot {action} machine {name!r}: it is {state}, "
-            f"and {action} needs it to be {' or '.join(self.allowed)}"
+            f"and that needs it to be {' or '.join(self.allowed)}"
         )
 
 

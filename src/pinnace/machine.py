@@ -676,9 +676,8 @@ class AsyncMachine:
             return self._agent
 
     async def agent(self, timeout: float = 10.0) -> AgentClient:
-        """The agent connection, opened on first use and kept."""
-        if self._agent is not None and not self._agent.closed:
-            return self._agent
+        """The agent connection, opened on first use and kept. The state is checked every
+        time (a file and /proc): a paused guest would otherwise leave a request waiting."""
         st = await self.status()
         if st.state not in (S.READY, S.RUNNING):
             raise StateError(self.name, "reach the guest agent of", str(st.state),

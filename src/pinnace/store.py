@@ -318,6 +318,16 @@ class Store:
         longest = self.machine_files(machine).agent_sock(AGENT_PORTS - 1)
         return len(os.fsencode(longest)) <= 107
 
+    def check_staging_sockets(self) -> None:
+        """ConfigError unless the sockets of a QEMU run in a staging folder (which makes a
+        snapshot: tmp/snapshot-<pid>-<8 chars>/run/) fit in sun_path."""
+        from .agent.protocol import AGENT_PORTS
+
+        run = SnapshotFiles(self.tmp_dir / f"snapshot-{'9' * 7}-{'x' * 8}").run
+        if len(os.fsencode(run.agent_sock(AGENT_PORTS - 1))) > 107:
+            raise ConfigError("PINNACE_HOME", str(self.home), "the path is too long for the "
+                              "unix sockets of a snapshot being made; choose a shorter one")
+
     # --- directories -----------------------------------------------------------------
 
     @property

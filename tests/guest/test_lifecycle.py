@@ -131,7 +131,7 @@ def test_cli_wrong_state_is_one_line(make_machine):
     r = cli("stop", m.name)
     assert r.returncode == 1
     assert r.stderr.strip().count("\n") == 0
-    assert "it is created" in r.stderr and "stop needs it to be" in r.stderr
+    assert "it is created" in r.stderr and "cannot stop machine" in r.stderr and "that needs it to be" in r.stderr
 
 
 def test_concurrent_starts_are_serialised(make_machine):

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pinnace.agent import protocol as P
-from pinnace.agent.client import AgentClient
+from pinnace.agent.client import REQUIRED_OPS, AgentClient
 from pinnace.errors import AgentDisconnected, AgentError, ProtocolError, RemoteError
 from pinnace.store import MachineFiles
 
@@ -61,6 +61,8 @@ def test_json_payload_errors_are_not_fatal():
 
 # --- the host client against a fake, hostile guest ---------------------------------------
 
+CAPS = sorted(REQUIRED_OPS)
+
 
 async def fake_guest(tmp_path, behave):
     """A unix-socket server on port 0 that answers HELLO, then runs ``behave``."""
@@ -75,7 +77,8 @@ async def fake_guest(tmp_path, behave):
                     if f.kind == P.HELLO:
                         hello = f.json()
             writer.write(P.encode_json(P.WELCOME, 0, {"version": P.PROTOCOL_VERSION,
-                                                      "nonce": hello["nonce"]}))
+                                                      "nonce": hello["nonce"],
+                                                      "capabilities": CAPS}))
             await behave(buf, reader, writer)
             await writer.drain()
         except ConnectionError:
@@ -246,7 +249,7 @@ def test_requests_sent_before_the_welcome(tmp_path):
             writer.write(P.encode_json(P.WELCOME, 0, {"version": P.PROTOCOL_VERSION,
                                                       "nonce": "someone-else"}))
             writer.write(P.encode_json(P.WELCOME, 0, {"version": P.PROTOCOL_VERSION,
-                                                      "nonce": nonce}))
+                                                      "nonce": nonce, "capabilities": CAPS}))
             for c in chans:
                 writer.write(P.encode_json(P.REPLY, c, {"chan": c}))
             await writer.drain()
@@ -315,7 +318,8 @@ def test_ports_are_taken_one_client_each(tmp_path):
                     for f in buf.feed(data):
                         if f.kind == P.HELLO:
                             writer.write(P.encode_json(P.WELCOME, 0, {
-                                "version": P.PROTOCOL_VERSION, "nonce": f.json()["nonce"]}))
+                                "version": P.PROTOCOL_VERSION, "nonce": f.json()["nonce"],
+                                "capabilities": CAPS}))
             servers.append(await asyncio.start_unix_server(
                 handler, path=str(files.agent_sock(port))))
         a = await AgentClient.connect(files, timeout=5)
@@ -340,3 +344,34 @@ def test_window_frame_layout():
     assert struct.unpack("!I", frame.payload) == (1234,)
     assert json.loads(P.encode_json(P.REQUEST, 1, {"a": 1})[P.HEADER.size:]) == {"a": 1}
     assert os.path.basename(P.__file__) == "protocol.py"
+
+
+def test_an_agent_without_an_operation_the_host_needs_is_refused(tmp_path):
+    """The WELCOME's capabilities are read: an agent from an older pinnace that cannot
+    set_network is refused at once, naming the missing operation and the fix."""
+    files = MachineFiles(tmp_path)
+
+    async def main():
+        async def handler(reader, writer):
+            buf = P.FrameReader()
+            for f in buf.feed(await reader.read(4096)):
+                if f.kind == P.HELLO:
+                    caps = [c for c in CAPS if c != "set_network"]
+                    writer.write(P.encode_json(P.WELCOME, 0, {
+                        "version": P.PROTOCOL_VERSION, "nonce": f.json()["nonce"],
+                        "capabilities": caps}))
+            await writer.drain()
+            while await reader.read(4096):  # until the client hangs up, as it must
+                pass
+            writer.close()
+            await writer.wait_closed()
+            done.set()
+
+        done = asyncio.Event()
+        server = await asyncio.start_unix_server(handler, path=str(files.agent_sock(0)))
+        async with server:
+            with pytest.raises(ProtocolError, match="cannot set_network.*image build"):
+                await AgentClient.connect(files, timeout=5)
+            await asyncio.wait_for(done.wait(), 5)
+
+    asyncio.run(main())

@@ -38,6 +38,10 @@ MAX_EVENTS_PER_REQUEST = 64
 CONNECT_RETRY = 0.01
 
 
+# Operations the host relies on: an agent that lacks one is refused at the WELCOME.
+REQUIRED_OPS = frozenset({"ping", "exec", "info", "poweroff", "set_time", "clock",
+                          "set_hostname", "get", "put", "reseed", "set_network", "mount"})
+
 @dataclass
 class ExecResult:
     """The outcome of a command run in the guest."""
@@ -96,6 +100,7 @@ class AgentClient:
         self._lock_fd = lock_fd
         self.port = port
         self.welcome: dict[str, Any] = {}
+        self.capabilities: frozenset[str] = frozenset()
         self._nonce = nonce
         self._pending: dict[int, _Pending] = {}
         self._next_chan = 1
@@ -191,6 +196,15 @@ class AgentClient:
             raise ProtocolError(
                 f"agent speaks protocol {welcome.get('version')!r}, host speaks "
                 f"{P.PROTOCOL_VERSION}; rebuild the image with this pinnace")
+        caps = welcome.get("capabilities")
+        if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
+            raise ProtocolError("bad WELCOME: capabilities must be a list of operation names")
+        missing = REQUIRED_OPS - set(caps)
+        if missing:
+            raise ProtocolError(f"the guest agent cannot {', '.join(sorted(missing))}; it is "
+                                "from another pinnace: rebuild the image with this one "
+                                "('pinnace image build --refresh')")
+        self.capabilities = frozenset(caps)
         self.welcome = welcome
         self._welcomed.set_result(None)
 

@@ -215,6 +215,7 @@ class AsyncSnapshots:
         Returns the guest's CLOCK_MONOTONIC when it stopped (``clock`` for a stream,
         which is loaded without running)."""
         backend = self.backend
+        self.store.check_staging_sockets()
         run = files.run
         try:
             run.dir.mkdir()

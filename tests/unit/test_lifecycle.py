@@ -1,0 +1,392 @@
+"""The whole state table of a machine, every verb in every state, on the fake backend;
+restores, the ready-snapshot cache and run; moves left half-done by a dead command."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from pinnace import StateError
+from pinnace.backends.base import INCOMING, PAUSED, RUNNING, SAVED
+from pinnace.backends.fake import FakeBackend
+from pinnace.errors import LaunchError, MachineError, SnapshotError
+from pinnace.snapshots import key as snapkey
+
+from .fakes import arun, fake_store
+
+STATES = ("created", "ready", "running", "paused", "stopped", "saved", "failed")
+
+
+async def put_in(pn, name, state):
+    """A machine named ``name`` in ``state``, reached the way a user would reach it."""
+    backend = pn.backend
+    m = await pn.machines.create(name)
+    if state == "created":
+        return m
+    if state == "failed":
+        backend.fail["launch"] = 1
+        with pytest.raises(LaunchError):
+            await m.start()
+        return m
+    await m.start(wait=state != "running")
+    if state == "paused":
+        await m.pause()
+    elif state == "stopped":
+        await m.stop()
+    elif state == "saved":
+        await m.stop(save=True)
+    return m
+
+
+async def verb(pn, m, what):
+    if what == "start":
+        await m.start()
+    elif what == "start --no-wait":
+        await m.start(wait=False)
+    elif what == "stop":
+        await m.stop()
+    elif what == "stop --save":
+        await m.stop(save=True)
+    elif what in ("halt", "kill", "pause", "resume"):
+        await getattr(m, what)()
+    elif what == "delete":
+        await m.delete()
+    elif what == "delete --force":
+        await m.delete(force=True)
+    elif what == "configure":
+        await m.configure(cpus=2)
+    elif what == "exec":
+        assert (await m.exec(["echo", "hi"])).stdout == b"hi\n"
+    elif what == "snapshot":
+        await pn.snapshots.create(m, f"s-{m.name}")
+    else:
+        raise AssertionError(what)
+
+
+LIVE = ("ready", "running", "paused")
+# verb -> {state before: state after}; a state missing here must be refused with StateError.
+TABLE = {
+    "start": {"created": "ready", "stopped": "ready", "failed": "ready", "saved": "ready"},
+    "start --no-wait": {"created": "running", "stopped": "running", "failed": "running",
+                        "saved": "ready"},  # a saved state is restored, wait or not
+    "stop": dict.fromkeys(LIVE, "stopped"),
+    "stop --save": dict.fromkeys(LIVE, "saved"),
+    "halt": {**dict.fromkeys(LIVE, "stopped"), "saved": "stopped"},
+    "kill": dict.fromkeys(LIVE, "stopped"),
+    "pause": {"ready": "paused", "running": "paused"},
+    "resume": {"paused": "ready"},
+    "delete": dict.fromkeys(("created", "stopped", "failed", "saved"), "deleted"),
+    "delete --force": dict.fromkeys(STATES, "deleted"),
+    "configure": {"created": "created", "stopped": "stopped", "failed": "failed"},
+    "exec": {"ready": "ready", "running": "running"},
+    "snapshot": dict.fromkeys(LIVE, None),  # None: the state it had
+}
+
+
+@pytest.mark.parametrize("what", list(TABLE))
+def test_every_verb_in_every_state(tmp_path, what):
+    pn = fake_store(tmp_path)
+
+    async def main():
+        seen = {}
+        for state in STATES:
+            m = await put_in(pn, f"m-{state}", state)
+            assert (await m.status()).state == state
+            expected = TABLE[what].get(state, "refused")
+            if expected == "refused":
+                with pytest.raises(StateError) as exc:
+                    await verb(pn, m, what)
+                assert exc.value.state == state and exc.value.allowed
+                after = str((await m.status()).state)
+                assert after == state, f"{what} refused in {state} but moved it to {after}"
+                seen[state] = "refused"
+                continue
+            await verb(pn, m, what)
+            if expected == "deleted":
+                assert not m.paths.dir.exists()
+                assert pn.backend.guests.get(m.paths.dir) is None  # nothing left running
+                seen[state] = "deleted"
+                continue
+            st = await m.status()
+            seen[state] = str(st.state)
+            guest = pn.backend.guests.get(m.paths.dir)
+            if st.state in ("ready", "running"):
+                assert guest is not None and guest.state == RUNNING
+            elif st.state == "paused":  # (after a save, QEMU says postmigrate: paused too)
+                assert guest is not None and guest.state in (PAUSED, SAVED)
+            else:
+                assert guest is None, f"{st.state} but its VMM runs"
+        want = {s: (TABLE[what].get(s, "refused") or s) for s in STATES}
+        assert seen == want
+
+    arun(pn, main())
+
+
+def test_a_state_error_says_what_was_found_and_what_is_needed(tmp_path):
+    pn = fake_store(tmp_path)
+
+    async def main():
+        m = await pn.machines.create("web")
+        with pytest.raises(StateError) as exc:
+            await m.exec(["true"])
+        assert str(exc.value) == ("cannot reach the guest agent of machine 'web': it is "
+                                  "created, and that needs it to be ready or running")
+
+    arun(pn, main())
+
+
+# -- restores --------------------------------------------------------------------------
+
+
+def test_start_without_wait_carries_out_a_pending_restore(tmp_path):
+    """Regression: start(wait=False) on a machine made from a snapshot launched the VMM
+    waiting for its state and returned; the machine showed as running while its VMM
+    waited forever. A pending restore is now always carried out."""
+    pn = fake_store(tmp_path)
+
+    async def main():
+        src = await put_in(pn, "src", "ready")
+        snap = await pn.snapshots.create(src, "snap")
+        clone = await pn.machines.create("clone", snapshot=snap)
+        st = await clone.start(wait=False)
+        assert str(st.state) == "ready"
+        assert pn.backend.guests[clone.paths.dir].state == RUNNING  # not INCOMING
+        assert pn.backend.guests[clone.paths.dir].hostname == "clone"  # its own identity
+        assert not clone.paths.resume.exists()
+
+    arun(pn, main())
+
+
+def test_a_failed_restore_leaves_the_machine_failed_and_restorable(tmp_path):
+    pn = fake_store(tmp_path)
+
+    async def main():
+        src = await put_in(pn, "src", "ready")
+        snap = await pn.snapshots.create(src, "snap")
+        clone = await pn.machines.create("clone", snapshot=snap)
+        pn.backend.fail["load"] = "fail"
+        with pytest.raises(MachineError, match="restoring the saved state failed"):
+            await clone.start()
+        st = await clone.status()
+        assert str(st.state) == "failed" and "restoring" in st.reason
+        assert pn.backend.guests.get(clone.paths.dir) is None
+        assert clone.paths.resume.exists()  # the next start tries again
+        assert str((await clone.start()).state) == "ready"
+
+    arun(pn, main())
+
+
+def test_a_failed_save_keeps_the_machine_running(tmp_path):
+    pn = fake_store(tmp_path)
+
+    async def main():
+        m = await put_in(pn, "m", "ready")
+        pn.backend.fail["save"] = "fail"
+        with pytest.raises(MachineError, match="saving failed, the machine keeps running"):
+            await m.stop(save=True)
+        assert str((await m.status()).state) == "ready"
+        assert pn.backend.guests[m.paths.dir].state == RUNNING
+        assert not m.paths.saved_state.exists() and not m.paths.resume.exists()
+        assert (await m.exec(["echo", "ok"])).stdout == b"ok\n"
+
+    arun(pn, main())
+
+
+def test_boot_timeout_and_crash_are_told_apart(tmp_path):
+    pn = fake_store(tmp_path)
+
+    async def main():
+        m = await pn.machines.create("m", boot_timeout=0.3)
+        pn.backend.fail["boot"] = "hang"
+        with pytest.raises(MachineError, match="did not become ready within 0.3 s"):
+            await m.start()
+        st = await m.status()
+        assert str(st.state) == "failed" and "timed out" in st.reason
+        await m.start()
+        pn.backend.exit(m.paths, 137)  # the VMM is killed behind pinnace's back
+        st = await m.status()
+        assert str(st.state) == "failed" and "killed by SIGKILL" in st.reason
+
+    arun(pn, main())
+
+
+# -- the ready-snapshot cache and run ----------------------------------------------------
+
+
+def test_ready_cache_hit_miss_key_change_and_damage(tmp_path, monkeypatch):
+    pn = fake_store(tmp_path)
+    notices: list[str] = []
+
+    def launches():
+        return sum(1 for c in pn.backend.calls if c[0] == "launch")
+
+    async def run_once():
+        [m] = await pn.machines.run(notify=notices.append)
+        assert str((await m.status()).state) == "ready"
+        await m.delete(force=True)
+
+    async def main():
+        await run_once()  # miss: built once (a launch for the template, one for the clone)
+        assert any("there is none yet" in n for n in notices), notices
+        assert launches() == 2
+        notices.clear()
+        await run_once()  # hit: restored, nothing built
+        assert notices == [] and launches() == 3
+        ready_dirs = {p for p in pn.store.ready_dir.iterdir() if p.is_dir()}
+        monkeypatch.setattr(snapkey, "SNAPSHOT_FORMAT", 999)
+        await run_once()  # key change: rebuilt, saying what changed
+        assert any(f"format {snapkey.SNAPSHOT_FORMAT}" in n or "-> 999" in n for n in notices)
+        new_dirs = {p for p in pn.store.ready_dir.iterdir() if p.is_dir()}
+        assert not (ready_dirs & new_dirs)  # the old one, unused, was removed
+        notices.clear()
+        [current] = new_dirs
+        (current / "state").chmod(0o644)
+        (current / "state").write_text("damaged")
+        await run_once()  # damage: rebuilt, saying why
+        assert any("state" in n and ("checksum" in n or "bytes" in n) for n in notices), notices
+
+    arun(pn, main())
+
+
+def test_run_starts_count_machines_and_cleans_up_on_failure(tmp_path):
+    pn = fake_store(tmp_path)
+
+    async def main():
+        ms = await pn.machines.run(name="w", count=3)
+        assert [m.name for m in ms] == ["w-1", "w-2", "w-3"]
+        hostnames = {pn.backend.guests[m.paths.dir].hostname for m in ms}
+        assert hostnames == {"w-1", "w-2", "w-3"}
+        for m in ms:
+            await m.delete(force=True)
+        pn.backend.fail["load"] = "fail"  # the second run's first restore fails
+        with pytest.raises(MachineError):
+            await pn.machines.run(name="x", count=2)
+        assert [s.name for s in await pn.machines.list()] == []  # none left behind
+        assert not pn.backend.guests
+
+    arun(pn, main())
+
+
+def test_gc_deletes_run_rm_machines_whose_command_died(tmp_path):
+    pn = fake_store(tmp_path)
+
+    async def main():
+        [mine] = await pn.machines.run(name="mine", rm=True)
+        [orphan] = await pn.machines.run(name="orphan", rm=True)
+        assert mine.config.ephemeral
+        orphan.paths.owner.write_text("1 1\n")  # a process that is gone
+        removed = await pn.gc()
+        assert [str(r) for r in removed if r.kind == "machine"] == [
+            "removed machine orphan (made by 'run --rm', whose command died)"]
+        assert mine.paths.dir.exists() and not orphan.paths.dir.exists()
+        assert await pn.gc() == []
+
+    arun(pn, main())
+
+
+# -- a command that died in the middle of a move -----------------------------------------
+
+
+def test_a_start_whose_command_died_is_rolled_back(tmp_path):
+    pn = fake_store(tmp_path)
+
+    async def main():
+        m = await put_in(pn, "m", "ready")
+        record = json.loads(m.paths.state.read_text())
+        record["state"] = "starting"  # as a start killed before the agent answered leaves it
+        m.paths.state.write_text(json.dumps(record))
+        st = await m.status()
+        assert str(st.state) == "failed" and "interrupted" in st.reason
+        assert pn.backend.guests.get(m.paths.dir) is None  # its VMM was killed
+        assert str((await m.start()).state) == "ready"
+
+    arun(pn, main())
+
+
+def test_a_move_in_progress_is_left_alone(tmp_path):
+    """While the command doing it lives (it holds the lock), 'starting' is the truth."""
+    pn = fake_store(tmp_path)
+
+    async def main():
+        m = await put_in(pn, "m", "ready")
+        record = json.loads(m.paths.state.read_text())
+        m.paths.state.write_text(json.dumps({**record, "state": "starting"}))
+        async with pn.store.alocked(("machine", "m")):
+            assert str((await m.status()).state) == "starting"
+        assert pn.backend.guests[m.paths.dir].state == RUNNING
+
+    arun(pn, main())
+
+
+@pytest.mark.parametrize("busy", ["snapshot", "save"])
+def test_a_guest_left_paused_by_a_dead_save_runs_again(tmp_path, busy):
+    pn = fake_store(tmp_path)
+
+    async def main():
+        m = await put_in(pn, "m", "ready")
+        await pn.backend.save(m.paths, m.paths.dir / "partial", ignore_shared=False)
+        record = json.loads(m.paths.state.read_text())
+        m.paths.state.write_text(json.dumps({**record, "busy": busy}))
+        st = await m.status()
+        assert str(st.state) == "ready"
+        assert pn.backend.guests[m.paths.dir].state == RUNNING
+        assert "busy" not in json.loads(m.paths.state.read_text())
+        assert (await m.exec(["echo", "back"])).stdout == b"back\n"
+
+    arun(pn, main())
+
+
+def test_a_save_that_finished_before_its_command_died_is_finished(tmp_path):
+    pn = fake_store(tmp_path)
+
+    async def main():
+        m = await put_in(pn, "m", "ready")
+        await pn.backend.save(m.paths, m.paths.saved_state, ignore_shared=False)
+        m.paths.resume.write_text(json.dumps({"state": str(m.paths.saved_state),
+                                              "memory": None, "ignore_shared": False,
+                                              "snapshot": "", "key": {}}))
+        record = json.loads(m.paths.state.read_text())
+        m.paths.state.write_text(json.dumps({**record, "busy": "save"}))
+        st = await m.status()
+        assert str(st.state) == "saved"
+        assert pn.backend.guests.get(m.paths.dir) is None
+
+    arun(pn, main())
+
+
+def test_damaged_files_name_themselves_and_spare_the_others(tmp_path):
+    pn = fake_store(tmp_path)
+
+    async def main():
+        a = await put_in(pn, "a", "stopped")
+        b = await put_in(pn, "b", "stopped")
+        c = await put_in(pn, "c", "ready")
+        a.paths.config.write_text("{not json")
+        b.paths.state.write_text("[]")
+        listed = {s.name: s for s in await pn.machines.list()}
+        assert str(listed["c"].state) == "ready"
+        assert str(listed["b"].state) == "broken" and "state.json" in listed["b"].reason
+        assert "delete --force b" in listed["b"].reason
+        with pytest.raises(Exception, match="config.json.*delete --force a") as exc:
+            await a.start()
+        assert "Traceback" not in str(exc.value)
+        snap = await pn.snapshots.create(c, "snap")
+        snap.paths.meta.write_text("{}")
+        with pytest.raises(SnapshotError, match="snapshot.json.*snapshot rm snap"):
+            pn.snapshots.get("snap")
+        assert [s.name for s in pn.snapshots.list()] == []  # listed without the damaged one
+        assert (await c.exec(["echo", "fine"])).stdout == b"fine\n"
+
+    arun(pn, main())
+
+
+def test_fake_pids_name_no_real_process():
+    assert FakeBackend().alive.__self__ is not None
+    from pinnace.backends.fake import FAKE_PID_BASE
+
+    with open("/proc/sys/kernel/pid_max") as f:
+        assert FAKE_PID_BASE > int(f.read())
+    assert INCOMING != RUNNING
+    assert os.getpid() < FAKE_PID_BASE
