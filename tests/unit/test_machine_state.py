@@ -101,7 +101,7 @@ def test_configure_only_at_rest(tmp_path):
             m = await pn.machines.get("m1")
             await m.configure(cpus=2)
 
-        with pytest.raises(StateError, match="cannot configure machine .m1.: it is ready, and that needs it to be created or stopped"):
+        with pytest.raises(StateError, match=r"cannot configure machine .m1.: it is ready, and that needs it to be created or stopped"):
             asyncio.run(go())
     finally:
         proc.kill()

@@ -370,7 +370,7 @@ def test_an_agent_without_an_operation_the_host_needs_is_refused(tmp_path):
         done = asyncio.Event()
         server = await asyncio.start_unix_server(handler, path=str(files.agent_sock(0)))
         async with server:
-            with pytest.raises(ProtocolError, match="cannot set_network.*image build"):
+            with pytest.raises(ProtocolError, match=r"cannot set_network.*image build"):
                 await AgentClient.connect(files, timeout=5)
             await asyncio.wait_for(done.wait(), 5)
 

@@ -117,12 +117,15 @@ class FakeBackend:
         if spec.memory_file is not None and spec.memory_shared:
             spec.memory_file.write_bytes(b"\0" * 4096)
         hang = self._failure("boot") == "hang"
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await self._serve(guest, reader, writer, hang)
+
         for port in range(spec.agent_ports):
             path = files.agent_sock(port)
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-            guest.servers.append(await asyncio.start_unix_server(
-                lambda r, w, g=guest, h=hang: self._serve(g, r, w, h), path=str(path)))
+            guest.servers.append(await asyncio.start_unix_server(serve, path=str(path)))
         self.guests[files.dir] = guest
         files.pid.write_text(f"{handle.pid}\n")
         return handle
