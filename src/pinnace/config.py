@@ -35,11 +35,13 @@ def parse_size(value: str | int, field: str = "size", *, default_unit: str = "m"
         if value <= 0:
             raise ConfigError(field, value, "the size must be positive")
         return value * _UNITS[default_unit]
-    m = _SIZE_RE.match(str(value))
+    m = _SIZE_RE.match(str(value)) if len(str(value)) <= 32 else None
     if not m:
         raise ConfigError(field, value, "give a size such as 512M or 2G (units K, M, G, T)")
     number, unit = float(m.group(1)), m.group(2).lower()
     scale = _UNITS[unit] if unit else _UNITS[default_unit]
+    if number * scale >= 1 << 62:
+        raise ConfigError(field, value, "that size is far too large")
     size = int(number * scale)
     if size <= 0:
         raise ConfigError(field, value, "the size must be positive")
@@ -102,6 +104,9 @@ def guest_path(field: str, v: str) -> str:
     return v
 
 
+_PORT_RE = re.compile(r"[0-9]{1,5}")
+
+
 @dataclass(frozen=True)
 class PortForward:
     """A host port forwarded to a guest port through the machine's NAT NIC."""
@@ -131,7 +136,7 @@ class PortForward:
         """``[HOST_IP:]HOST_PORT:GUEST_PORT[/udp]``."""
         text, _, proto = spec.partition("/")
         parts = text.split(":")
-        if len(parts) not in (2, 3) or not all(p.isdigit() for p in parts[-2:]):
+        if len(parts) not in (2, 3) or not all(_PORT_RE.fullmatch(p) for p in parts[-2:]):
             raise ConfigError("port", spec, "give [HOST_IP:]HOST_PORT:GUEST_PORT[/udp], "
                               "e.g. 8080:80")
         host_ip = parts[0] if len(parts) == 3 else "127.0.0.1"
@@ -170,11 +175,15 @@ class Mount:
         if kind == "share":
             from pathlib import Path
 
-            host = Path(source).expanduser()
-            if not host.is_dir():
-                raise ConfigError("share", source, "the host folder does not exist (or is not "
-                                  "a folder); create it first")
-            source = str(host.resolve())
+            try:
+                host = Path(source).expanduser()
+                if not host.is_dir():
+                    raise ConfigError("share", source, "the host folder does not exist (or is "
+                                      "not a folder); create it first")
+                source = str(host.resolve())
+            except (OSError, RuntimeError) as exc:  # a name too long, an unknown ~user
+                raise ConfigError("share", source, f"the host folder cannot be used ({exc})"
+                                  ) from None
         else:
             if not NAME_RE.match(source):
                 raise ConfigError("volume", source, NAME_HINT)

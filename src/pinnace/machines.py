@@ -65,7 +65,6 @@ class AsyncMachines:
         ``volumes`` (["data:/data", "cache:/cache:ro"]), ``shares`` (["./src:/src:ro"]).
         """
         validate_name("machine", name)
-        self.env.store.ensure()
         if snapshot is not None:
             snap = (snapshot if isinstance(snapshot, Snapshot)
                     else self.env.snapshots.get(snapshot))
@@ -152,6 +151,7 @@ class AsyncMachines:
             raise ConfigError("machine name", cfg.name, "it is too long for this PINNACE_HOME's "
                               "socket paths; choose a shorter name or a shorter PINNACE_HOME")
         m = self.handle(cfg.name)
+        store.ensure()  # only now: a command refused for bad input leaves no folders
         nets = sorted({str(n).partition(":")[0] for n in (devices or {}).get("networks") or ()})
         locks = [("network", validate_name("network", n)) for n in nets]
         async with store.alocked(("machine", cfg.name), *locks, *hold, timeout=30):
@@ -224,8 +224,6 @@ class AsyncMachines:
         """
         if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 256:
             raise ConfigError("count", count, "give between 1 and 256 machines")
-        store = self.env.store
-        store.ensure()
         digest = self.env.images.resolve(image)
         self.env.images.files_for(digest, image)
         cfg = MachineConfig.build(name=name or "run", image=image, image_digest=digest,

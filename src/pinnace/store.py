@@ -691,6 +691,8 @@ def fsync_dir(path: Path) -> None:
 
 def tail(path: Path, lines: int = 40, max_bytes: int = 16384) -> str:
     """The last ``lines`` lines of a text file (guest output: decoded leniently), or ''."""
+    if lines <= 0:
+        return ""
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)

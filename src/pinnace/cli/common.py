@@ -97,6 +97,8 @@ def report(exc: BaseException, verbose: int = 0) -> None:
         text = (f"internal error: {type(exc).__name__}: {exc} (run with -vv for the "
                 "traceback, and please report it)")
     first, _, rest = text.partition("\n")
+    # What the user typed (or a guest said) may hold control characters: shown escaped.
+    first = "".join(c if c.isprintable() else repr(c)[1:-1] for c in first)
     click.echo(f"pinnace: error: {first}", err=True)
     if rest and isinstance(exc, (MachineError, ImageBuildError, SwitchError)):
         click.echo(rest, err=True)

@@ -210,7 +210,8 @@ def status(ctx: click.Context, name: str, fmt: str) -> None:
 @click.command()
 @click.argument("name")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing as the guest writes.")
-@click.option("--tail", "-n", "lines", type=int, default=None, help="Only the last N lines.")
+@click.option("--tail", "-n", "lines", type=click.IntRange(min=0), default=None,
+              help="Only the last N lines.")
 @click.pass_context
 def logs(ctx: click.Context, name: str, follow: bool, lines: int | None) -> None:
     """Print a machine's serial console log.

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, ImageInUse, NotFoundError, StoreError
-from ..store import ImageFiles, Store, read_record, validate_name, write_atomic
+from ..store import NAME_RE, ImageFiles, Store, read_record, validate_name, write_atomic
 
 if TYPE_CHECKING:
     from .build import Reporter
@@ -89,8 +89,12 @@ class Images:
             matches = [p.name for p in self.store.images_dir.iterdir() if p.name.startswith(ref)]
             if len(matches) == 1:
                 return matches[0]
-        hint = ("build it with 'pinnace image build'" if ref == DEFAULT_IMAGE
-                else f"build it with 'pinnace image build {ref}', or see 'pinnace image ls'")
+        if ref == DEFAULT_IMAGE:
+            hint = "build it with 'pinnace image build'"
+        elif NAME_RE.match(ref):
+            hint = f"build it with 'pinnace image build {ref}', or see 'pinnace image ls'"
+        else:
+            hint = "see 'pinnace image ls'"
         raise NotFoundError("image", ref, hint)
 
     def get(self, ref: str) -> Image:

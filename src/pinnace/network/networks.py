@@ -45,6 +45,10 @@ class Network:
                 "path": str(self.path)}
 
 
+# The subnet of every machine's NAT NIC (QEMU's user-mode network).
+NAT_SUBNET = ipaddress.IPv4Network("10.0.2.0/24")
+
+
 def check_subnet(subnet: str) -> str:
     try:
         net = ipaddress.IPv4Network(subnet, strict=True)
@@ -53,6 +57,13 @@ def check_subnet(subnet: str) -> str:
                           ) from None
     if not 8 <= net.prefixlen <= 29:
         raise ConfigError("subnet", subnet, "give a prefix between /8 and /29")
+    if (net.is_loopback or net.is_multicast or net.is_link_local or net.is_reserved
+            or net.overlaps(ipaddress.IPv4Network("0.0.0.0/8"))):
+        raise ConfigError("subnet", subnet, "it is a loopback, multicast, link-local or "
+                          "reserved range; use a private one such as 10.77.0.0/24")
+    if net.overlaps(NAT_SUBNET):
+        raise ConfigError("subnet", subnet, f"it overlaps the NAT NIC's subnet {NAT_SUBNET}, "
+                          "which machines on it also have; choose another")
     return str(net)
 
 

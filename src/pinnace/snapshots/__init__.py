@@ -121,10 +121,6 @@ class AsyncSnapshots:
             raise SnapshotError(name, f"machine {machine.name!r} has volumes or shared "
                                 "folders, whose contents live outside it and cannot be saved "
                                 "with it; snapshot a machine without them")
-        try:
-            self.store.snapshots_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise store_error(exc, "making the snapshots folder") from None
         with self.store.staging_dir("snapshot-") as stage:
             staged = SnapshotFiles(stage)
             captured = await machine.capture(staged.stream, staged.disk)
@@ -282,6 +278,7 @@ class AsyncSnapshots:
                                 "created": time.time(), "files": listed, "macs": macs,
                                 "clock": clock})
         try:
+            final.dir.parent.mkdir(parents=True, exist_ok=True)
             os.rename(files.dir, final.dir)
         except OSError as exc:
             if final.dir.exists():
