@@ -68,7 +68,7 @@ def main() -> None:
             accel = st.accel or "?"
             m.kill()
             m.delete()
-        tsc = qhost.cached_tsc_khz(pn.store.cache_dir)
+        tsc = qhost.cached_tsc_khz(pn.store.cache)
         floor = [raw_qemu_to_init(image, accel, tsc) for _ in range(args.n)]
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                 if line.startswith("model name")), platform.processor())

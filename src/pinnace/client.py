@@ -41,7 +41,7 @@ class AsyncPinnace:
         if backend is None:
             from .backends.qemu import QemuBackend
 
-            backend = QemuBackend(self.store.cache_dir)
+            backend = QemuBackend(self.store.cache)
         self.backend = backend
         images = Images(self.store)
         self.images = AsyncImages(images)

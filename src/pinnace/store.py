@@ -192,6 +192,59 @@ class ImageFiles:
     def manifest(self) -> Path:
         return self.dir / "image.json"
 
+    @property
+    def build_log(self) -> Path:
+        return self.dir / "build.log"
+
+
+@dataclass(frozen=True)
+class BaseLayerFiles:
+    """A cached mmdebstrap layer (``cache/base/<key>/``): what images are built from."""
+
+    dir: Path
+
+    @property
+    def rootfs_tar(self) -> Path:
+        return self.dir / "rootfs.tar"
+
+    @property
+    def debs(self) -> Path:
+        """The kernel and busybox packages fetched with it."""
+        return self.dir / "debs"
+
+    @property
+    def manifest(self) -> Path:
+        return self.dir / "manifest.json"
+
+    @property
+    def build_log(self) -> Path:
+        return self.dir / "build.log"
+
+
+@dataclass(frozen=True)
+class CacheFiles:
+    """``cache/``: what can be made again, so is safe to delete."""
+
+    dir: Path
+
+    @property
+    def qemu_version(self) -> Path:
+        """The version of each QEMU binary seen (running it to ask costs a process)."""
+        return self.dir / "qemu-version.json"
+
+    @property
+    def host_facts(self) -> Path:
+        """Facts about the host until it reboots (its TSC frequency)."""
+        return self.dir / "host.json"
+
+    @property
+    def kvm_probe(self) -> Path:
+        """Whether a probe VM ran under KVM, per QEMU binary and host boot."""
+        return self.dir / "kvm-probe.json"
+
+    def base_layer(self, key: str) -> BaseLayerFiles:
+        return BaseLayerFiles(self.dir / "base" / key)
+
 
 @dataclass(frozen=True)
 class SnapshotFiles:
@@ -395,9 +448,9 @@ class Store:
     def network_files(self, name: str) -> NetworkFiles:
         return NetworkFiles(self.networks_dir / name)
 
-    def host_cache(self, name: str) -> Path:
-        """A small JSON file of facts about the host (probes), in the cache."""
-        return self.cache_dir / name
+    @property
+    def cache(self) -> CacheFiles:
+        return CacheFiles(self.cache_dir)
 
     def ensure(self) -> None:
         """Create the top-level directories (idempotent)."""

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from pinnace.backends.qemu import host
+from pinnace.store import CacheFiles
 
 QEMU = shutil.which(host.QEMU_BINARY)
 needs_qemu = pytest.mark.skipif(QEMU is None, reason=f"{host.QEMU_BINARY} is not installed")
@@ -77,10 +78,10 @@ def test_choose_accel_caches_the_probe(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.delenv("PINNACE_QEMU", raising=False)
     usable, why = host.kvm_device_usable()
     start = time.monotonic()
-    first = host.choose_accel("auto", tmp_path)
+    first = host.choose_accel("auto", CacheFiles(tmp_path))
     took = time.monotonic() - start
-    second = host.choose_accel("auto", tmp_path)
-    cache = tmp_path / "kvm-probe.json"
+    second = host.choose_accel("auto", CacheFiles(tmp_path))
+    cache = CacheFiles(tmp_path).kvm_probe
     if not usable:  # no probe at all: the device check alone says TCG
         assert first == second == host.AccelChoice("tcg", why, False)
         assert not cache.exists()

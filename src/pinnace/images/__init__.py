@@ -125,7 +125,7 @@ class Images:
             return []
         out = []
         for p in sorted(self.store.images_dir.iterdir()):
-            if (p / "image.json").exists():
+            if ImageFiles(p).manifest.exists():
                 out.append(self._load(p.name))
         return out
 

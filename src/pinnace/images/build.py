@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..errors import ConfigError, HostError, ImageBuildError, store_error
-from ..store import Store, fsync_dir, write_json
+from ..store import BaseLayerFiles, ImageFiles, Store, fsync_dir, write_json
 from . import kernel as K
 from .cpio import CpioWriter
 
@@ -205,17 +205,18 @@ class ImageBuilder:
     # -- the base layer: mmdebstrap ------------------------------------------------------
 
     def base_dir(self) -> Path:
-        return self.store.cache_dir / "base" / self.spec.base_key
+        return self.store.cache.base_layer(self.spec.base_key).dir
 
     def ensure_base(self) -> Path:
         """The cached root filesystem tarball and kernel/busybox packages for this spec."""
         final = self.base_dir()
-        if (final / "manifest.json").exists():
+        if BaseLayerFiles(final).manifest.exists():
             return final
         final.parent.mkdir(parents=True, exist_ok=True)
-        with self.store.staging_dir("base-") as stage:
-            runner = Runner(stage / "build.log", self.reporter)
-            debs = stage / "debs"
+        with self.store.staging_dir("base-") as stage_dir:
+            stage = BaseLayerFiles(stage_dir)
+            runner = Runner(stage.build_log, self.reporter)
+            debs = stage.debs
             debs.mkdir()
             spec = self.spec
             hook = (
@@ -244,9 +245,9 @@ class ImageBuilder:
                 '--customize-hook=rm -rf "$1/var/cache/pinnace-debs"',
                 '--customize-hook=chroot "$1" dpkg-query -W -f "${Package}=${Version}\\n" '
                 '> "$1/.pinnace-packages"',
-                '--customize-hook=copy-out /.pinnace-packages ' + str(stage),
+                '--customize-hook=copy-out /.pinnace-packages ' + str(stage_dir),
                 '--customize-hook=rm -f "$1/.pinnace-packages"',
-                spec.suite, str(stage / "rootfs.tar"), *sources,
+                spec.suite, str(stage.rootfs_tar), *sources,
             ]
             with self.reporter.step("Installing Debian packages (mmdebstrap)"):
                 runner.run("mmdebstrap", argv)
@@ -257,15 +258,15 @@ class ImageBuilder:
             for p in (debs / "pinnace-debs").glob("*.deb"):
                 p.rename(debs / p.name)
             (debs / "pinnace-debs").rmdir()
-            packages = (stage / ".pinnace-packages").read_text().split()
-            (stage / ".pinnace-packages").unlink()
-            write_json(stage / "manifest.json", {
+            packages = (stage_dir / ".pinnace-packages").read_text().split()
+            (stage_dir / ".pinnace-packages").unlink()
+            write_json(stage.manifest, {
                 "inputs": self.spec.base_inputs(), "packages": packages, "debs": got,
                 "created": time.time(),
             })
             if final.exists():  # another build raced us and won; theirs is as good
                 return final
-            stage.rename(final)
+            stage_dir.rename(final)
             fsync_dir(final.parent)
         return final
 
@@ -296,11 +297,13 @@ class ImageBuilder:
         return final
 
     def _build_into(self, stage: Path, base: Path) -> None:
-        runner = Runner(stage / "build.log", self.reporter)
-        work = stage / "work"
+        out = ImageFiles(stage)
+        layer = BaseLayerFiles(base)
+        runner = Runner(out.build_log, self.reporter)
+        work = stage / "work"  # scratch, removed before the image is renamed into place
         work.mkdir()
-        base_manifest = json.loads((base / "manifest.json").read_text())
-        debs = base / "debs"
+        base_manifest = json.loads(layer.manifest.read_text())
+        debs = layer.debs
         kdeb = next(debs.glob("linux-image-*.deb"))
         bdeb = next(debs.glob("busybox-static_*.deb"))
 
@@ -314,7 +317,7 @@ class ImageBuilder:
             elf = K.extract_vmlinux(vmlinuz[0].read_bytes())
             if not K.has_pvh_entry(elf):
                 raise ImageBuildError("kernel", f"{kver} has no PVH entry note (CONFIG_PVH)")
-            (stage / "vmlinux").write_bytes(elf)
+            out.kernel.write_bytes(elf)
             del elf
             runner.run("depmod", ["depmod", "-b", str(kroot), kver])
             mdir = kroot / "lib/modules" / kver
@@ -325,14 +328,14 @@ class ImageBuilder:
             broot = work / "busybox"
             runner.run("busybox", ["dpkg-deb", "-x", str(bdeb), str(broot)])
             pci_order = [m for m in K.load_order(deps, K.INITRAMFS_PCI_MODULES) if m not in order]
-            (stage / "initrd.img").write_bytes(
+            out.initrd.write_bytes(
                 initramfs(broot / "bin/busybox", mdir, kver, order + pci_order, deps))
             names = [K.module_name(m) for m in order + pci_order]
 
         with self.reporter.step("Making the root filesystem (ext4)"):
             root = work / "root"
             root.mkdir()
-            runner.run("rootfs", ["tar", "--numeric-owner", "-xpf", str(base / "rootfs.tar"),
+            runner.run("rootfs", ["tar", "--numeric-owner", "-xpf", str(layer.rootfs_tar),
                                   "-C", str(root)])
             agent_dir = root / AGENT_DIR
             agent_dir.mkdir(parents=True, exist_ok=True)
@@ -361,7 +364,7 @@ class ImageBuilder:
             used = sum(p.lstat().st_size for p in root.rglob("*"))
             size = max(ROOTFS_MIN_SIZE, int(used * 1.5) + (512 << 20))
             size = (size + (1 << 20) - 1) & ~((1 << 20) - 1)
-            rootfs = stage / "rootfs.ext4"
+            rootfs = out.rootfs
             runner.run("rootfs", [
                 "mkfs.ext4", "-q", "-F", "-L", "pinnace-root", "-d", str(root),
                 "-E", "lazy_itable_init=0,lazy_journal_init=0",
@@ -369,8 +372,8 @@ class ImageBuilder:
             ])
             shutil.rmtree(work)
 
-        files = {n: (stage / n).stat().st_size for n in ("vmlinux", "initrd.img", "rootfs.ext4")}
-        write_json(stage / "image.json", {
+        files = {p.name: p.stat().st_size for p in (out.kernel, out.initrd, out.rootfs)}
+        write_json(out.manifest, {
             "digest": self.spec.digest,
             "inputs": self.spec.inputs(),
             "kernel_version": kver,

@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ...errors import LaunchError, MachineError, ToolFailed
-from ...store import MachineFiles, tail
+from ...store import CacheFiles, MachineFiles, tail
 from ..base import AccelChoice, Handle, LaunchSpec
 from . import command as qcmd
 from . import host as qhost
@@ -43,23 +43,23 @@ async def _qmp(files: MachineFiles, doing: str) -> AsyncIterator[None]:
 
 
 class QemuBackend:
-    """QEMU (qemu-system-x86_64, microvm). ``cache_dir`` keeps host probes between calls."""
+    """QEMU (qemu-system-x86_64, microvm). ``cache`` keeps host probes between calls."""
 
     name = "qemu"
 
-    def __init__(self, cache_dir: Path) -> None:
-        self.cache_dir = cache_dir
+    def __init__(self, cache: CacheFiles) -> None:
+        self.cache = cache
 
     @property
     def binary(self) -> str:
         return qhost.qemu_binary()
 
     async def choose_accel(self, requested: str) -> AccelChoice:
-        choice = await asyncio.to_thread(qhost.choose_accel, requested, self.cache_dir)
+        choice = await asyncio.to_thread(qhost.choose_accel, requested, self.cache)
         return AccelChoice(choice.accel, choice.reason, choice.probed)
 
     def identity(self, accel: str) -> dict[str, str]:
-        return {"qemu": qhost.cached_qemu_version(self.binary, self.cache_dir),
+        return {"qemu": qhost.cached_qemu_version(self.binary, self.cache),
                 "cpu_model": qcmd.CPU_MODEL[accel]}
 
     def devices_key(self, nat: bool, nics: int, volumes: int, shares: int) -> str:
@@ -99,7 +99,7 @@ class QemuBackend:
     async def launch(self, spec: LaunchSpec) -> Handle | int:
         if spec.accel == "tcg" and spec.tsc_khz is None:
             spec = replace(spec, tsc_khz=await asyncio.to_thread(qhost.cached_tsc_khz,
-                                                                 self.cache_dir))
+                                                                 self.cache))
         argv = qcmd.build_argv(self.binary, spec)
         log.debug("launching: %s", qcmd.render(argv))
         try:

@@ -14,8 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from ...errors import HostError
-from ...store import write_json
+from ...errors import HostError, StoreError
+from ...store import CacheFiles, write_json
 from ..base import AccelChoice
 from .command import CPU_MODEL
 
@@ -56,12 +56,12 @@ def qemu_version(binary: str) -> str:
     return m.group(1) if m else "unknown"
 
 
-def cached_qemu_version(binary: str, cache_dir: Path) -> str:
+def cached_qemu_version(binary: str, cache: CacheFiles) -> str:
     """``qemu_version`` remembered per binary (path, size, mtime): it is part of every
     snapshot key, and running ``qemu --version`` costs a process start each time."""
     st = os.stat(binary)
     key = f"{binary}:{st.st_size}:{st.st_mtime_ns}"
-    path = cache_dir / "qemu-version.json"
+    path = cache.qemu_version
     try:
         data = json.loads(path.read_text())
         if data.get("key") == key:
@@ -69,8 +69,8 @@ def cached_qemu_version(binary: str, cache_dir: Path) -> str:
     except (OSError, ValueError, KeyError):
         pass
     version = qemu_version(binary)
-    with contextlib.suppress(OSError):
-        cache_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(OSError, StoreError):
+        cache.dir.mkdir(parents=True, exist_ok=True)
         write_json(path, {"key": key, "version": version})
     return version
 
@@ -82,9 +82,9 @@ def boot_id() -> str:
         return ""
 
 
-def cached_tsc_khz(cache_dir: Path) -> int | None:
+def cached_tsc_khz(cache_files: CacheFiles) -> int | None:
     """host_tsc_khz(), remembered in the store until the host reboots (reading it costs ~0.1 s)."""
-    cache = cache_dir / "host.json"
+    cache = cache_files.host_facts
     bid = boot_id()
     try:
         data = json.loads(cache.read_text())
@@ -94,7 +94,7 @@ def cached_tsc_khz(cache_dir: Path) -> int | None:
     except (OSError, ValueError):
         pass
     value = host_tsc_khz()
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    cache.parent.mkdir(parents=True, exist_ok=True)
     write_json(cache, {"boot_id": bid, "tsc_khz": value})
     return value
 
@@ -159,7 +159,7 @@ def _probe_key(binary: str) -> dict[str, str]:
             "boot_id": boot_id()}
 
 
-def choose_accel(requested: str, cache_dir: Path) -> AccelChoice:
+def choose_accel(requested: str, cache_files: CacheFiles) -> AccelChoice:
     """Resolve auto|kvm|tcg to kvm or tcg; 'auto' uses KVM only if a probe VM ran on it
     (a firmware of a few bytes, see ``probe_kvm``: the answer takes at most 2 s)."""
     if requested == "tcg":
@@ -173,11 +173,11 @@ def choose_accel(requested: str, cache_dir: Path) -> AccelChoice:
         return AccelChoice("kvm", "requested", False)
     forced = os.environ.get("PINNACE_ACCEL")
     if forced in ("kvm", "tcg"):
-        return choose_accel(forced, cache_dir)
+        return choose_accel(forced, cache_files)
     ok, why = kvm_device_usable()
     if not ok:
         return AccelChoice("tcg", why, False)
-    cache = cache_dir / "kvm-probe.json"
+    cache = cache_files.kvm_probe
     key = _probe_key(binary)
     try:
         cached = json.loads(cache.read_text())
@@ -189,7 +189,7 @@ def choose_accel(requested: str, cache_dir: Path) -> AccelChoice:
     if ok or PROBE_TIMED_OUT not in reason:
         # A probe that only ran out of time (a very busy host) is not remembered: the
         # next start asks again rather than staying on TCG until the host reboots.
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        cache.parent.mkdir(parents=True, exist_ok=True)
         write_json(cache, {"key": key, "ok": ok, "reason": reason, "time": time.time()})
     return AccelChoice("kvm" if ok else "tcg", reason, True)
 
