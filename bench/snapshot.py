@@ -66,12 +66,9 @@ async def main() -> None:
     os.environ.setdefault("PINNACE_DEFAULT_NET", "restricted")
     pn = AsyncPinnace()
     rows = []
-    for mem in ("512M", "256M", "2G"):
-        await pn.machines.run(memory=mem, notify=print)  # build the ready snapshots first
-    await pn.machines.run(net="none", notify=print)
-    for m in await pn.machines.list():
-        if m.name.startswith("run-"):
-            await (await pn.machines.get(m.name)).delete(force=True)
+    for shape in ({"memory": "512M"}, {"memory": "256M"}, {"memory": "2G"}, {"net": "none"}):
+        for m in await pn.machines.run(notify=print, **shape):  # build the ready snapshots
+            await m.delete(force=True)
     # Round robin, so that a host whose speed drifts (a shared VM) weighs on every row alike.
     kinds = {
         "cold boot -> first exec (512M)": lambda: cold(pn, "512M"),

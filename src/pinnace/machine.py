@@ -232,6 +232,8 @@ class AsyncMachine:
                                  f"damaged; 'pinnace delete --force {self.name}' removes the "
                                  "machine")
         handle = handle_of(record)
+        if handle is None and state == S.STARTING:  # killed between launch and record?
+            handle = self.env.backend.find(self.paths)
         alive = handle is not None and self.env.backend.alive(handle)
         if state in LIVE and not alive:
             return await self._settle(state, record, holding=holding)

@@ -399,3 +399,19 @@ def test_fake_pids_name_no_real_process():
         assert FAKE_PID_BASE > int(f.read())
     assert INCOMING != RUNNING
     assert os.getpid() < FAKE_PID_BASE
+
+
+def test_a_start_killed_before_it_recorded_its_vmm_still_has_it_killed(tmp_path):
+    """Killed between launching the VMM and writing its pid down: the VMM is found by
+    its files, and rolled back with the start."""
+    pn = fake_store(tmp_path)
+
+    async def main():
+        m = await put_in(pn, "m", "ready")
+        m.paths.state.write_text(json.dumps({"state": "starting", "reason": ""}))
+        st = await m.status()
+        assert str(st.state) == "failed" and "interrupted" in st.reason
+        assert pn.backend.guests.get(m.paths.dir) is None
+        await m.close()
+
+    arun(pn, main())

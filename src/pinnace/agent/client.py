@@ -38,6 +38,8 @@ MAX_EVENTS_PER_REQUEST = 64
 CONNECT_RETRY = 0.01
 
 
+_READERS: set[asyncio.Task[None]] = set()
+
 # Operations the host relies on: an agent that lacks one is refused at the WELCOME.
 REQUIRED_OPS = frozenset({"ping", "exec", "info", "poweroff", "set_time", "clock",
                           "set_hostname", "get", "put", "reseed", "set_network", "mount"})
@@ -109,6 +111,10 @@ class AgentClient:
         loop = asyncio.get_running_loop()
         self._welcomed: asyncio.Future[None] = loop.create_future()
         self._task = loop.create_task(self._read_loop())
+        # The loop holds tasks weakly: a client dropped without close() must still read
+        # to the end of its channel, not be destroyed mid-read.
+        _READERS.add(self._task)
+        self._task.add_done_callback(_READERS.discard)
 
     # -- connecting ----------------------------------------------------------------------
 

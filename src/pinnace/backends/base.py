@@ -130,6 +130,11 @@ class Backend(Protocol):
         """True while that process runs (never for a reused pid or a zombie)."""
         ...
 
+    def find(self, files: MachineFiles) -> Handle | None:
+        """A VMM running for these files that no record names: a launch whose command
+        died before it could write the handle down."""
+        ...
+
     def exit_status(self, files: MachineFiles) -> int | None:
         """The last launch's exit status (shell style: 128+N for signal N), if it ended."""
         ...

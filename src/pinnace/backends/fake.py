@@ -133,6 +133,10 @@ class FakeBackend:
     def alive(self, handle: Handle) -> bool:
         return any(g.handle == handle for g in self.guests.values())
 
+    def find(self, files: MachineFiles) -> Handle | None:
+        guest = self.guests.get(files.dir)
+        return guest.handle if guest is not None else None
+
     def exit_status(self, files: MachineFiles) -> int | None:
         return self.exits.get(files.dir)
 

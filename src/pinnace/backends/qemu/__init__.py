@@ -12,13 +12,14 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import subprocess
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 from ...errors import LaunchError, MachineError, ToolFailed
-from ...store import CacheFiles, MachineFiles, tail
+from ...store import CacheFiles, MachineFiles, proc_start_time, tail
 from ..base import AccelChoice, Handle, LaunchSpec
 from . import command as qcmd
 from . import host as qhost
@@ -113,6 +114,18 @@ class QemuBackend:
 
     def alive(self, handle: Handle) -> bool:
         return qproc.alive(handle)
+
+    def find(self, files: MachineFiles) -> Handle | None:
+        pid = qproc.read_pid(files)
+        start = proc_start_time(pid) if pid is not None else None
+        if pid is None or start is None:
+            return None
+        try:  # the pid file may be stale: the process must be a QEMU writing it
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            return None
+        return Handle(pid, start) if os.fsencode(files.pid) in argv else None
 
     def exit_status(self, files: MachineFiles) -> int | None:
         return qproc.read_exit_status(files)
