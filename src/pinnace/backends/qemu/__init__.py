@@ -28,6 +28,10 @@ from . import process as qproc
 log = logging.getLogger(__name__)
 
 QMP_TIMEOUT = 10.0
+# query-migrate statuses of a migration that is still going on.
+MIGRATING = frozenset({"setup", "active", "pre-switchover", "device", "wait-unplug",
+                       "cancelling", "postcopy-active", "postcopy-paused",
+                       "postcopy-recover"})
 
 
 @contextlib.asynccontextmanager
@@ -159,7 +163,24 @@ class QemuBackend:
         await self._execute(files, "stop", "pausing the guest")
 
     async def resume(self, files: MachineFiles) -> None:
-        await self._execute(files, "cont", "resuming the guest")
+        """``cont``; first, a save still going on (its command died mid-way) is cancelled,
+        since QEMU refuses to run a guest whose state is being written out."""
+        from .qmp import execute, qmp_session
+
+        async with _qmp(files, "resuming the guest"), \
+                qmp_session(files.qmp_sock, files.dir.name) as client:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + QMP_TIMEOUT
+            while True:
+                status = (await execute(client, "query-migrate")).get("status", "none")
+                if status not in MIGRATING:
+                    break
+                if status != "cancelling":
+                    await execute(client, "migrate_cancel")
+                if loop.time() > deadline:
+                    raise TimeoutError(f"a save ({status}) would not stop")
+                await asyncio.sleep(0.02)
+            await execute(client, "cont", timeout=QMP_TIMEOUT)
 
     async def _execute(self, files: MachineFiles, cmd: str, doing: str,
                        args: dict[str, object] | None = None) -> None:
