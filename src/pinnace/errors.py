@@ -171,8 +171,8 @@ class BootTimeout(MachineError):
         self.timeout = timeout
         super().__init__(
             name,
-            f"guest did not become ready within {timeout:g} s (QEMU is still running; "
-            "see the serial log below, raise --boot-timeout if the host is slow)",
+            f"guest did not become ready within {timeout:g} s (QEMU was stopped; see the "
+            "serial log below, raise --boot-timeout if the host is slow)",
             log_tail=log_tail,
         )
 

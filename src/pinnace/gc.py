@@ -86,12 +86,11 @@ class Collector:
     async def collect(self, *, dry_run: bool = False) -> list[Removed]:
         """Remove the garbage (unless ``dry_run``) and return what it was."""
         out: list[Removed] = []
+        await self.machines.list()  # every machine looked at: moves left half-done are settled
         out += await self._ephemeral(dry_run)
         out += await self._orphan_processes(dry_run)
-        for path in self.snapshots.unused_ready():
+        for path in await self.snapshots.collect_unused(dry_run=dry_run):
             out.append(Removed("snapshot", str(path.relative_to(self.store.home))))
-            if not dry_run:
-                await asyncio.to_thread(self.store.remove_tree, path)
         for path in self.store.leftovers():
             out.append(Removed("staging", str(path.relative_to(self.store.home))))
         if not dry_run:
@@ -159,7 +158,7 @@ class Collector:
         if lock is None:
             return None  # a command is working on it: its process may not be recorded yet
         try:
-            status = await self.machines.handle(name).status()
+            status = await self.machines.handle(name).status(holding_lock=True)
             try:
                 handle = handle_of(read_record(files.state, ""))
             except (OSError, PinnaceError):

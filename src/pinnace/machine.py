@@ -101,7 +101,7 @@ S = MachineState
 LIVE = frozenset({S.STARTING, S.RUNNING, S.READY, S.PAUSED, S.STOPPING})
 MOVING = frozenset({S.STARTING, S.STOPPING})  # a command is in the middle of a move
 STARTABLE = (S.CREATED, S.STOPPED, S.SAVED, S.FAILED)
-STOPPABLE = (S.STARTING, S.RUNNING, S.READY, S.PAUSED)
+STOPPABLE = (S.RUNNING, S.READY, S.PAUSED)  # (a start left half-done is recovered first)
 UP = (S.READY, S.RUNNING, S.PAUSED)  # the guest exists and can be saved
 AT_REST = (S.CREATED, S.STOPPED, S.FAILED)  # and not SAVED: its state fixes its shape
 RESTORE_AGENT_TIMEOUT = 30.0
@@ -214,14 +214,15 @@ class AsyncMachine:
         handle = handle_of(self._record())
         return handle is not None and self.env.backend.alive(handle)
 
-    async def status(self) -> MachineStatus:
+    async def status(self, *, holding_lock: bool = False) -> MachineStatus:
         """The machine's state, reconciled with whether its process is alive; a move
-        left half-done by a command that died is finished or rolled back first."""
-        return await self._status(holding=False)
+        left half-done by a command that died is finished or rolled back first.
+        ``holding_lock``: the caller holds this machine's lock (``Store.locked``)."""
+        return await self._status(holding=holding_lock)
 
     async def _status(self, *, holding: bool) -> MachineStatus:
         """``holding``: the caller holds this machine's lock, so any move recorded in
-        state.json is one a dead command left (ours has not begun)."""
+        state.json is one a dead command left (the caller's own has not begun)."""
         if not self.paths.dir.is_dir():
             raise NotFoundError("machine", self.name, "see 'pinnace ls'")
         try:
@@ -231,35 +232,49 @@ class AsyncMachine:
             return MachineStatus(self.name, S.BROKEN, f"{self.paths.state} is missing or "
                                  f"damaged; 'pinnace delete --force {self.name}' removes the "
                                  "machine")
+        moving = state in MOVING or bool(record.get("busy"))
+        if moving and not holding:
+            lock = self.env.store.try_locked("machine", self.name)
+            if lock is None:  # the command making the move lives: what it wrote is the truth
+                return self._as_recorded(state, record)
+            try:  # nobody holds it: look again, now that nothing can change under us
+                return await self._status(holding=True)
+            finally:
+                lock.release()
         handle = handle_of(record)
         if handle is None and state == S.STARTING:  # killed between launch and record?
             handle = self.env.backend.find(self.paths)
         alive = handle is not None and self.env.backend.alive(handle)
         if state in LIVE and not alive:
             return await self._settle(state, record, holding=holding)
-        if state in MOVING or record.get("busy"):
-            lock = None if holding else self.env.store.try_locked("machine", self.name)
-            if holding or lock is not None:
-                try:
-                    record = await self._recover(state, record, handle)
-                finally:
-                    if lock is not None:
-                        lock.release()
-                return await self._status(holding=True)
+        if moving:  # holding, and the process lives: a dead command's move
+            await self._recover(state, record, handle)
+            return await self._status(holding=True)
+        return self._as_recorded(state, record, handle if alive else None)
+
+    def _as_recorded(self, state: MachineState, record: dict[str, Any],
+                     handle: Handle | None = None) -> MachineStatus:
+        if handle is None and state in LIVE:
+            found = handle_of(record)
+            handle = found if found is not None and self.env.backend.alive(found) else None
         return MachineStatus(self.name, state, str(record.get("reason", "")),
-                             handle.pid if handle and state in LIVE else None,
+                             handle.pid if handle is not None and state in LIVE else None,
                              record.get("accel"), record.get("started_at"),
                              record.get("exit_code"))
 
     async def _settle(self, was: MachineState, record: dict[str, Any], *,
                       holding: bool) -> MachineStatus:
-        """The process is gone though the record says it runs: decide stopped or failed,
+        """The process is gone though the record says it runs: decide what it is now,
         and record it (if no other command is changing the machine)."""
         backend = self.env.backend
-        code = await backend.await_exit_status(self.paths)
+        code = await backend.await_exit_status(self.paths) if handle_of(record) else None
         serial = tail(self.paths.serial_log, 200)
-        if was == S.STOPPING:
+        if record.get("busy") == "save" and self.paths.resume.exists():
+            state, reason = S.SAVED, "state saved; start resumes it"
+        elif was == S.STOPPING:
             state, reason = S.STOPPED, ""
+        elif was == S.STARTING and handle_of(record) is None:
+            state, reason = S.FAILED, "the command starting it was interrupted; start it again"
         elif "Kernel panic" in serial:
             state, reason = S.FAILED, "the guest kernel panicked"
         elif code == 0:
@@ -272,10 +287,12 @@ class AsyncMachine:
         if not holding and lock is None:
             return status  # someone else is changing it; report, do not write
         try:
-            if self._record().get("state") == str(was):
+            if self._record() == record:  # nothing moved since we looked
                 await self._drop_agent()
                 self._cleanup_runtime()
-                self._discard_partial_save()
+                if state != S.SAVED:
+                    self._discard_partial_save()
+                self._forget_used_restore(record)
                 self._write_state(state, reason, exit_code=code, accel=record.get("accel"))
         finally:
             if lock is not None:
@@ -283,9 +300,9 @@ class AsyncMachine:
         return status
 
     async def _recover(self, state: MachineState, record: dict[str, Any],
-                       handle: Handle | None) -> dict[str, Any]:
+                       handle: Handle | None) -> None:
         """Finish or roll back a move a dead command left (we hold the lock; the process
-        is alive). Returns the record as it is now."""
+        is alive)."""
         backend = self.env.backend
         busy = record.get("busy")
         self.log.info("%s was left %s by a command that died; recovering", self.name,
@@ -300,9 +317,10 @@ class AsyncMachine:
                 self._write_state(S.FAILED, "the command starting it was interrupted; start it "
                                   "again", accel=record.get("accel"))
             else:
+                self._forget_used_restore(record)
                 self._write_state(S.STOPPED, "the command stopping it was interrupted; it was "
                                   "killed", accel=record.get("accel"))
-            return self._record()
+            return
         if busy == "save" and self.paths.resume.exists():
             # The state was saved whole (resume.json comes last): finish going down.
             if handle is not None:
@@ -310,20 +328,27 @@ class AsyncMachine:
             await self._drop_agent()
             self._cleanup_runtime()
             self._write_state(S.SAVED, "state saved; start resumes it", accel=record.get("accel"))
-            return self._record()
+            return
         # An interrupted save or snapshot: the guest may be left paused. Let it run again.
         self._discard_partial_save()
         if state != S.PAUSED:
             with contextlib.suppress(PinnaceError):
                 if await backend.run_state(self.paths) != B.RUNNING:
                     await backend.resume(self.paths)
-        return self._rewrite(record, busy=None)
+        self._rewrite(record, busy=None)
 
     def _discard_partial_save(self) -> None:
         """A saved state whose save never finished (no resume.json points at it)."""
         if not self.paths.resume.exists():
             with contextlib.suppress(FileNotFoundError):
                 self.paths.saved_state.unlink()
+
+    def _forget_used_restore(self, record: dict[str, Any]) -> None:
+        """A run that began with a restore has used its resume.json: one left behind (the
+        command died between recording the restore and removing it) must not be loaded
+        again by the next start."""
+        if record.get("restored"):
+            self._discard_saved()
 
     def _cleanup_runtime(self) -> None:
         for p in self.paths.runtime_files():
@@ -340,15 +365,14 @@ class AsyncMachine:
 
     @contextlib.asynccontextmanager
     async def _busy(self, what: str) -> AsyncIterator[None]:
-        """Mark the machine busy with ``what`` (the guest may be paused meanwhile); a
-        command that dies inside leaves the mark for ``_recover``."""
+        """Mark the machine busy with ``what`` (the guest may be paused meanwhile). The
+        mark is cleared only when the work ends well: after a failure, or in a command
+        that dies inside, it stays for ``_recover`` to finish or roll back."""
         self._rewrite(self._record(), busy=what)
-        try:
-            yield
-        finally:
-            record = self._record()
-            if record.get("busy") == what:
-                self._rewrite(record, busy=None)
+        yield
+        record = self._record()
+        if record.get("busy") == what:
+            self._rewrite(record, busy=None)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -537,7 +561,7 @@ class AsyncMachine:
         async with self._locked(LOCK_TIMEOUT, ("network", network)):
             st = await self._status(holding=True)
             live = st.state in (S.READY, S.RUNNING)
-            if not live and st.state not in AT_REST:
+            if not live and (st.state not in AT_REST or self._saved_state_pending()):
                 raise StateError(self.name, "connect", str(st.state),
                                  ["ready", "running", *[str(x) for x in AT_REST]])
             cfg = self.config
@@ -664,10 +688,10 @@ class AsyncMachine:
         except (MachineError, ConnectionError, AgentError, KeyError, TypeError) as exc:
             await self._fail_start(launched, f"restoring the saved state failed: {exc}",
                                    fields.get("accel"))
-        self.paths.resume.unlink()
-        with contextlib.suppress(FileNotFoundError):
-            self.paths.saved_state.unlink()
+        # Ready first, then the saved state goes: a command killed in between leaves a
+        # running machine whose used resume.json is forgotten when it stops.
         self._write_state(S.READY, **fields, ready_at=time.time(), restored=True)
+        self._discard_saved()
         return await self._status(holding=True)
 
     async def _connect_agent(self, timeout: float, alive: Callable[[], bool]) -> AgentClient:
@@ -793,12 +817,21 @@ class AsyncMachine:
         """Stop at once without asking the guest: QEMU quits (disk caches flushed), or is killed.
         A saved machine's saved state is discarded (it becomes stopped)."""
         async with self._locked():
-            st = await self._require("halt", (*STOPPABLE, S.SAVED))
-            if st.state == S.SAVED:
+            st = await self._status(holding=True)
+            if st.state == S.SAVED or (st.state in AT_REST and self._saved_state_pending()):
+                # (a failed resume keeps its saved state; halt is the way to drop it)
                 self._discard_saved()
                 self._write_state(S.STOPPED, "saved state discarded")
                 return await self._status(holding=True)
+            await self._require("halt", (*STOPPABLE, S.SAVED))
             return await self._down(st, graceful=False, timeout=0, kill=False)
+
+    def _saved_state_pending(self) -> bool:
+        """A resume.json of ``stop --save`` (not a snapshot's) waits for the next start."""
+        try:
+            return not read_record(self.paths.resume, "").get("snapshot")
+        except (FileNotFoundError, StoreError):
+            return False
 
     def _discard_saved(self) -> None:
         for p in (self.paths.resume, self.paths.saved_state):
@@ -826,6 +859,7 @@ class AsyncMachine:
                                      timeout=timeout, kill=kill)
         await self._drop_agent()
         self._cleanup_runtime()
+        self._forget_used_restore(record)
         self._write_state(S.STOPPED, how, accel=record.get("accel"),
                           exit_code=await self.env.backend.await_exit_status(self.paths))
         return await self._status(holding=True)
@@ -881,7 +915,11 @@ class AsyncMachine:
             raise ConfigError("option", sorted(unknown)[0],
                               f"configure can change {', '.join(sorted(allowed))}")
         async with self._locked():
-            await self._require("configure", AT_REST)
+            st = await self._require("configure", AT_REST)
+            if self._saved_state_pending():
+                raise StateError(self.name, "configure", f"{st.state} with a saved state",
+                                 ["created", "stopped or failed without one ('pinnace halt' "
+                                  "discards it)"])
             cfg = self.config.with_changes(**changes)
             write_json(self.paths.config, cfg.to_dict())
             self.event("configured", changes={k: v for k, v in changes.items() if v is not None})

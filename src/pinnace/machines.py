@@ -154,7 +154,16 @@ class AsyncMachines:
         store.ensure()  # only now: a command refused for bad input leaves no folders
         nets = sorted({str(n).partition(":")[0] for n in (devices or {}).get("networks") or ()})
         locks = [("network", validate_name("network", n)) for n in nets]
-        async with store.alocked(("machine", cfg.name), *locks, *hold, timeout=30):
+        # What it is made from must not be removed meanwhile: held shared with other
+        # machines being made from the same things; removal takes them exclusively.
+        used = [("image", cfg.image_digest)]
+        if cfg.snapshot:
+            used.append(self.env.snapshots.by_ref(cfg.snapshot).lock)
+        for v in (devices or {}).get("volumes") or ():
+            used.append(("volume", (v if isinstance(v, Mount) else Mount.parse(str(v),
+                                                                             "volume")).source))
+        async with store.alocked(("machine", cfg.name), *locks, *hold, shared=tuple(used),
+                                 timeout=30):
             if check is not None:
                 await check()
             if m.paths.dir.exists():
@@ -186,9 +195,9 @@ class AsyncMachines:
                 if resume is not None:
                     write_json(staged.resume, resume)
                 try:
-                    os.rename(stage, m.paths.dir)
-                except OSError as exc:
-                    raise store_error(exc, "putting the new machine in place") from None
+                    store.put_in_place(stage, m.paths.dir, "the new machine")
+                except FileExistsError:
+                    raise AlreadyExistsError("machine", cfg.name) from None
         m.event("created", image=cfg.image, digest=cfg.image_digest)
         return m
 
@@ -199,7 +208,7 @@ class AsyncMachines:
         cfg = src.config.with_changes(name=name, ephemeral=False)
 
         async def at_rest() -> None:  # checked holding the source's lock: it cannot start
-            st = await src.status()
+            st = await src.status(holding_lock=True)
             if st.state not in AT_REST:
                 raise StateError(source, "clone", str(st.state), [str(s) for s in AT_REST])
 

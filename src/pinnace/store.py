@@ -22,9 +22,11 @@ the old file or the new one. Objects are made whole in tmp/ and renamed into pla
 and removed by renaming them into tmp/ first, so a killed command leaves either the
 whole object or nothing in its place, plus a folder in tmp/ that ``pinnace gc`` removes.
 
-Locks: one ``flock`` per object, taken through :meth:`Store.locked` (or
-:meth:`Store.alocked` in async code, which waits in a thread, never in the event
-loop). A command that needs several takes them all at once, and they are always
+Locks: one ``flock`` per object, in locks/, taken through :meth:`Store.locked` (or
+:meth:`Store.alocked` in async code, which polls from the event loop and so never
+blocks it, and ends at once when cancelled). (Two locks live elsewhere, each guarding
+one thing of its folder: a machine's agent ports, ``agent<N>.lock``, and a network's
+switch start-up, ``switch.lock``.) A command that needs several takes them all at once, and they are always
 taken in this order (LOCK_ORDER), so two commands can never wait for each other::
 
     ready slot < image < snapshot < machine (by name) < network (by name) < volume
@@ -442,6 +444,36 @@ class Store:
     def ready_pointer(self, slot: str) -> Path:
         return self.ready_dir / f"{slot}.json"
 
+    def snapshot_ref(self, files: SnapshotFiles) -> str:
+        """How a machine's config names the snapshot it comes from: its folder in the store."""
+        return files.dir.relative_to(self.home).as_posix()
+
+    def snapshot_at(self, ref: str) -> tuple[SnapshotFiles, bool] | None:
+        """The snapshot a reference names, and whether it is a ready one (in the cache);
+        None if the reference is not one this layout makes."""
+        parts = ref.split("/")
+        if len(parts) == 2 and parts[0] == "snapshots" and NAME_RE.match(parts[1]):
+            return self.snapshot_files(parts[1]), False
+        if len(parts) == 3 and parts[:2] == ["cache", "ready"] and NAME_RE.match(parts[2]):
+            return self.ready_files(parts[2]), True
+        return None
+
+    def put_in_place(self, stage: Path, final: Path, what: str) -> None:
+        """Rename a folder made whole in staging into place, durably (the parent folder is
+        fsynced). FileExistsError if something is there already."""
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if final.exists():
+                raise FileExistsError(errno.EEXIST, "exists", str(final))
+            os.rename(stage, final)
+            fsync_dir(final.parent)
+        except FileExistsError:
+            raise
+        except OSError as exc:
+            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                raise FileExistsError(errno.EEXIST, "exists", str(final)) from None
+            raise store_error(exc, f"putting {what} in place") from None
+
     def volume_files(self, name: str) -> VolumeFiles:
         return VolumeFiles(self.volumes_dir / name)
 
@@ -477,33 +509,44 @@ class Store:
 
     # --- locks -----------------------------------------------------------------------
 
-    def lock(self, kind: str, name: str, timeout: float = 60.0) -> FileLock:
+    def lock(self, kind: str, name: str, timeout: float = 60.0, *,
+             shared: bool = False) -> FileLock:
         """The lock on one object. Take it with :meth:`locked` or :meth:`alocked`, which
         keep LOCK_ORDER; a FileLock alone is for the single-lock helpers below."""
         if kind not in LOCK_ORDER:
             raise ValueError(f"unknown lock kind {kind!r}")
-        self.locks_dir.mkdir(parents=True, exist_ok=True)
-        return FileLock(self.locks_dir / f"{kind}-{name}.lock", timeout)
+        try:
+            self.locks_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise store_error(exc, "making the locks folder") from None
+        return FileLock(self.locks_dir / f"{kind}-{name}.lock", timeout, shared=shared)
 
-    def _ordered(self, objs: tuple[tuple[str, str], ...], timeout: float) -> list[FileLock]:
-        keys = sorted(set(objs), key=lambda o: (LOCK_ORDER.index(o[0]), o[1]))
-        return [self.lock(kind, name, timeout) for kind, name in keys]
+    def _ordered(self, objs: tuple[tuple[str, str], ...], shared: tuple[tuple[str, str], ...],
+                 timeout: float) -> list[FileLock]:
+        exclusive = set(objs)
+        keys = sorted(exclusive | set(shared), key=lambda o: (LOCK_ORDER.index(o[0]), o[1]))
+        return [self.lock(kind, name, timeout, shared=(kind, name) not in exclusive)
+                for kind, name in keys]
 
     @contextlib.contextmanager
-    def locked(self, *objs: tuple[str, str], timeout: float = 60.0) -> Iterator[None]:
-        """Hold the locks of ``objs`` ((kind, name) pairs), taken in LOCK_ORDER."""
+    def locked(self, *objs: tuple[str, str], shared: tuple[tuple[str, str], ...] = (),
+               timeout: float = 60.0) -> Iterator[None]:
+        """Hold the locks of ``objs`` ((kind, name) pairs) and, shared with other users
+        of the same things, of ``shared``: all taken in LOCK_ORDER. A shared lock keeps
+        an object from being removed while it is used; removing takes it exclusively."""
         with contextlib.ExitStack() as stack:
-            for lk in self._ordered(objs, timeout):
+            for lk in self._ordered(objs, shared, timeout):
                 stack.enter_context(lk)
             yield
 
     @contextlib.asynccontextmanager
-    async def alocked(self, *objs: tuple[str, str], timeout: float = 60.0) -> AsyncIterator[None]:
-        """:meth:`locked` for async code: the waiting happens in a thread."""
+    async def alocked(self, *objs: tuple[str, str], shared: tuple[tuple[str, str], ...] = (),
+                      timeout: float = 60.0) -> AsyncIterator[None]:
+        """:meth:`locked` for async code: waits without blocking the event loop."""
         held: list[FileLock] = []
         try:
-            for lk in self._ordered(objs, timeout):
-                await _acquire_in_thread(lk)
+            for lk in self._ordered(objs, shared, timeout):
+                await lk.acquire_async()
                 held.append(lk)
             yield
         finally:
@@ -513,11 +556,7 @@ class Store:
     def try_locked(self, kind: str, name: str) -> FileLock | None:
         """The lock of one object if nobody holds it (taken), else None. No waiting."""
         lk = self.lock(kind, name, 0.0)
-        try:
-            lk.acquire()
-        except LockTimeout:
-            return None
-        return lk
+        return lk if lk.try_acquire() else None
 
     # --- staging and removal ---------------------------------------------------------
 
@@ -571,23 +610,9 @@ class Store:
         return gone
 
 
+LOCK_POLL = 0.02  # seconds between tries of a lock someone else holds
 # The order in which locks are taken (see the module's docstring).
 LOCK_ORDER = ("ready", "image", "snapshot", "machine", "network", "volume")
-
-
-async def _acquire_in_thread(lk: FileLock) -> None:
-    """Take ``lk`` in a worker thread. If the waiting task is cancelled, the lock is
-    released as soon as the thread gets it, so a cancelled wait never leaks it."""
-    fut = asyncio.ensure_future(asyncio.to_thread(lk.acquire))
-    try:
-        await asyncio.shield(fut)
-    except asyncio.CancelledError:
-        def drop(f: asyncio.Future[None]) -> None:
-            if not f.cancelled() and f.exception() is None:
-                lk.release()
-
-        fut.add_done_callback(drop)
-        raise
 
 
 def proc_start_time(pid: int) -> int | None:
@@ -627,34 +652,51 @@ def pid_alive(pid: int) -> bool:
 
 
 class FileLock:
-    """An exclusive ``flock`` on a file, acquired with a timeout; re-entrant per object."""
+    """A ``flock`` on a file (exclusive, or ``shared`` with other shared holders),
+    acquired with a timeout; re-entrant per object. Two FileLocks on one file conflict
+    even in one process (flock belongs to the open file, not the process)."""
 
-    def __init__(self, path: Path, timeout: float) -> None:
+    def __init__(self, path: Path, timeout: float, *, shared: bool = False) -> None:
         self.path = path
         self.timeout = timeout
+        self.shared = shared
         self._fd: int | None = None
         self._depth = 0
 
-    def acquire(self) -> None:
+    def try_acquire(self) -> bool:
+        """Take the lock if nobody holds it; True if taken. Never waits."""
         if self._fd is not None:
             self._depth += 1
-            return
+            return True
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        deadline = time.monotonic() + self.timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as exc:
-                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    os.close(fd)
-                    raise
-                if time.monotonic() >= deadline:
-                    os.close(fd)
-                    raise LockTimeout(str(self.path), self.timeout) from None
-                time.sleep(0.02)
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            return False
         self._fd = fd
         self._depth = 1
+        return True
+
+    def acquire(self) -> None:
+        """Take the lock, waiting up to the timeout (LockTimeout after it)."""
+        deadline = time.monotonic() + self.timeout
+        while not self.try_acquire():
+            if time.monotonic() >= deadline:
+                raise LockTimeout(str(self.path), self.timeout)
+            time.sleep(LOCK_POLL)
+
+    async def acquire_async(self) -> None:
+        """:meth:`acquire` for async code: polls from the event loop, so a cancelled wait
+        (Ctrl-C) ends at once and never leaves a lock taken behind it."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        while not self.try_acquire():
+            if loop.time() >= deadline:
+                raise LockTimeout(str(self.path), self.timeout)
+            await asyncio.sleep(LOCK_POLL)
 
     def release(self) -> None:
         if self._fd is None:

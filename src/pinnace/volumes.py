@@ -39,7 +39,7 @@ from .errors import (
     VolumeInUse,
     store_error,
 )
-from .store import NAME_RE, Store, VolumeFiles, fsync_dir, read_record, validate_name, write_json
+from .store import NAME_RE, Store, VolumeFiles, read_record, validate_name, write_json
 
 log = logging.getLogger(__name__)
 
@@ -252,15 +252,10 @@ class AsyncVolumes:
             write_json(staged.meta, {"name": name, "size": size, "journal": journal,
                                      "created": time.time(), "label": label})
             with store.locked(("volume", name)):
-                if final.dir.exists():
-                    raise AlreadyExistsError("volume", name)
                 try:
-                    os.rename(stage, final.dir)
-                except OSError as exc:  # made meanwhile by something that ignores the lock
-                    if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
-                        raise AlreadyExistsError("volume", name) from None
-                    raise store_error(exc, "putting the volume in place") from None
-            fsync_dir(self.dir)
+                    store.put_in_place(stage, final.dir, "the volume")
+                except FileExistsError:
+                    raise AlreadyExistsError("volume", name) from None
         log.info("volume %s: created, %d bytes, journal %s", name, size, journal)
         return self.get(name)
 

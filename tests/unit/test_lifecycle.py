@@ -415,3 +415,107 @@ def test_a_start_killed_before_it_recorded_its_vmm_still_has_it_killed(tmp_path)
         await m.close()
 
     arun(pn, main())
+
+
+def test_a_save_that_fails_after_pausing_is_rolled_back(tmp_path):
+    """Anything that goes wrong once the guest is paused for a save (here a bug-like
+    error; a Ctrl-C or a full disk alike) leaves the busy mark, and the next look at
+    the machine runs the guest again."""
+    pn = fake_store(tmp_path)
+
+    async def main():
+        m = await put_in(pn, "m", "ready")
+        pn.backend.fail["save"] = RuntimeError("boom")
+        with pytest.raises(RuntimeError):
+            await m.stop(save=True)
+        assert json.loads(m.paths.state.read_text()).get("busy") == "save"
+        assert str((await m.status()).state) == "ready"
+        assert pn.backend.guests[m.paths.dir].state == RUNNING
+        await m.close()
+
+    arun(pn, main())
+
+
+def test_gc_recovers_a_machine_a_dead_snapshot_left_paused(tmp_path):
+    pn = fake_store(tmp_path)
+
+    async def main():
+        m = await put_in(pn, "m", "ready")
+        await pn.backend.save(m.paths, m.paths.dir / "partial", ignore_shared=False)
+        record = json.loads(m.paths.state.read_text())
+        m.paths.state.write_text(json.dumps({**record, "busy": "snapshot"}))
+        await pn.gc()
+        assert pn.backend.guests[m.paths.dir].state == RUNNING
+        assert "busy" not in json.loads(m.paths.state.read_text())
+        await m.close()
+
+    arun(pn, main())
+
+
+def test_a_save_whose_qemu_had_quit_is_saved_not_stopped(tmp_path):
+    pn = fake_store(tmp_path)
+
+    async def main():
+        m = await put_in(pn, "m", "ready")
+        await pn.backend.save(m.paths, m.paths.saved_state, ignore_shared=False)
+        m.paths.resume.write_text(json.dumps({"state": str(m.paths.saved_state),
+                                              "memory": None, "ignore_shared": False,
+                                              "snapshot": "", "key": {}}))
+        record = json.loads(m.paths.state.read_text())
+        m.paths.state.write_text(json.dumps({**record, "busy": "save"}))
+        pn.backend.exit(m.paths, 0)  # QEMU had quit when the command died
+        assert str((await m.status()).state) == "saved"
+        await m.close()
+
+    arun(pn, main())
+
+
+def test_a_failed_resume_can_be_halted_and_is_not_reconfigured(tmp_path):
+    pn = fake_store(tmp_path)
+
+    async def main():
+        m = await put_in(pn, "m", "saved")
+        pn.backend.fail["load"] = "fail"
+        with pytest.raises(MachineError):
+            await m.start()
+        assert str((await m.status()).state) == "failed"
+        with pytest.raises(StateError, match="saved state"):
+            await m.configure(cpus=2)
+        assert str((await m.halt()).state) == "stopped"
+        assert not m.paths.resume.exists() and not m.paths.saved_state.exists()
+        await m.configure(cpus=2)
+        assert str((await m.start()).state) == "ready"  # boots
+        await m.close()
+
+    arun(pn, main())
+
+
+def test_status_during_a_start_in_progress_says_starting(tmp_path):
+    pn = fake_store(tmp_path)
+
+    async def main():
+        m = await put_in(pn, "m", "stopped")
+        m.paths.state.write_text(json.dumps({"state": "starting", "reason": ""}))
+        async with pn.store.alocked(("machine", "m")):  # the starting command lives
+            assert str((await m.status()).state) == "starting"
+
+    arun(pn, main())
+
+
+def test_ready_snapshots_per_accelerator_and_long_image_names(tmp_path):
+    """run --accel tcg and run (KVM here) keep a ready snapshot each; an image with a
+    long name gets one too (ready ids are built from the digest)."""
+    pn = fake_store(tmp_path, FakeBackend(kvm=True))
+    notices: list[str] = []
+
+    async def main():
+        long = "i" * 60
+        pn.store.image_ref(long).write_text(pn.store.image_ref("default").read_text())
+        for accel, image in [("tcg", "default"), (None, "default"), ("tcg", "default"),
+                             (None, "default"), (None, long), (None, long)]:
+            [m] = await pn.machines.run(image=image, accel=accel, notify=notices.append)
+            await m.delete(force=True)
+        builds = [n for n in notices if n.startswith("building")]
+        assert len(builds) == 2, notices  # one per accelerator; the long name shares it
+
+    arun(pn, main())

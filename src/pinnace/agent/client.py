@@ -130,6 +130,9 @@ class AgentClient:
         client = await cls.open(files, timeout=timeout, alive=alive)
         try:
             await client.welcomed(deadline - time.monotonic(), alive=alive)
+        except AgentTimeout:
+            await client.close()
+            raise AgentTimeout("HELLO", timeout) from None  # the whole wait, not what was left
         except BaseException:
             await client.close()
             raise
@@ -148,7 +151,8 @@ class AgentClient:
                 if fd is None:
                     continue
                 try:
-                    reader, writer = await cls._open_port(files, port, deadline, alive)
+                    reader, writer = await cls._open_port(files, port, deadline, alive,
+                                                          timeout)
                     nonce = secrets.token_hex(8)
                     writer.write(P.encode_json(P.HELLO, 0, {"version": P.PROTOCOL_VERSION,
                                                             "nonce": nonce}))
@@ -162,7 +166,7 @@ class AgentClient:
 
     @staticmethod
     async def _open_port(files: MachineFiles, port: int, deadline: float,
-                         alive: Callable[[], bool] | None,
+                         alive: Callable[[], bool] | None, timeout: float,
                          ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         path = files.agent_sock(port)
         while True:
@@ -172,7 +176,7 @@ class AgentClient:
                 if alive is not None and not alive():
                     raise AgentDisconnected("QEMU is not running") from None
                 if time.monotonic() >= deadline:
-                    raise AgentTimeout("the connection", 0.0) from None
+                    raise AgentTimeout("the connection", timeout) from None
                 await asyncio.sleep(CONNECT_RETRY)
 
     async def welcomed(self, timeout: float, alive: Callable[[], bool] | None = None) -> None:
@@ -181,7 +185,7 @@ class AgentClient:
         while not self._welcomed.done():
             left = deadline - time.monotonic()
             if left <= 0:
-                raise AgentTimeout("HELLO", 0.0)
+                raise AgentTimeout("HELLO", timeout)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._welcomed), min(left, 0.1))
             if not self._welcomed.done() and alive is not None and not alive():

@@ -83,15 +83,16 @@ def echo_table(rows: Sequence[Sequence[str]]) -> None:
 
 def report(exc: BaseException, verbose: int = 0) -> None:
     """Print an error as one line (plus the log tail a machine or build error carries)."""
-    from ..errors import ImageBuildError, MachineError, PinnaceError, SwitchError, store_error
+    from ..errors import ImageBuildError, MachineError, PinnaceError, SwitchError
 
     if verbose > 1:
         import traceback
 
         traceback.print_exception(exc, file=sys.stderr)
     if isinstance(exc, OSError) and not isinstance(exc, PinnaceError):
-        exc = store_error(exc, "working in the store")
-    if isinstance(exc, PinnaceError):
+        where = f": {exc.filename}" if exc.filename else ""
+        text = f"{exc.strerror or exc}{where}"
+    elif isinstance(exc, PinnaceError):
         text = str(exc)
     else:  # a bug: still one line, and how to learn more
         text = (f"internal error: {type(exc).__name__}: {exc} (run with -vv for the "

@@ -68,10 +68,11 @@ class Images:
         spec = ImageSpec.create(packages, suite=suite, mirror=mirror)
         builder = ImageBuilder(self.store, spec, reporter)
         if refresh:
-            self.store.remove_tree(builder.base_dir())
-            target = self.store.image_files(spec.digest).dir
-            if target.exists() and not self._users(spec.digest):
-                self.store.remove_tree(target)
+            with self.store.locked(("image", spec.digest), timeout=60):
+                self.store.remove_tree(builder.base_dir())
+                target = self.store.image_files(spec.digest).dir
+                if target.exists() and not self._users(spec.digest):
+                    self.store.remove_tree(target)
         builder.build()
         self.store.image_refs_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(self._ref(name), spec.digest + "\n")
@@ -143,12 +144,13 @@ class Images:
     def remove(self, ref: str) -> Image:
         """Remove an image name; the image's files go when no name and no machine uses them."""
         image = self.get(ref)
-        users = self._users(image.digest)
-        is_name = ref in image.names
-        remaining = [n for n in image.names if n != ref] if is_name else []
-        if not remaining and users:
-            raise ImageInUse(ref, users)
         with self.store.locked(("image", image.digest), timeout=60):
+            image = self.get(ref)  # as it is now that nothing can be made from it
+            users = self._users(image.digest)
+            is_name = ref in image.names
+            remaining = [n for n in image.names if n != ref] if is_name else []
+            if not remaining and users:
+                raise ImageInUse(ref, users)
             for n in [ref] if is_name else image.names:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self._ref(n))

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..errors import ConfigError, HostError, ImageBuildError, store_error
-from ..store import BaseLayerFiles, ImageFiles, Store, fsync_dir, write_json
+from ..store import BaseLayerFiles, ImageFiles, Store, write_json
 from . import kernel as K
 from .cpio import CpioWriter
 
@@ -264,10 +264,10 @@ class ImageBuilder:
                 "inputs": self.spec.base_inputs(), "packages": packages, "debs": got,
                 "created": time.time(),
             })
-            if final.exists():  # another build raced us and won; theirs is as good
+            try:
+                self.store.put_in_place(stage_dir, final, "the base layer")
+            except FileExistsError:  # another build raced us and won; theirs is as good
                 return final
-            stage_dir.rename(final)
-            fsync_dir(final.parent)
         return final
 
     # -- the image -----------------------------------------------------------------------
@@ -289,8 +289,7 @@ class ImageBuilder:
                 base = self.ensure_base()
                 with self.store.staging_dir("image-") as stage:
                     self._build_into(stage, base)
-                    stage.rename(final)
-                    fsync_dir(final.parent)
+                    self.store.put_in_place(stage, final, "the image")
             except OSError as exc:
                 raise store_error(exc, "building the image (nothing was added to the store)"
                                   ) from None

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import builtins
 import ipaddress
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,10 +124,12 @@ class AsyncNetworks:
                 write_json(staged.meta, {"name": name, "subnet": subnet, "created": time.time()})
                 try:
                     staged.ports_dir.mkdir()
-                    self.dir.mkdir(parents=True, exist_ok=True)
-                    os.rename(stage, self.files(name).dir)
                 except OSError as exc:
                     raise store_error(exc, "making the network") from None
+                try:
+                    store.put_in_place(stage, self.files(name).dir, "the network")
+                except FileExistsError:
+                    raise AlreadyExistsError("network", name) from None
         return self.get(name)
 
     def members(self, name: str) -> dict[str, builtins.list[tuple[int, str]]]:

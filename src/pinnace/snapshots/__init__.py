@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import contextlib
+import hashlib
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -57,6 +58,8 @@ from .key import (
 log = logging.getLogger(__name__)
 
 TEMPLATE_BOOT_TIMEOUT = 120.0
+# A ready slot: image digest, CPUs, memory, accelerator, a digest of the device list.
+SLOT_RE = re.compile(r"[0-9a-f]{1,12}-\d+c-\d+m-[a-z]+-[0-9a-f]{8}")
 READY_LOCK_TIMEOUT = 600.0
 
 
@@ -102,7 +105,7 @@ class AsyncSnapshots:
             files = self.store.snapshot_files(name)
             if not files.dir.is_dir():
                 raise NotFoundError("snapshot", name, "see 'pinnace snapshot ls'")
-            users = self.users(f"snapshots/{name}")
+            users = self.users(self.store.snapshot_ref(files))
             if users:
                 raise SnapshotError(name, f"machine(s) {', '.join(users)} are made from it; "
                                     "delete them first")
@@ -127,7 +130,7 @@ class AsyncSnapshots:
             clock = await self._map(staged, captured.config, captured.key, final,
                                     from_stream=True, clock=captured.clock)
             staged.stream.unlink()
-            return await self._finish(staged, final, name, f"snapshots/{name}", captured.config,
+            return await self._finish(staged, final, name, captured.config,
                                       captured.key, source=machine.name, clock=clock, macs={
                                           "nat": cfg.nat_mac, "nics": [n.mac for n in cfg.nics]})
 
@@ -136,7 +139,11 @@ class AsyncSnapshots:
         """The ready snapshot for this image and shape, built (once, under a lock) if it is
         missing, damaged or was made for anything else."""
         key = machine_key(self.backend, cfg, accel)
-        slot = f"{cfg.image}-{cfg.cpus}c-{cfg.memory_mib}m-{key.nics}n"
+        # One slot per image, shape, accelerator and device list: each is its own snapshot
+        # (what differs between two slots would only rebuild one over the other).
+        devices = hashlib.sha256(key.devices.encode()).hexdigest()[:8]
+        slot = f"{cfg.image_digest[:12]}-{cfg.cpus}c-{cfg.memory_mib}m-{accel}-{devices}"
+        assert SLOT_RE.fullmatch(slot), slot
         pointer = self.store.ready_pointer(slot)
         say = notify or (lambda msg: log.warning("%s", msg))
         old = self._current(pointer)
@@ -162,10 +169,23 @@ class AsyncSnapshots:
             snap = await self._build_ready(cfg, key, slot)
             write_json(pointer, {"ref": snap.ref})
             say(f"ready snapshot built in {time.monotonic() - t0:.1f} s")
-            if old is not None and not self.users(old.ref):
-                with contextlib.suppress(OSError):
-                    await asyncio.to_thread(self.store.remove_tree, old.path)
+            if old is not None:
+                await self._remove_unused(old)
             return snap
+
+    async def _remove_unused(self, snap: Snapshot) -> bool:
+        """Remove a ready snapshot no machine uses (under its lock, which machines being
+        made from it hold shared); True if removed."""
+        lock = self.store.try_locked(*snap.lock)
+        if lock is None:
+            return False  # machines are being made from it right now
+        try:
+            if self.users(snap.ref):
+                return False
+            await asyncio.to_thread(self.store.remove_tree, snap.path)
+            return True
+        finally:
+            lock.release()
 
     def _current(self, pointer: Path) -> Snapshot | None:
         try:
@@ -173,21 +193,46 @@ class AsyncSnapshots:
         except (OSError, ValueError, KeyError, TypeError, PinnaceError):
             return None
 
-    def unused_ready(self) -> builtins.list[Path]:
-        """Ready snapshots no pointer names and no machine uses (left by a crash or a
-        rebuild that could not remove them): what ``gc`` removes."""
+    async def collect_unused(self, *, dry_run: bool) -> builtins.list[Path]:
+        """Remove ready snapshots no pointer names and no machine uses (left by a crash,
+        or by a rebuild while machines were being made from the old one); return them.
+        What is being built or used now (its slot's or its own lock held) is skipped."""
         d = self.store.ready_dir
         if not d.is_dir():
             return []
-        named = set()
-        for p in d.glob("*.json"):
-            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-                named.add(str(read_json(p)["ref"]))
         out = []
+        for pointer in sorted(d.glob("*.json")):  # of slots named as no pinnace names them now
+            if not SLOT_RE.fullmatch(pointer.stem):
+                out.append(pointer)
+                if not dry_run:
+                    pointer.unlink(missing_ok=True)
         for entry in sorted(d.iterdir()):
-            ref = self.lookup.ref_of(SnapshotFiles(entry))
-            if entry.is_dir() and ref not in named and not self.users(ref):
-                out.append(entry)
+            if not entry.is_dir():
+                continue
+            slot = entry.name.rsplit("-", 1)[0]
+            building = self.store.try_locked("ready", slot)
+            if building is None:
+                continue
+            try:
+                named = {str(read_json(p)["ref"]) for p in d.glob("*.json")
+                         if _readable_pointer(p)}
+                ref = self.lookup.ref_of(SnapshotFiles(entry))
+                if ref in named:
+                    continue
+                try:
+                    snap = self.by_ref(ref)
+                except PinnaceError:  # damaged: nothing can use it
+                    out.append(entry)
+                    if not dry_run:
+                        await asyncio.to_thread(self.store.remove_tree, entry)
+                    continue
+                if dry_run:
+                    if not self.users(ref):
+                        out.append(entry)
+                elif await self._remove_unused(snap):
+                    out.append(entry)
+            finally:
+                building.release()
         return out
 
     async def _build_ready(self, cfg: MachineConfig, key: SnapshotKey, slot: str) -> Snapshot:
@@ -200,8 +245,8 @@ class AsyncSnapshots:
         with self.store.staging_dir("ready-") as stage:
             staged = SnapshotFiles(stage)
             clock = await self._map(staged, cfg, key, final, from_stream=False)
-            return await self._finish(staged, final, ident, f"cache/ready/{ident}", cfg, key,
-                                      source="", clock=clock, macs=template_macs(cfg))
+            return await self._finish(staged, final, ident, cfg, key, source="", clock=clock,
+                                      macs=template_macs(cfg))
 
     async def _map(self, files: SnapshotFiles, cfg: MachineConfig, key: SnapshotKey,
                    final: SnapshotFiles, *, from_stream: bool,
@@ -263,7 +308,7 @@ class AsyncSnapshots:
         await backend.create_disk(final.disk, files.clone_disk, base_format="qcow2", size=size)
         return clock
 
-    async def _finish(self, files: SnapshotFiles, final: SnapshotFiles, name: str, ref: str,
+    async def _finish(self, files: SnapshotFiles, final: SnapshotFiles, name: str,
                       cfg: MachineConfig, key: SnapshotKey, *, source: str,
                       macs: dict[str, Any], clock: float | None) -> Snapshot:
         def sums() -> dict[str, dict[str, Any]]:
@@ -278,13 +323,10 @@ class AsyncSnapshots:
                                 "created": time.time(), "files": listed, "macs": macs,
                                 "clock": clock})
         try:
-            final.dir.parent.mkdir(parents=True, exist_ok=True)
-            os.rename(files.dir, final.dir)
-        except OSError as exc:
-            if final.dir.exists():
-                raise AlreadyExistsError("snapshot", name) from None
-            raise store_error(exc, "putting the snapshot in place") from None
-        return self.by_ref(ref)
+            self.store.put_in_place(files.dir, final.dir, "the snapshot")
+        except FileExistsError:
+            raise AlreadyExistsError("snapshot", name) from None
+        return self.by_ref(self.store.snapshot_ref(final))
 
 
 async def _warm(agent: AgentClient, cfg: MachineConfig) -> None:
@@ -303,6 +345,13 @@ async def _warm(agent: AgentClient, cfg: MachineConfig) -> None:
         *(agent.request("set_network", mac=mac, addresses=[], up=False) for mac in macs["nics"]))
     (await agent.exec(["true"])).check()
     (await agent.exec(["sync"])).check()
+
+
+def _readable_pointer(path: Path) -> bool:
+    try:
+        return isinstance(read_json(path)["ref"], str)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def template_devices(cfg: MachineConfig) -> dict[str, Any]:

@@ -135,6 +135,12 @@ class Snapshot:
     def paths(self) -> SnapshotFiles:
         return SnapshotFiles(self.path)
 
+    @property
+    def lock(self) -> tuple[str, str]:
+        """The (kind, name) of its lock: users hold it shared, removal exclusively."""
+        ready = self.ref.startswith("cache/")
+        return ("snapshot", f"ready.{self.path.name}" if ready else self.path.name)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["path"] = str(self.path)
@@ -193,23 +199,24 @@ class SnapshotLookup:
 
     def get(self, name: str) -> Snapshot:
         validate_name("snapshot", name)
-        return read_snapshot(self.store.snapshot_files(name), name, f"snapshots/{name}",
+        files = self.store.snapshot_files(name)
+        return read_snapshot(files, name, self.store.snapshot_ref(files),
                              f"remove it with 'pinnace snapshot rm {name}'")
 
     def by_ref(self, ref: str) -> Snapshot:
-        """The snapshot a machine config points at (``snapshots/NAME`` or ``cache/ready/ID``)."""
-        parts = ref.split("/")
-        if len(parts) == 2 and parts[0] == "snapshots":
-            return self.get(parts[1])
-        if len(parts) == 3 and parts[:2] == ["cache", "ready"]:
-            validate_name("snapshot", parts[2])
-            return read_snapshot(self.store.ready_files(parts[2]), f"ready snapshot {parts[2]}",
-                                 ref, "it is rebuilt by the next 'pinnace run'")
-        raise ConfigError("snapshot reference", ref, "the machine's config.json is damaged")
+        """The snapshot a machine config points at (named, or a ready one in the cache)."""
+        found = self.store.snapshot_at(ref)
+        if found is None:
+            raise ConfigError("snapshot reference", ref, "the machine's config.json is damaged")
+        files, ready = found
+        if ready:
+            return read_snapshot(files, f"ready snapshot {files.dir.name}", ref,
+                                 "it is rebuilt by the next 'pinnace run'")
+        return self.get(files.dir.name)
 
     def ref_of(self, files: SnapshotFiles) -> str:
         """The reference machine configs use for the snapshot in ``files.dir``."""
-        return files.dir.relative_to(self.store.home).as_posix()
+        return self.store.snapshot_ref(files)
 
     def list(self) -> builtins.list[Snapshot]:
         out = []

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import time
 
-from ...store import MachineFiles, proc_start_time
+from ...store import MachineFiles, proc_start_time, write_atomic
 from ..base import Handle
 
 # "$1" is the exit file, "$2" the log, "$3" a token naming this launch; QEMU's argv follows.
@@ -38,11 +38,12 @@ def launch(argv: list[str], files: MachineFiles, timeout: float = 10.0) -> Handl
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
     token = f"{os.getpid()}.{time.monotonic_ns()}"
-    files.launch_token.write_text(token)
-    subprocess.run(
+    write_atomic(files.launch_token, token)
+    launcher = subprocess.Popen(
         ["sh", "-c", _WRAPPER, "sh", str(files.exit_status), str(files.qemu_log), token, *argv],
-        stdin=subprocess.DEVNULL, start_new_session=True, check=True, cwd=files.dir,
+        stdin=subprocess.DEVNULL, start_new_session=True, cwd=files.dir,
     )
+    launcher.wait()  # at once: the shell leaves QEMU running in the background
     deadline = time.monotonic() + timeout
     while True:
         code = read_exit_status(files, token)
@@ -54,6 +55,10 @@ def launch(argv: list[str], files: MachineFiles, timeout: float = 10.0) -> Handl
             if st is not None:
                 return Handle(pid, st)
         if time.monotonic() > deadline:
+            # Nothing would know of a QEMU that comes up after this: end its session (the
+            # launcher's, which QEMU and its waiting shell share) now.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(launcher.pid, signal.SIGKILL)
             raise TimeoutError("QEMU neither wrote its pid file nor exited")
         time.sleep(0.002)
 
