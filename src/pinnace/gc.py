@@ -26,7 +26,7 @@ from .machine import LIVE, handle_of
 from .machines import AsyncMachines
 from .network.networks import AsyncNetworks
 from .snapshots import AsyncSnapshots
-from .store import Store, owner_alive, read_record
+from .store import Store, owner_alive, proc_start_time, read_record
 
 SWITCH_MODULE = "pinnace.network.switch"
 
@@ -117,6 +117,7 @@ class Collector:
 
     async def _orphan_processes(self, dry_run: bool) -> list[Removed]:
         out = []
+        killed = []
         dead_staging = {p.name for p in self.store.leftovers()}
         for proc in _processes():
             why = await self._orphan(proc, dead_staging)
@@ -126,21 +127,32 @@ class Collector:
             if not dry_run:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(proc.pid, signal.SIGKILL)
+                    killed.append(proc.pid)
+        # Gone before their folders go: a launcher shell writes QEMU's exit status there.
+        deadline = asyncio.get_running_loop().time() + 3.0
+        while any(proc_start_time(pid) is not None for pid in killed):
+            if asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.01)
         return out
 
     async def _orphan(self, proc: _Proc, dead_staging: set[str]) -> str | None:
         """Why ``proc`` is an orphan of this store, or None if it is not one (or not ours)."""
         argv = proc.argv
-        if os.path.basename(argv[0]).startswith("qemu-system") and "-pidfile" in argv[:-1]:
-            # A VMM: its pid file lies in its machine's folder.
+        if "-pidfile" in argv[:-1]:
+            # A VMM, or the shell that launched it and waits for it (argv[0] "sh"): its
+            # pid file lies in its machine's folder.
+            qemu = os.path.basename(argv[0]).startswith("qemu-system")
             folder = Path(argv[argv.index("-pidfile") + 1]).parent
-            if _inside(folder, self.store.machines_dir):
-                name = folder.relative_to(self.store.machines_dir).parts[0]
-                return await self._machine_orphan(proc.pid, name)
-            if _inside(folder, self.store.tmp_dir):
+            if _inside(folder, self.store.tmp_dir):  # a snapshot's, both go with the folder
                 top = folder.relative_to(self.store.tmp_dir).parts[0]
                 if top in dead_staging or not (self.store.tmp_dir / top).exists():
-                    return f"QEMU of {top}, a snapshot whose command died"
+                    what = "QEMU" if qemu else "the launcher of a QEMU"
+                    return f"{what} of {top}, a snapshot whose command died"
+                return None
+            if qemu and _inside(folder, self.store.machines_dir):
+                name = folder.relative_to(self.store.machines_dir).parts[0]
+                return await self._machine_orphan(proc.pid, name)
             return None
         if SWITCH_MODULE in argv and argv[-1].startswith("/"):
             folder = Path(argv[-1])
