@@ -744,11 +744,12 @@ class AsyncMachine:
                     if st.state != S.PAUSED:
                         with contextlib.suppress(PinnaceError):
                             await backend.resume(self.paths)
+                    full = self.env.store.out_of_space(self.paths.dir)
                     with contextlib.suppress(FileNotFoundError):
                         self.paths.saved_state.unlink()
+                    why = "no space left on the filesystem" if full else exc.message
                     raise MachineError(self.name, "saving failed, the machine keeps running: "
-                                       f"{exc.message}", log_tail=tail(self.paths.qemu_log)
-                                       ) from None
+                                       f"{why}", log_tail=tail(self.paths.qemu_log)) from None
                 # resume.json comes last: with it, the saved state is whole.
                 write_json(self.paths.resume, {
                     "state": str(self.paths.saved_state), "memory": None, "ignore_shared": False,

@@ -458,6 +458,15 @@ class Store:
             return self.ready_files(parts[2]), True
         return None
 
+    def out_of_space(self, path: Path | None = None) -> bool:
+        """True if the filesystem holding ``path`` (the store) is all but full: what a
+        helper program (QEMU writing a state through ``cat``) says as a broken pipe."""
+        try:
+            st = os.statvfs(path or self.home)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize < LOW_SPACE
+
     def put_in_place(self, stage: Path, final: Path, what: str) -> None:
         """Rename a folder made whole in staging into place, durably (the parent folder is
         fsynced). FileExistsError if something is there already."""
@@ -610,6 +619,7 @@ class Store:
         return gone
 
 
+LOW_SPACE = 16 << 20  # bytes free below which a failed write is put down to a full disk
 LOCK_POLL = 0.02  # seconds between tries of a lock someone else holds
 # The order in which locks are taken (see the module's docstring).
 LOCK_ORDER = ("ready", "image", "snapshot", "machine", "network", "volume")

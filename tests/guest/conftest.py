@@ -32,6 +32,15 @@ def make_machine(pn, request):
         made.append(m)
         return m
 
+    def restored():
+        """A machine restored from the image's ready snapshot (a fraction of a second,
+        where a cold boot takes several under TCG)."""
+        [m] = pn.machines.run(name=f"t{os.getpid() % 10000}-{next(_counter)}")
+        made.append(m)
+        return m
+
+    make.restored = restored
+
     yield make
     failed = getattr(request.node, "rep_call", None)
     for m in made:
@@ -44,10 +53,9 @@ def make_machine(pn, request):
 
 @pytest.fixture
 def machine(make_machine):
-    """A started machine."""
-    m = make_machine()
-    m.start()
-    return m
+    """A ready machine, restored from the ready snapshot (tests of booting itself make
+    their own with make_machine)."""
+    return make_machine.restored()
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -193,7 +193,7 @@ _CLICK = tuple(int(x) for x in importlib.metadata.version("click").split(".")[:2
 RUNNER_ARGS: dict[str, object] = {} if _CLICK >= (8, 2) else {"mix_stderr": False}
 
 # About 40 examples a test keeps the module under a minute; raise it to hunt for more.
-EXAMPLES = int(os.environ.get("PINNACE_HOSTILE_EXAMPLES", "40"))
+EXAMPLES = int(os.environ.get("PINNACE_HOSTILE_EXAMPLES", "20"))
 PROPERTIES = ("no_traceback", "one_line_error", "one_line_usage", "store_unchanged")
 
 

@@ -38,6 +38,7 @@ from ..errors import (
     NotFoundError,
     PinnaceError,
     SnapshotError,
+    StoreError,
     store_error,
 )
 from ..images import Images
@@ -58,6 +59,7 @@ from .key import (
 log = logging.getLogger(__name__)
 
 TEMPLATE_BOOT_TIMEOUT = 120.0
+FULL_HINT = "free some space (pinnace gc, or delete machines, images or snapshots) and try again"
 # A ready slot: image digest, CPUs, memory, accelerator, a digest of the device list.
 SLOT_RE = re.compile(r"[0-9a-f]{1,12}-\d+c-\d+m-[a-z]+-[0-9a-f]{8}")
 READY_LOCK_TIMEOUT = 600.0
@@ -126,9 +128,15 @@ class AsyncSnapshots:
                                 "with it; snapshot a machine without them")
         with self.store.staging_dir("snapshot-") as stage:
             staged = SnapshotFiles(stage)
-            captured = await machine.capture(staged.stream, staged.disk)
-            clock = await self._map(staged, captured.config, captured.key, final,
-                                    from_stream=True, clock=captured.clock)
+            try:
+                captured = await machine.capture(staged.stream, staged.disk)
+                clock = await self._map(staged, captured.config, captured.key, final,
+                                        from_stream=True, clock=captured.clock)
+            except (MachineError, SnapshotError) as exc:
+                if self.store.out_of_space(stage):  # QEMU only saw its pipe break
+                    raise StoreError(str(stage), "no space left on the filesystem while "
+                                     f"saving the snapshot ({exc})", FULL_HINT) from None
+                raise
             staged.stream.unlink()
             return await self._finish(staged, final, name, captured.config,
                                       captured.key, source=machine.name, clock=clock, macs={
