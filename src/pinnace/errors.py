@@ -319,6 +319,8 @@ class ImageInUse(InUseError):
     def __init__(self, image: str, machines: Sequence[str]) -> None:
         self.image = image
         super().__init__("image", image, machines, "delete them first")
+        who = ", ".join(repr(u) for u in self.users)
+        self.args = (f"image {image!r} is used by {who}; delete them first",)
 
 
 class VolumeInUse(InUseError):

@@ -49,7 +49,7 @@ from typing import Any, NoReturn
 
 from .agent.client import AgentClient, ExecResult, Process, anchor_from, clock_anchor
 from .backends import base as B
-from .backends.base import Backend, Handle, LaunchSpec, NatNic
+from .backends.base import AccelChoice, Backend, Handle, LaunchSpec, NatNic
 from .config import NAT_DNS, NAT_GATEWAY, NAT_GUEST, MachineConfig, Nic, PortForward, random_mac
 from .errors import (
     AgentError,
@@ -137,6 +137,15 @@ class MachineEnv:
     snapshots: SnapshotLookup
     volumes: AsyncVolumes
     networks: AsyncNetworks
+
+
+def notice_accel(choice: AccelChoice, requested: str) -> None:
+    """Tell the user that KVM could not be used: once, when the probe ran (later answers
+    come from its cache and are said only with -v)."""
+    if choice.accel == "tcg" and requested == "auto" and choice.reason:
+        say = log.warning if choice.probed else log.info
+        say("KVM is not usable (%s); using TCG software emulation, which is several times "
+            "slower", choice.reason)
 
 
 def handle_of(record: dict[str, Any]) -> Handle | None:
@@ -287,13 +296,14 @@ class AsyncMachine:
         if not holding and lock is None:
             return status  # someone else is changing it; report, do not write
         try:
-            if self._record() == record:  # nothing moved since we looked
-                await self._drop_agent()
-                self._cleanup_runtime()
-                if state != S.SAVED:
-                    self._discard_partial_save()
+            if self._record() != record:  # it moved since we looked: say what it is now
+                return await self._status(holding=holding) if holding else status
+            await self._drop_agent()
+            self._cleanup_runtime()
+            if state != S.SAVED:
+                self._discard_partial_save()
                 self._forget_used_restore(record)
-                self._write_state(state, reason, exit_code=code, accel=record.get("accel"))
+            self._write_state(state, reason, exit_code=code, accel=record.get("accel"))
         finally:
             if lock is not None:
                 lock.release()
@@ -343,6 +353,15 @@ class AsyncMachine:
             with contextlib.suppress(FileNotFoundError):
                 self.paths.saved_state.unlink()
 
+    def _consume_restore(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Before a save or snapshot: a resume.json this run has already used (left by a
+        command killed just after restoring) goes now, so that only the one this save
+        writes can be found. Returns the record, without its ``restored`` mark."""
+        if not record.get("restored"):
+            return record
+        self._forget_used_restore(record)
+        return self._rewrite(record, restored=None)
+
     def _forget_used_restore(self, record: dict[str, Any]) -> None:
         """A run that began with a restore has used its resume.json: one left behind (the
         command died between recording the restore and removing it) must not be loaded
@@ -386,11 +405,7 @@ class AsyncMachine:
             backend = self.env.backend
             image = self.env.images.files_for(cfg.image_digest, cfg.image)
             choice = await backend.choose_accel(cfg.accel)
-            if choice.accel == "tcg" and cfg.accel == "auto" and choice.reason:
-                # Said once, when the probe runs; after that only with -v.
-                say = self.log.warning if choice.probed else self.log.info
-                say("KVM is not usable (%s); using TCG software emulation, which is several "
-                    "times slower", choice.reason)
+            notice_accel(choice, cfg.accel)
             resume = self._resume_plan(cfg, choice.accel)
             devices = await self._claim_devices(cfg)
             spec = LaunchSpec(
@@ -605,7 +620,7 @@ class AsyncMachine:
                 agent = await self.agent()
                 await self._nic_request(agent, None, nic.mac, [], up=False)
                 await self.env.backend.set_link(self.paths, index, False)
-            elif st.state not in AT_REST:
+            elif st.state not in AT_REST or self._saved_state_pending():
                 raise StateError(self.name, "disconnect", str(st.state),
                                  ["ready", "running", *[str(x) for x in AT_REST]])
             await asyncio.to_thread(self.env.networks.unregister, network, self.name, index)
@@ -730,7 +745,7 @@ class AsyncMachine:
         backend = self.env.backend
         async with self._locked():
             st = await self._require("save", UP)
-            record = self._record()
+            record = self._consume_restore(self._record())
             handle = handle_of(record)
             assert handle is not None
             key = machine_key(backend, self.config, st.accel or "tcg")
@@ -766,6 +781,7 @@ class AsyncMachine:
         backend = self.env.backend
         async with self._locked():
             st = await self._require("snapshot", UP)
+            self._consume_restore(self._record())
             cfg = self.config
             key = machine_key(backend, cfg, st.accel or "tcg")
             reading = await self._guest_clock(st.state)
@@ -831,8 +847,10 @@ class AsyncMachine:
         """A resume.json of ``stop --save`` (not a snapshot's) waits for the next start."""
         try:
             return not read_record(self.paths.resume, "").get("snapshot")
-        except (FileNotFoundError, StoreError):
+        except FileNotFoundError:
             return False
+        except StoreError:
+            return True  # unreadable: halt is the way to be rid of it
 
     def _discard_saved(self) -> None:
         for p in (self.paths.resume, self.paths.saved_state):
@@ -1020,5 +1038,13 @@ def _check_port_free(p: PortForward, store: Store, me: str) -> None:
                       f"used ({problem}; held by {holder}); choose another host port")
 
 
-__all__ = ["AT_REST", "LIVE", "AsyncMachine", "MachineEnv", "MachineState",
-           "MachineStatus", "handle_of"]
+__all__ = [
+    "AT_REST",
+    "LIVE",
+    "AsyncMachine",
+    "MachineEnv",
+    "MachineState",
+    "MachineStatus",
+    "handle_of",
+    "notice_accel",
+]

@@ -25,7 +25,14 @@ from .errors import (
     store_error,
 )
 from .images import DEFAULT_IMAGE
-from .machine import AT_REST, AsyncMachine, MachineEnv, MachineState, MachineStatus
+from .machine import (
+    AT_REST,
+    AsyncMachine,
+    MachineEnv,
+    MachineState,
+    MachineStatus,
+    notice_accel,
+)
 from .snapshots import AsyncSnapshots
 from .snapshots.key import Snapshot, machine_key
 from .store import MachineFiles, this_process, validate_name, write_atomic, write_json
@@ -251,6 +258,7 @@ class AsyncMachines:
                 + int(devices.get("spare_nics") or 0),
                 "net": devices.get("net") or ("none" if nets else default_net())}))
             choice = await self.env.backend.choose_accel(cfg.accel)
+            notice_accel(choice, cfg.accel)
             snap = await self.snapshots.ready(shape, choice.accel, notify=notify)
         made = await asyncio.gather(*(self.create(
             n, image=image, cpus=cpus, memory=memory, accel=accel, snapshot=snap,

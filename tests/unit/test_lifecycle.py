@@ -519,3 +519,81 @@ def test_ready_snapshots_per_accelerator_and_long_image_names(tmp_path):
         assert len(builds) == 2, notices  # one per accelerator; the long name shares it
 
     arun(pn, main())
+
+
+def test_a_killed_save_of_a_restored_machine_keeps_its_saved_state(tmp_path):
+    """A machine from run() carries 'restored': a save whose command died after QEMU quit
+    must settle as saved with its saved state, and start must resume it."""
+    pn = fake_store(tmp_path)
+
+    async def main():
+        [m] = await pn.machines.run(name="m")
+        # What _save does up to the moment it is killed: busy, state written, QEMU gone.
+        record = json.loads(m.paths.state.read_text())
+        m.paths.state.write_text(json.dumps({**record, "busy": "save"}))
+        await pn.backend.save(m.paths, m.paths.saved_state, ignore_shared=False)
+        m.paths.resume.write_text(json.dumps({
+            "state": str(m.paths.saved_state), "memory": None, "ignore_shared": False,
+            "snapshot": "", "clock": None, "key": {}}))
+        pn.backend.exit(m.paths, 0)
+        st = await m.status()
+        assert str(st.state) == "saved"
+        assert m.paths.resume.exists() and m.paths.saved_state.exists()
+        await m.close()
+
+    arun(pn, main())
+
+
+def test_a_used_resume_file_is_not_taken_for_a_new_save(tmp_path):
+    """A resume.json left after a restore (its command died before removing it) must
+    not make a failed save look finished: the guest runs on, not killed as saved."""
+    pn = fake_store(tmp_path)
+
+    async def main():
+        [m] = await pn.machines.run(name="m")
+        snap_resume = {"state": "x", "memory": "y", "ignore_shared": True,
+                       "snapshot": "snapshots/s", "key": {}}
+        m.paths.resume.write_text(json.dumps(snap_resume))  # left behind, already used
+        pn.backend.fail["save"] = "fail"
+        with pytest.raises(MachineError):
+            await m.stop(save=True)
+        st = await m.status()
+        assert str(st.state) == "ready"
+        assert pn.backend.guests[m.paths.dir].state == RUNNING
+        assert not m.paths.resume.exists()
+        await m.close()
+
+    arun(pn, main())
+
+
+def test_gc_keeps_a_damaged_ready_snapshot_that_machines_use(tmp_path):
+    pn = fake_store(tmp_path)
+
+    async def main():
+        [keep] = await pn.machines.run(name="keep")
+        await keep.stop()
+        ref = keep.config.snapshot
+        snap_dir = pn.store.home / ref
+        (snap_dir / "snapshot.json").write_text("{damaged")
+        [m] = await pn.machines.run(name="other")  # rebuilds the slot
+        await m.delete(force=True)
+        removed = await pn.gc()
+        assert snap_dir.is_dir(), removed
+        await keep.close()
+
+    arun(pn, main())
+
+
+def test_the_no_kvm_notice_is_said_once(tmp_path, caplog):
+    pn = fake_store(tmp_path)
+
+    async def main():
+        for name in ("a", "b"):
+            m = await pn.machines.create(name)
+            await m.start()
+            await m.close()
+
+    with caplog.at_level("WARNING", logger="pinnace"):
+        arun(pn, main())
+    said = [r for r in caplog.records if "KVM is not usable" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelname == "WARNING"

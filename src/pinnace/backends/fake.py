@@ -65,6 +65,7 @@ class FakeBackend:
         self.calls: list[tuple[str, str]] = []
         self.fail: dict[str, Any] = {}
         self._pids = FAKE_PID_BASE
+        self._probed = False
 
     def _guest(self, files: MachineFiles, doing: str) -> FakeGuest:
         guest = self.guests.get(files.dir)
@@ -79,9 +80,10 @@ class FakeBackend:
     # -- facts -------------------------------------------------------------------------
 
     async def choose_accel(self, requested: str) -> AccelChoice:
-        if requested == "auto":
+        if requested == "auto":  # the first answer is a "probe", later ones come cached
+            probed, self._probed = not self._probed, True
             return AccelChoice("kvm" if self.kvm else "tcg", "" if self.kvm else "fake: no KVM",
-                               False)
+                               probed)
         return AccelChoice(requested, "requested", False)
 
     def identity(self, accel: str) -> dict[str, str]:

@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, ImageInUse, NotFoundError, StoreError
-from ..store import NAME_RE, ImageFiles, Store, read_record, validate_name, write_atomic
+from ..store import (
+    NAME_RE,
+    ImageFiles,
+    SnapshotFiles,
+    Store,
+    read_record,
+    validate_name,
+    write_atomic,
+)
 
 if TYPE_CHECKING:
     from .build import Reporter
@@ -138,8 +146,19 @@ class Images:
         return files
 
     def _users(self, digest: str) -> builtins.list[str]:
-        return [name for name, cfg in self.store.machine_configs()
-                if cfg.get("image_digest") == digest]
+        """Machines and named snapshots made from the image (a snapshot's disk is an
+        overlay on it). Ready snapshots go with the image: nothing can be run from them."""
+        users = [name for name, cfg in self.store.machine_configs()
+                 if cfg.get("image_digest") == digest]
+        if self.store.snapshots_dir.is_dir():
+            for entry in sorted(self.store.snapshots_dir.iterdir()):
+                try:
+                    key = read_record(SnapshotFiles(entry).meta, "").get("key")
+                except (OSError, StoreError):
+                    continue
+                if isinstance(key, dict) and key.get("image_digest") == digest:
+                    users.append(f"snapshot {entry.name}")
+        return users
 
     def remove(self, ref: str) -> Image:
         """Remove an image name; the image's files go when no name and no machine uses them."""

@@ -116,7 +116,8 @@ class AsyncSnapshots:
     # -- making them ---------------------------------------------------------------------
 
     async def create(self, machine: Source, name: str) -> Snapshot:
-        """Save a running machine as snapshot ``name``; the machine keeps running."""
+        """Save a running machine as snapshot ``name``; the machine keeps running. Its
+        image is held (shared) meanwhile, so that it cannot be removed from under it."""
         validate_name("snapshot", name)
         final = self.store.snapshot_files(name)
         if final.dir.exists():
@@ -128,19 +129,25 @@ class AsyncSnapshots:
                                 "with it; snapshot a machine without them")
         with self.store.staging_dir("snapshot-") as stage:
             staged = SnapshotFiles(stage)
-            try:
-                captured = await machine.capture(staged.stream, staged.disk)
-                clock = await self._map(staged, captured.config, captured.key, final,
-                                        from_stream=True, clock=captured.clock)
-            except (MachineError, SnapshotError) as exc:
-                if self.store.out_of_space(stage):  # QEMU only saw its pipe break
-                    raise StoreError(str(stage), "no space left on the filesystem while "
-                                     f"saving the snapshot ({exc})", FULL_HINT) from None
-                raise
-            staged.stream.unlink()
-            return await self._finish(staged, final, name, captured.config,
-                                      captured.key, source=machine.name, clock=clock, macs={
-                                          "nat": cfg.nat_mac, "nics": [n.mac for n in cfg.nics]})
+            async with self.store.alocked(shared=(("image", cfg.image_digest),)):
+                return await self._create(machine, name, cfg, staged, final)
+
+    async def _create(self, machine: Source, name: str, cfg: MachineConfig,
+                      staged: SnapshotFiles, final: SnapshotFiles) -> Snapshot:
+        stage = staged.dir
+        try:
+            captured = await machine.capture(staged.stream, staged.disk)
+            clock = await self._map(staged, captured.config, captured.key, final,
+                                    from_stream=True, clock=captured.clock)
+        except (MachineError, SnapshotError) as exc:
+            if self.store.out_of_space(stage):  # QEMU only saw its pipe break
+                raise StoreError(str(stage), "no space left on the filesystem while "
+                                 f"saving the snapshot ({exc})", FULL_HINT) from None
+            raise
+        staged.stream.unlink()
+        return await self._finish(staged, final, name, captured.config,
+                                  captured.key, source=machine.name, clock=clock, macs={
+                                      "nat": cfg.nat_mac, "nics": [n.mac for n in cfg.nics]})
 
     async def ready(self, cfg: MachineConfig, accel: str, *,
                     notify: Callable[[str], Any] | None = None) -> Snapshot:
@@ -161,7 +168,8 @@ class AsyncSnapshots:
                 return old
             except SnapshotError:
                 pass
-        async with self.store.alocked(("ready", slot), timeout=READY_LOCK_TIMEOUT):
+        async with self.store.alocked(("ready", slot), shared=(("image", cfg.image_digest),),
+                                      timeout=READY_LOCK_TIMEOUT):
             old = self._current(pointer)  # someone may have built it while we waited
             reason = "there is none yet"
             if old is not None:
@@ -229,10 +237,17 @@ class AsyncSnapshots:
                     continue
                 try:
                     snap = self.by_ref(ref)
-                except PinnaceError:  # damaged: nothing can use it
-                    out.append(entry)
-                    if not dry_run:
-                        await asyncio.to_thread(self.store.remove_tree, entry)
+                except PinnaceError:  # damaged: removed too, unless machines depend on it
+                    lock = self.store.try_locked("snapshot", f"ready.{entry.name}")
+                    if lock is None:
+                        continue
+                    try:
+                        if not self.users(ref):
+                            out.append(entry)
+                            if not dry_run:
+                                await asyncio.to_thread(self.store.remove_tree, entry)
+                    finally:
+                        lock.release()
                     continue
                 if dry_run:
                     if not self.users(ref):
