@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from pinnace import ConfigError, SnapshotError
+from pinnace import ConfigError, SnapshotError, StateError
 from pinnace.snapshots import key as snapkey
 
 
@@ -146,3 +146,30 @@ async def _current_ready(pn):
                               image_digest=pn.images.resolve("default"))
     cfg = cfg.with_changes(**pn.aio.machines._devices("x"))  # the shape run() gives it
     return await pn.aio.snapshots.ready(cfg, "tcg")
+
+
+def test_start_without_wait_restores_a_clone(pn, machine, make_machine):
+    """A machine made from a snapshot restores on start(wait=False) too: its QEMU does
+    not sit waiting for a state while it shows as running (regression)."""
+    snap = f"nowait-{os.getpid()}"
+    pn.snapshots.create(machine, snap)
+    try:
+        clone = make_machine(snapshot=snap)
+        st = clone.start(wait=False)
+        assert st.state == "ready"
+        assert clone.exec(["hostname"]).stdout_text.strip() == clone.name
+        clone.delete(force=True)
+    finally:
+        pn.snapshots.remove(snap)
+
+
+def test_pause_and_resume(machine):
+    machine.exec("date +%s > /tmp/before").check()
+    assert machine.pause().state == "paused"
+    with pytest.raises(StateError, match="it is paused"):
+        machine.exec(["true"])
+    assert machine.status().state == "paused"
+    assert machine.resume().state == "ready"
+    assert machine.exec(["cat", "/tmp/before"]).exit_code == 0
+    machine.pause()
+    assert machine.stop().state == "stopped"  # a paused machine can be stopped
