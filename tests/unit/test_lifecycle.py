@@ -40,6 +40,16 @@ async def put_in(pn, name, state):
     return m
 
 
+async def left_mid_save(pn, m):
+    """What ``stop --save`` leaves when killed once the state is saved whole: the busy
+    mark, the saved state, and resume.json (written last)."""
+    record = json.loads(m.paths.state.read_text())
+    m.paths.state.write_text(json.dumps({**record, "busy": "save"}))
+    await pn.backend.save(m.paths, m.paths.saved_state, ignore_shared=False)
+    m.paths.resume.write_text(json.dumps({"state": str(m.paths.saved_state), "memory": None,
+                                          "ignore_shared": False, "snapshot": "", "key": {}}))
+
+
 async def verb(pn, m, what):
     if what == "start":
         await m.start()
@@ -352,12 +362,7 @@ def test_a_save_that_finished_before_its_command_died_is_finished(tmp_path):
 
     async def main():
         m = await put_in(pn, "m", "ready")
-        await pn.backend.save(m.paths, m.paths.saved_state, ignore_shared=False)
-        m.paths.resume.write_text(json.dumps({"state": str(m.paths.saved_state),
-                                              "memory": None, "ignore_shared": False,
-                                              "snapshot": "", "key": {}}))
-        record = json.loads(m.paths.state.read_text())
-        m.paths.state.write_text(json.dumps({**record, "busy": "save"}))
+        await left_mid_save(pn, m)
         st = await m.status()
         assert str(st.state) == "saved"
         assert pn.backend.guests.get(m.paths.dir) is None
@@ -457,12 +462,7 @@ def test_a_save_whose_qemu_had_quit_is_saved_not_stopped(tmp_path):
 
     async def main():
         m = await put_in(pn, "m", "ready")
-        await pn.backend.save(m.paths, m.paths.saved_state, ignore_shared=False)
-        m.paths.resume.write_text(json.dumps({"state": str(m.paths.saved_state),
-                                              "memory": None, "ignore_shared": False,
-                                              "snapshot": "", "key": {}}))
-        record = json.loads(m.paths.state.read_text())
-        m.paths.state.write_text(json.dumps({**record, "busy": "save"}))
+        await left_mid_save(pn, m)
         pn.backend.exit(m.paths, 0)  # QEMU had quit when the command died
         assert str((await m.status()).state) == "saved"
         await m.close()
@@ -528,13 +528,7 @@ def test_a_killed_save_of_a_restored_machine_keeps_its_saved_state(tmp_path):
 
     async def main():
         [m] = await pn.machines.run(name="m")
-        # What _save does up to the moment it is killed: busy, state written, QEMU gone.
-        record = json.loads(m.paths.state.read_text())
-        m.paths.state.write_text(json.dumps({**record, "busy": "save"}))
-        await pn.backend.save(m.paths, m.paths.saved_state, ignore_shared=False)
-        m.paths.resume.write_text(json.dumps({
-            "state": str(m.paths.saved_state), "memory": None, "ignore_shared": False,
-            "snapshot": "", "clock": None, "key": {}}))
+        await left_mid_save(pn, m)  # and QEMU had quit
         pn.backend.exit(m.paths, 0)
         st = await m.status()
         assert str(st.state) == "saved"
