@@ -40,6 +40,7 @@ INITCALL = re.compile(r"initcall (\S+?)(?:\+0x\S+)? returned -?\d+ after (\d+) u
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("-n", type=int, default=5, help="boots")
+    ap.add_argument("--cmdline", default="", help="more kernel arguments, to try one")
     args = ap.parse_args()
     marks: dict[str, list[float]] = defaultdict(list)
     initcalls: dict[str, list[int]] = defaultdict(list)
@@ -47,7 +48,7 @@ def main() -> None:
     with Pinnace() as pn:
         image = pn.images.get("default") if pn.images.list() else pn.images.build()
         for i in range(args.n):
-            m = pn.machines.create(f"bench-bd-{os.getpid()}-{i}", cmdline="initcall_debug",
+            m = pn.machines.create(f"bench-bd-{os.getpid()}-{i}", cmdline=f"initcall_debug {args.cmdline}".strip(),
                                    net="none")
             t0 = time.monotonic()
             st = m.start()
@@ -70,7 +71,8 @@ def main() -> None:
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
                 if ln.startswith("model name")), "?")
     print(f"\ncold boot breakdown, {args.n} boots, accel={accel}, {os.cpu_count()} CPUs ({cpu}), "
-          f"QEMU {qhost.qemu_version(qhost.qemu_binary())}, kernel args + initcall_debug")
+          f"QEMU {qhost.qemu_version(qhost.qemu_binary())}, kernel args + initcall_debug "
+          f"{args.cmdline}")
     print(f"{'step (guest clock, median)':44} {'at':>8} {'took':>8}")
     last = 0.0
     for label, _ in MARKS:
