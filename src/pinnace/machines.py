@@ -34,7 +34,7 @@ from .machine import (
     notice_accel,
 )
 from .snapshots import AsyncSnapshots
-from .snapshots.key import Snapshot, machine_key
+from .snapshots.key import Snapshot, machine_key, snapshot_lock
 from .store import MachineFiles, this_process, validate_name, write_atomic, write_json
 
 
@@ -165,7 +165,7 @@ class AsyncMachines:
         # machines being made from the same things; removal takes them exclusively.
         used = [("image", cfg.image_digest)]
         if cfg.snapshot:
-            used.append(self.env.snapshots.by_ref(cfg.snapshot).lock)
+            used.append(snapshot_lock(cfg.snapshot))  # its snapshot.json is read under it
         for v in (devices or {}).get("volumes") or ():
             used.append(("volume", (v if isinstance(v, Mount) else Mount.parse(str(v),
                                                                              "volume")).source))

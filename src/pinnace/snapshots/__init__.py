@@ -51,6 +51,7 @@ from .key import (
     SnapshotLookup,
     machine_key,
     sha256_file,
+    snapshot_lock,
     template_mac,
     template_macs,
     verify,
@@ -238,7 +239,7 @@ class AsyncSnapshots:
                 try:
                     snap = self.by_ref(ref)
                 except PinnaceError:  # damaged: removed too, unless machines depend on it
-                    lock = self.store.try_locked("snapshot", f"ready.{entry.name}")
+                    lock = self.store.try_locked(*snapshot_lock(ref))
                     if lock is None:
                         continue
                     try:

@@ -138,13 +138,19 @@ class Snapshot:
     @property
     def lock(self) -> tuple[str, str]:
         """The (kind, name) of its lock: users hold it shared, removal exclusively."""
-        ready = self.ref.startswith("cache/")
-        return ("snapshot", f"ready.{self.path.name}" if ready else self.path.name)
+        return snapshot_lock(self.ref)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["path"] = str(self.path)
         return d
+
+
+def snapshot_lock(ref: str) -> tuple[str, str]:
+    """The (kind, name) of the lock of the snapshot at ``ref``, from the reference alone
+    (no file is read): a ready snapshot's name is prefixed, so it never meets a named one."""
+    ident = ref.rsplit("/", 1)[-1]
+    return ("snapshot", f"ready.{ident}" if ref.startswith("cache/") else ident)
 
 
 def sha256_file(path: Path) -> str:
@@ -236,4 +242,4 @@ class SnapshotLookup:
 
 
 __all__ = ["SNAPSHOT_FORMAT", "Capture", "Snapshot", "SnapshotKey", "SnapshotLookup", "machine_key",
-           "read_snapshot", "sha256_file", "template_mac", "template_macs", "verify"]
+           "read_snapshot", "sha256_file", "snapshot_lock", "template_mac", "template_macs", "verify"]
