@@ -51,14 +51,19 @@ def call(ctx: click.Context, fn: Callable[[AsyncPinnace], Coroutine[Any, Any, T]
         click.echo("pinnace: interrupted", err=True)
         sys.exit(130)
     except Exception as exc:
-        fail(exc, verbose=ctx.obj.get("verbose", 0) if ctx.obj else 0)
+        fail(exc, verbose=verbosity(ctx))
+
+
+def verbosity(ctx: click.Context) -> int:
+    """How many -v the user gave (-vv adds tracebacks to errors)."""
+    return int(ctx.obj.get("verbose", 0)) if ctx.obj else 0
 
 
 def each(ctx: click.Context, names: Sequence[str],
          act: Callable[[AsyncPinnace, str], Coroutine[Any, Any, str]]) -> None:
     """Do ``act(pinnace, name)`` for every name, in turn: print what each did ("NAME:
     WHAT") or its error (one line), go on after a failure, and exit 1 if any failed."""
-    verbose = ctx.obj.get("verbose", 0) if ctx.obj else 0
+    verbose = verbosity(ctx)
 
     async def go(pn: AsyncPinnace) -> int:
         failed = 0
@@ -118,4 +123,5 @@ class Group(click.Group):
         return list(self.commands)
 
 
-__all__ = ["Group", "call", "each", "echo_table", "fail", "report", "setup_logging"]
+__all__ = ["Group", "call", "each", "echo_table", "fail", "report", "setup_logging",
+           "verbosity"]

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from .common import each, echo_table, fail
+from .common import each, echo_table, fail, verbosity
 
 if TYPE_CHECKING:
     from ..client import AsyncPinnace
@@ -23,11 +23,8 @@ def _images(ctx: click.Context) -> Any:
     try:
         return Images(Store(ctx.obj.get("home")))
     except Exception as exc:
-        fail(exc, _verbose(ctx))
+        fail(exc, verbosity(ctx))
 
-
-def _verbose(ctx: click.Context) -> int:
-    return int(ctx.obj.get("verbose", 0)) if ctx.obj else 0
 
 
 class RichReporter:
@@ -93,7 +90,7 @@ def build(ctx: click.Context, name: str, packages: tuple[str, ...], suite: str |
         click.echo("pinnace: build interrupted; nothing was added to the store", err=True)
         raise SystemExit(130) from None
     except Exception as exc:
-        fail(exc, _verbose(ctx))
+        fail(exc, verbosity(ctx))
     click.echo(f"{name}: {img.short} ({time.monotonic() - start:.1f} s)", err=True)
     click.echo(img.digest)
 
@@ -114,7 +111,7 @@ def ls(ctx: click.Context, fmt: str, quiet: bool) -> None:
     try:
         images = _images(ctx).list()
     except Exception as exc:
-        fail(exc, _verbose(ctx))
+        fail(exc, verbosity(ctx))
     if quiet:
         for img in images:
             click.echo(img.digest)
@@ -143,7 +140,7 @@ def inspect(ctx: click.Context, ref: str) -> None:
     try:
         img = _images(ctx).get(ref)
     except Exception as exc:
-        fail(exc, _verbose(ctx))
+        fail(exc, verbosity(ctx))
     click.echo(json.dumps(img.to_dict(), indent=2))
 
 
