@@ -4,14 +4,17 @@ PYTHON ?= /usr/bin/python3
 VENV := .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-# What pinnace needs from Debian: QEMU, qcow2 tools, the image builder's tools, tmux for
-# the PTY tests, and venv support for the Python that runs pinnace.
+# What pinnace needs from Debian: QEMU, qcow2 tools, the image builder's tools, the
+# kernel source and what compiles it (pinnace's guest kernel, built once per host), tmux
+# for the PTY tests, squashfs-tools for a kernel test, and venv support for the Python
+# that runs pinnace.
 APT_PACKAGES := qemu-system-x86 qemu-utils busybox-static mmdebstrap e2fsprogs kmod \
-	dpkg tar python3 python3-venv tmux
+	dpkg tar python3 python3-venv tmux \
+	linux-source-6.1 build-essential bison flex bc libelf-dev xz-utils squashfs-tools
 # Tests keep their own store (images cached between runs) inside the checkout.
 TEST_HOME ?= $(CURDIR)/.cache/test-home
 
-.PHONY: all deps venv demo test lint unit guest bench clean
+.PHONY: all deps venv demo test lint unit guest image bench clean
 all: test
 
 deps:
@@ -41,10 +44,15 @@ lint: venv
 unit: venv
 	$(BIN)/pytest tests/unit -q
 
-guest: deps venv
+# The test image is built first, in the open: the first build on a host compiles the
+# guest kernel (minutes), and its progress shows here rather than inside a test.
+image: deps venv
+	PINNACE_HOME=$(TEST_HOME) $(BIN)/pinnace image build
+
+guest: image
 	PINNACE_HOME=$(TEST_HOME) $(BIN)/pytest tests/guest
 
-test: deps venv lint
+test: lint image
 	PINNACE_HOME=$(TEST_HOME) $(BIN)/pytest tests
 
 bench: deps venv

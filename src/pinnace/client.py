@@ -7,6 +7,7 @@ in a background thread, so it also works where the caller already has a loop.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import os
 import threading
 from collections.abc import Coroutine, Iterator
@@ -22,6 +23,7 @@ from .images import AsyncImages, Image, Images
 from .machine import AsyncMachine, MachineEnv, MachineStatus
 from .machines import AsyncMachines
 from .network.networks import AsyncNetworks, Network
+from .pool import AsyncPool, Member
 from .snapshots import AsyncSnapshots, Snapshot
 from .snapshots.key import SnapshotLookup
 from .store import Store
@@ -51,7 +53,12 @@ class AsyncPinnace:
         self.snapshots = AsyncSnapshots(self.store, backend, images, lookup)
         env = MachineEnv(self.store, backend, images, lookup, self.volumes, self.networks)
         self.machines = AsyncMachines(env, self.snapshots)
-        self.collector = Collector(self.store, self.machines, self.snapshots, self.networks)
+        self.pool = AsyncPool(self.store, self.machines, self.snapshots)
+        self.machines.pool = self.pool
+        self.snapshots.on_replaced = lambda snap: self.pool.drain(snapshot=snap.ref)
+        self.images.before_remove = lambda digest: self.pool.drain(image_digest=digest)
+        self.collector = Collector(self.store, self.machines, self.snapshots, self.networks,
+                                   self.pool)
 
     async def gc(self, *, dry_run: bool = False) -> list[Removed]:
         """Remove what crashed commands left behind; see :mod:`pinnace.gc`."""
@@ -342,6 +349,29 @@ class Networks:
         self._loop.run(self._n.remove(name))
 
 
+class Pool:
+    """``pinnace.pool`` in the sync API: the warm pool (see :mod:`pinnace.pool`)."""
+
+    def __init__(self, apool: AsyncPool, loop: _Loop) -> None:
+        self._p = apool
+        self._loop = loop
+
+    def size(self) -> int:
+        return self._p.size()
+
+    def set_size(self, size: int) -> None:
+        self._p.set_size(size)
+
+    def list(self) -> list[Member]:
+        return self._loop.run(self._p.list())
+
+    def fill(self, **options: Any) -> builtins.list[str]:
+        return self._loop.run(self._p.fill(**options))
+
+    def drain(self, **options: Any) -> builtins.list[str]:
+        return self._loop.run(self._p.drain(**options))
+
+
 class Pinnace:
     """The sync API: ``Pinnace().machines.create(...)``, ``Pinnace().images.build()``."""
 
@@ -355,6 +385,7 @@ class Pinnace:
         self.snapshots = Snapshots(self.aio.snapshots, self.aio.machines, self._loop)
         self.volumes = Volumes(self.aio.volumes, self._loop)
         self.networks = Networks(self.aio.networks, self._loop)
+        self.pool = Pool(self.aio.pool, self._loop)
 
     def gc(self, *, dry_run: bool = False) -> list[Removed]:
         return self._loop.run(self.aio.gc(dry_run=dry_run))

@@ -244,6 +244,9 @@ class MachineConfig:
     shares: tuple[Mount, ...] = ()
     # Made by `run --rm`: deleted when that command ends, or by `pinnace gc` if it died.
     ephemeral: bool = False
+    # A warm-pool member waiting to be claimed (the pool's key), hidden from `ls`; a
+    # claimed one is an ordinary machine (see pinnace.pool).
+    pool: str = ""
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -385,6 +388,7 @@ _FIELDS: dict[str, tuple[type, str, Callable[[Any], str]]] = {
     "accel": (str, "a string", _accel),
     "snapshot": (str, "a string", _any),
     "ephemeral": (bool, "true or false", _any),
+    "pool": (str, "a string", _any),
     "net": (str, "a string", lambda v: "" if v in NET_MODES else
             f"choose one of {', '.join(NET_MODES)}"),
     "nat_mac": (str, "a string", lambda v: "" if not v or (_MAC_RE.match(v) and

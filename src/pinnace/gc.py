@@ -25,6 +25,7 @@ from .errors import PinnaceError
 from .machine import LIVE, handle_of
 from .machines import AsyncMachines
 from .network.networks import AsyncNetworks
+from .pool import AsyncPool
 from .snapshots import AsyncSnapshots
 from .store import Store, owner_alive, proc_start_time, read_record
 
@@ -77,17 +78,20 @@ class Collector:
     """Finds and removes a store's garbage."""
 
     def __init__(self, store: Store, machines: AsyncMachines, snapshots: AsyncSnapshots,
-                 networks: AsyncNetworks) -> None:
+                 networks: AsyncNetworks, pool: AsyncPool) -> None:
         self.store = store
         self.machines = machines
         self.snapshots = snapshots
         self.networks = networks
+        self.pool = pool
 
     async def collect(self, *, dry_run: bool = False) -> list[Removed]:
         """Remove the garbage (unless ``dry_run``) and return what it was."""
         out: list[Removed] = []
-        await self.machines.list()  # every machine looked at: moves left half-done are settled
+        # every machine looked at: moves left half-done are settled
+        await self.machines.list(pool=True)
         out += await self._ephemeral(dry_run)
+        out += await self._pool(dry_run)
         out += await self._orphan_processes(dry_run)
         for path in await self.snapshots.collect_unused(dry_run=dry_run):
             out.append(Removed("snapshot", str(path.relative_to(self.store.home))))
@@ -110,6 +114,18 @@ class Collector:
             if owner_alive(owner):
                 continue
             out.append(Removed("machine", f"{name} (made by 'run --rm', whose command died)"))
+            if not dry_run:
+                with contextlib.suppress(PinnaceError):
+                    await self.machines.handle(name).delete(force=True)
+        return out
+
+    async def _pool(self, dry_run: bool) -> list[Removed]:
+        """Warm-pool members that are dead, stale (their ready snapshot was replaced), or
+        half claimed (a claim was killed after renaming the folder: its config still
+        names the member)."""
+        out = []
+        for name, why in await self.pool.unusable():
+            out.append(Removed("machine", f"{name} (a warm-pool member {why})"))
             if not dry_run:
                 with contextlib.suppress(PinnaceError):
                     await self.machines.handle(name).delete(force=True)

@@ -403,13 +403,13 @@ class AsyncMachine:
             await self._require("start", STARTABLE)
             cfg = self.config
             backend = self.env.backend
-            image = self.env.images.files_for(cfg.image_digest, cfg.image)
+            boot = self.env.images.boot(cfg.image_digest, cfg.image)
             choice = await backend.choose_accel(cfg.accel)
             notice_accel(choice, cfg.accel)
             resume = self._resume_plan(cfg, choice.accel)
             devices = await self._claim_devices(cfg)
             spec = LaunchSpec(
-                name=self.name, files=self.paths, kernel=image.kernel, initrd=image.initrd,
+                name=self.name, files=self.paths, **boot.launch_fields(),
                 cpus=cfg.cpus, memory_mib=cfg.memory_mib, accel=choice.accel,
                 cmdline=cfg.cmdline,
                 memory_file=Path(resume["memory"]) if resume and resume.get("memory") else None,

@@ -8,12 +8,13 @@ ready snapshot of their image and shape (see :mod:`pinnace.snapshots`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import shutil
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .config import MachineConfig, Mount, Nic, PortForward, default_net, random_mac
 from .errors import (
@@ -38,12 +39,32 @@ from .snapshots.key import Snapshot, machine_key, snapshot_lock
 from .store import MachineFiles, this_process, validate_name, write_atomic, write_json
 
 
+class Pool(Protocol):
+    """What ``run`` asks of the warm pool (pinnace.pool.AsyncPool)."""
+
+    def size(self) -> int: ...
+
+    async def claim(self, shape: MachineConfig, accel: str, snap: Snapshot, name: str, *,
+                    ephemeral: bool = False) -> AsyncMachine | None: ...
+
+    def spawn_fill(self, shape: MachineConfig) -> None: ...
+
+
+def pool_eligible(devices: dict[str, Any]) -> bool:
+    """True if ``run`` with these devices may take a warm-pool member: a pool member has
+    a NAT NIC (restricted or not) and nothing else, so no forwards, networks or disks."""
+    return not any(devices.get(k) for k in ("ports", "networks", "spare_nics", "volumes",
+                                             "shares")) \
+        and (devices.get("net") or default_net()) in ("nat", "restricted")
+
+
 class AsyncMachines:
     """The machines in a store."""
 
     def __init__(self, env: MachineEnv, snapshots: AsyncSnapshots) -> None:
         self.env = env
         self.snapshots = snapshots
+        self.pool: Pool | None = None  # set by the client's wiring
 
     def handle(self, name: str) -> AsyncMachine:
         """A handle on machine ``name``, which need not exist (yet)."""
@@ -61,7 +82,7 @@ class AsyncMachines:
                      memory: str | int | None = None, cmdline: str | None = None,
                      boot_timeout: float | None = None, accel: str | None = None,
                      snapshot: str | Snapshot | None = None, ephemeral: bool = False,
-                     **devices: Any) -> AsyncMachine:
+                     pool: str = "", **devices: Any) -> AsyncMachine:
         """Create a stopped machine with its own disk overlay on ``image``; or, from
         ``snapshot``, one whose first start restores that snapshot (in a fraction of a
         second) instead of booting.
@@ -77,7 +98,7 @@ class AsyncMachines:
                     else self.env.snapshots.get(snapshot))
             return await self._from_snapshot(name, snap, cpus=cpus, memory=memory,
                                              boot_timeout=boot_timeout, accel=accel,
-                                             ephemeral=ephemeral, **devices)
+                                             ephemeral=ephemeral, pool=pool, **devices)
         images = self.env.images
         digest = images.resolve(image)
         files = images.files_for(digest, image)
@@ -122,13 +143,13 @@ class AsyncMachines:
 
     async def _from_snapshot(self, name: str, snap: Snapshot, *, cpus: int | None,
                              memory: str | int | None, boot_timeout: float | None,
-                             accel: str | None, ephemeral: bool,
+                             accel: str | None, ephemeral: bool, pool: str = "",
                              **devices: Any) -> AsyncMachine:
         cfg = MachineConfig.build(name=name, image=snap.image,
                                   image_digest=snap.key["image_digest"], cpus=snap.cpus,
                                   memory_mib=snap.memory_mib, boot_timeout=boot_timeout,
                                   accel=snap.key["accel"], snapshot=snap.ref,
-                                  ephemeral=ephemeral)
+                                  ephemeral=ephemeral, pool=pool)
         asked = MachineConfig.build(name=name, cpus=cpus or snap.cpus,
                                     memory=memory if memory is not None else f"{snap.memory_mib}M",
                                     accel=accel or snap.key["accel"])
@@ -229,14 +250,16 @@ class AsyncMachines:
     async def run(self, *, image: str = DEFAULT_IMAGE, name: str | None = None, count: int = 1,
                   cpus: int | None = None, memory: str | int | None = None,
                   accel: str | None = None, notify: Any = None, rm: bool = False,
-                  **devices: Any) -> list[AsyncMachine]:
+                  pool: str = "", claim: bool = True, **devices: Any) -> list[AsyncMachine]:
         """Start ``count`` machines from the image's ready snapshot, concurrently.
 
         The first run of an image and shape boots it once and saves the ready snapshot;
-        later runs restore it. Names are ``name`` (or ``name-1``..``name-N``), else random.
-        ``devices`` are create's; machines with volumes or shares boot instead (what a
-        disk holds is not in a snapshot's RAM). ``rm``: the caller deletes them when done
-        (if it dies first, ``pinnace gc`` does).
+        later runs restore it, or claim a member of the warm pool (see
+        :mod:`pinnace.pool`) when one is waiting (``claim``). Names are ``name`` (or
+        ``name-1``..``name-N``), else random. ``devices`` are create's; machines with
+        volumes or shares boot instead (what a disk holds is not in a snapshot's RAM).
+        ``rm``: the caller deletes them when done (if it dies first, ``pinnace gc``
+        does). ``pool``: make warm-pool members of that pool (its filler does).
         """
         if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 256:
             raise ConfigError("count", count, "give between 1 and 256 machines")
@@ -251,6 +274,7 @@ class AsyncMachines:
         else:
             names = [f"run-{secrets.token_hex(3)}" for _ in range(count)]
         snap: Snapshot | None = None
+        claimed: list[AsyncMachine] = []
         if not devices.get("volumes") and not devices.get("shares"):
             nets = devices.get("networks") or ()
             shape = cfg.with_changes(**self._devices(cfg.name, **{
@@ -260,26 +284,108 @@ class AsyncMachines:
             choice = await self.env.backend.choose_accel(cfg.accel)
             notice_accel(choice, cfg.accel)
             snap = await self.snapshots.ready(shape, choice.accel, notify=notify)
+            if self.pool is not None and claim and not pool and pool_eligible(devices):
+                claimed = await self._claim(names, shape, snap, choice.accel, rm)
+        rest = names[len(claimed):]
         made = await asyncio.gather(*(self.create(
             n, image=image, cpus=cpus, memory=memory, accel=accel, snapshot=snap,
-            ephemeral=rm, **devices) for n in names), return_exceptions=True)
+            ephemeral=rm, pool=pool, **devices) for n in rest), return_exceptions=True)
         machines = [m for m in made if isinstance(m, AsyncMachine)]
         errors = [e for e in made if isinstance(e, BaseException)]
         if not errors:
             started = await asyncio.gather(*(m.start() for m in machines), return_exceptions=True)
             errors = [e for e in started if isinstance(e, BaseException)]
         if errors:
-            await asyncio.gather(*(m.delete(force=True) for m in machines), return_exceptions=True)
+            await asyncio.gather(*(m.delete(force=True) for m in claimed + machines),
+                                 return_exceptions=True)
             raise errors[0]
-        return machines
+        return claimed + machines
 
-    async def list(self) -> list[MachineStatus]:
-        """Every machine's status, reconciled with its process; damaged ones show as broken."""
+    async def _claim(self, names: list[str], shape: MachineConfig, snap: Snapshot,
+                     accel: str, rm: bool) -> list[AsyncMachine]:
+        """Take warm-pool members for as many of ``names`` as there are; then have the
+        pool refilled in the background (if it has a size)."""
+        assert self.pool is not None
+        claimed: list[AsyncMachine] = []
+        try:
+            for n in names:
+                m = await self.pool.claim(shape, accel, snap, n, ephemeral=rm)
+                if m is None:
+                    break
+                claimed.append(m)
+        except BaseException:
+            await asyncio.gather(*(m.delete(force=True) for m in claimed),
+                                 return_exceptions=True)
+            raise
+        if self.pool.size() > 0:
+            self.pool.spawn_fill(shape)
+        return claimed
+
+    async def adopt(self, member: str, name: str, *, ephemeral: bool = False,
+                    check: Any = None) -> AsyncMachine | None:
+        """Make running warm-pool machine ``member`` the machine ``name``: its folder is
+        renamed (its QEMU runs on: its paths are relative to its folder), its config made
+        an ordinary machine's, and its guest given what a restored clone gets (its
+        hostname, the host's clock, fresh entropy). None if ``member`` is taken (by a
+        concurrent claim), gone, or not ready; never waits for it."""
+        validate_name("machine", name)
+        store = self.env.store
+        if not store.socket_paths_fit(name):
+            raise ConfigError("machine name", name, "it is too long for this PINNACE_HOME's "
+                              "socket paths; choose a shorter name or a shorter PINNACE_HOME")
+        held = store.try_locked("machine", member)
+        if held is None:
+            return None
+        src = self.handle(member)
+        m = self.handle(name)
+        try:
+            async with store.alocked(("machine", name), timeout=30):
+                if not src.paths.dir.is_dir():
+                    return None  # claimed by someone else a moment ago
+                try:
+                    cfg = src.config
+                    st = await src.status(holding_lock=True)
+                except PinnaceError:
+                    return None
+                if not cfg.pool or st.state != MachineState.READY:
+                    return None
+                if m.paths.dir.exists():
+                    raise AlreadyExistsError("machine", name)
+                # Renamed first, then its config: a command killed in between leaves a
+                # folder whose config names another machine, which gc removes.
+                store.move_machine(member, name)
+                try:
+                    if ephemeral:
+                        write_atomic(m.paths.owner, this_process() + "\n")
+                    write_json(m.paths.config, cfg.with_changes(
+                        name=name, pool="", ephemeral=ephemeral).to_dict())
+                except BaseException:
+                    await m.delete(force=True)
+                    raise
+        finally:
+            held.release()
+        try:
+            agent = await m.agent()
+            await agent.refresh_identity(name)
+        except BaseException:
+            with contextlib.suppress(PinnaceError):
+                await m.delete(force=True)
+            raise
+        m.event("claimed", member=member)
+        return m
+
+    async def list(self, *, pool: bool = False) -> list[MachineStatus]:
+        """Every machine's status, reconciled with its process; damaged ones show as broken.
+        Warm-pool members (see :mod:`pinnace.pool`) only with ``pool``."""
         out: list[MachineStatus] = []
         d = self.env.store.machines_dir
         if not d.is_dir():
             return out
+        members = set() if pool else {n for n, cfg in self.env.store.machine_configs()
+                                      if cfg.get("pool")}
         for entry in sorted(d.iterdir()):
+            if entry.name in members:
+                continue
             try:
                 validate_name("machine", entry.name)
                 out.append(await self.handle(entry.name).status())

@@ -10,8 +10,10 @@ here, so no path string is spelled twice::
       snapshots/<name>/              memory, state, disk.qcow2, clone.qcow2, snapshot.json
       volumes/<name>/                volume.ext4, volume.json (VolumeFiles)
       networks/<name>/               network.json, ports/, the switch's files (NetworkFiles)
+      pool.json                      the warm pool's size setting
       cache/                         build layers, host probes, ready snapshots; safe to delete
         ready/<slot>.json            which ready snapshot serves an image and shape
+        pool-fill.log                what detached warm-pool fillers printed
         ready/<id>/                  a ready snapshot (SnapshotFiles)
       locks/                         one lock file per object, outside its directory
       tmp/                           staging and trash: <what>-<pid>-..., removed by gc when
@@ -29,7 +31,8 @@ one thing of its folder: a machine's agent ports, ``agent<N>.lock``, and a netwo
 switch start-up, ``switch.lock``.) A command that needs several takes them all at once, and they are always
 taken in this order (LOCK_ORDER), so two commands can never wait for each other::
 
-    ready slot < image < snapshot < machine (by name) < network (by name) < volume
+    pool filler < ready slot < image < snapshot < machine (by name) < network (by name)
+    < volume
 
 A lock is held by an open file; a command that dies drops its locks with it. So a
 machine whose state says a command is moving it (starting, stopping) while nobody
@@ -224,6 +227,77 @@ class BaseLayerFiles:
 
 
 @dataclass(frozen=True)
+class KernelFiles:
+    """A built guest kernel in the host-wide kernel cache (``<kernel cache>/<key>/``)."""
+
+    dir: Path
+
+    @property
+    def vmlinux(self) -> Path:
+        return self.dir / "vmlinux"
+
+    @property
+    def modules(self) -> Path:
+        """The modules installed as ``make modules_install`` lays them out
+        (``lib/modules/<release>/``), to be copied into an image's root."""
+        return self.dir / "modules"
+
+    @property
+    def config(self) -> Path:
+        """The kernel's whole .config."""
+        return self.dir / "config"
+
+    @property
+    def manifest(self) -> Path:
+        return self.dir / "kernel.json"
+
+    @property
+    def build_log(self) -> Path:
+        return self.dir / "build.log"
+
+
+def default_kernel_cache() -> Path:
+    """Where built kernels live, shared by every store on the host: $PINNACE_KERNEL_CACHE,
+    else /var/cache/pinnace/kernels for root, else $XDG_CACHE_HOME/pinnace/kernels."""
+    env = os.environ.get("PINNACE_KERNEL_CACHE")
+    if env:
+        return Path(env).expanduser()
+    if os.geteuid() == 0:
+        return Path("/var/cache/pinnace/kernels")
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "pinnace" / "kernels"
+
+
+class KernelCache:
+    """The host-wide kernel cache: ``<key>/`` per built kernel (KernelFiles), ``tmp/``
+    for builds under way (``kernel-<pid>-...``, removed once that process is gone), and
+    ``locks/<key>.lock`` so that two builds of one kernel, from any store, make it once."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = root if root is not None else default_kernel_cache()
+
+    def kernel(self, key: str) -> KernelFiles:
+        return KernelFiles(self.root / key)
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.root / "tmp"
+
+    def lock(self, key: str, timeout: float) -> FileLock:
+        try:
+            (self.root / "locks").mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise store_error(exc, "making the kernel cache's folders") from None
+        return FileLock(self.root / "locks" / f"{key}.lock", timeout)
+
+    def staging_dir(self, prefix: str) -> contextlib.AbstractContextManager[Path]:
+        return staging_dir(self.tmp_dir, prefix)
+
+    def clean_tmp(self) -> list[Path]:
+        return clean_leftovers(self.tmp_dir)
+
+
+@dataclass(frozen=True)
 class CacheFiles:
     """``cache/``: what can be made again, so is safe to delete."""
 
@@ -414,6 +488,16 @@ class Store:
         return self.home / "cache"
 
     @property
+    def pool_settings(self) -> Path:
+        """The warm pool's settings (its size)."""
+        return self.home / "pool.json"
+
+    @property
+    def pool_log(self) -> Path:
+        """What the detached pool fillers printed."""
+        return self.cache_dir / "pool-fill.log"
+
+    @property
     def ready_dir(self) -> Path:
         """Ready snapshots and the pointers saying which serves an image and shape."""
         return self.cache_dir / "ready"
@@ -468,20 +552,23 @@ class Store:
         return st.f_bavail * st.f_frsize < LOW_SPACE
 
     def put_in_place(self, stage: Path, final: Path, what: str) -> None:
-        """Rename a folder made whole in staging into place, durably (the parent folder is
-        fsynced). FileExistsError if something is there already."""
+        """Rename a folder made whole in staging into place (see :func:`put_in_place`)."""
+        put_in_place(stage, final, what)
+
+    def move_machine(self, old: str, new: str) -> None:
+        """Rename machine ``old``'s folder to ``new`` (hold both locks; ``new`` must not
+        exist). A running machine's VMM keeps running: its paths are relative to its
+        folder, and it is recognised by its working directory, which follows the folder."""
+        src, dst = self.machine_files(old).dir, self.machine_files(new).dir
         try:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            if final.exists():
-                raise FileExistsError(errno.EEXIST, "exists", str(final))
-            os.rename(stage, final)
-            fsync_dir(final.parent)
+            if dst.exists():
+                raise FileExistsError(errno.EEXIST, "exists", str(dst))
+            os.rename(src, dst)
+            fsync_dir(dst.parent)
         except FileExistsError:
             raise
         except OSError as exc:
-            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
-                raise FileExistsError(errno.EEXIST, "exists", str(final)) from None
-            raise store_error(exc, f"putting {what} in place") from None
+            raise store_error(exc, f"renaming machine {old} to {new}") from None
 
     def volume_files(self, name: str) -> VolumeFiles:
         return VolumeFiles(self.volumes_dir / name)
@@ -569,21 +656,9 @@ class Store:
 
     # --- staging and removal ---------------------------------------------------------
 
-    @contextlib.contextmanager
-    def staging_dir(self, prefix: str) -> Iterator[Path]:
-        """A fresh directory under tmp/ that is removed unless the caller renamed it away.
-        ``prefix`` is a word like ``machine-``; the folder carries our pid, so that
-        ``gc`` can tell a dead command's leftovers from a live one's work."""
-        try:
-            self.tmp_dir.mkdir(parents=True, exist_ok=True)
-            path = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=self.tmp_dir))
-        except OSError as exc:
-            raise store_error(exc, "making a staging folder") from None
-        try:
-            yield path
-        finally:
-            if path.exists():
-                shutil.rmtree(path, ignore_errors=True)
+    def staging_dir(self, prefix: str) -> contextlib.AbstractContextManager[Path]:
+        """A fresh folder under tmp/, removed unless renamed away (:func:`staging_dir`)."""
+        return staging_dir(self.tmp_dir, prefix)
 
     def remove_tree(self, path: Path) -> None:
         """Remove a folder of the store: renamed into tmp/ first, so it vanishes at once
@@ -598,31 +673,78 @@ class Store:
 
     def leftovers(self) -> list[Path]:
         """Folders and files in tmp/ of pinnace processes that have died."""
-        out: list[Path] = []
-        if not self.tmp_dir.is_dir():
-            return out
-        for entry in sorted(self.tmp_dir.iterdir()):
-            m = re.match(r"^\.?[a-z]+-(\d+)-", entry.name)
-            if m and not pid_alive(int(m.group(1))):
-                out.append(entry)
-        return out
+        return leftovers(self.tmp_dir)
 
     def clean_tmp(self) -> list[Path]:
         """Remove what :meth:`leftovers` finds; return what was removed."""
-        gone = self.leftovers()
-        for entry in gone:
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    entry.unlink()
-        return gone
+        return clean_leftovers(self.tmp_dir)
+
+
+# --- staging: objects made whole in a tmp/ folder, then renamed into place ---------------
+
+
+@contextlib.contextmanager
+def staging_dir(tmp_dir: Path, prefix: str) -> Iterator[Path]:
+    """A fresh directory under ``tmp_dir`` that is removed unless the caller renamed it
+    away. ``prefix`` is a word like ``machine-``; the folder carries our pid, so that
+    ``gc`` can tell a dead command's leftovers from a live one's work."""
+    try:
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        path = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=tmp_dir))
+    except OSError as exc:
+        raise store_error(exc, "making a staging folder") from None
+    try:
+        yield path
+    finally:
+        if path.exists():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def put_in_place(stage: Path, final: Path, what: str) -> None:
+    """Rename a folder made whole in staging into place, durably (the parent folder is
+    fsynced). FileExistsError if something is there already."""
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.exists():
+            raise FileExistsError(errno.EEXIST, "exists", str(final))
+        os.rename(stage, final)
+        fsync_dir(final.parent)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            raise FileExistsError(errno.EEXIST, "exists", str(final)) from None
+        raise store_error(exc, f"putting {what} in place") from None
+
+
+def leftovers(tmp_dir: Path) -> list[Path]:
+    """Entries of a tmp/ folder (``<what>-<pid>-...``) whose process has died."""
+    out: list[Path] = []
+    if not tmp_dir.is_dir():
+        return out
+    for entry in sorted(tmp_dir.iterdir()):
+        m = re.match(r"^\.?[a-z]+-(\d+)-", entry.name)
+        if m and not pid_alive(int(m.group(1))):
+            out.append(entry)
+    return out
+
+
+def clean_leftovers(tmp_dir: Path) -> list[Path]:
+    """Remove what :func:`leftovers` finds; return what was removed."""
+    gone = leftovers(tmp_dir)
+    for entry in gone:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+    return gone
 
 
 LOW_SPACE = 16 << 20  # bytes free below which a failed write is put down to a full disk
 LOCK_POLL = 0.02  # seconds between tries of a lock someone else holds
 # The order in which locks are taken (see the module's docstring).
-LOCK_ORDER = ("ready", "image", "snapshot", "machine", "network", "volume")
+LOCK_ORDER = ("pool", "ready", "image", "snapshot", "machine", "network", "volume")
 
 
 def proc_start_time(pid: int) -> int | None:

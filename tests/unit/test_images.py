@@ -88,7 +88,19 @@ def test_digest_follows_inputs():
     assert B.ImageSpec.create(["curl"]).digest != a.digest
     assert B.ImageSpec.create(["curl"]).base_key != a.base_key
     assert B.ImageSpec.create(mirror="http://example.invalid/debian").digest != a.digest
-    assert "agent" in a.inputs() and "init" in a.inputs()
+    assert "agent" in a.inputs()
+    debian = B.ImageSpec.create(kernel="debian")
+    assert "init" in debian.inputs() and debian.digest != a.digest
+    assert a.inputs()["kernel"] == a.kernel_key and a.kernel_key.startswith("k")
+
+
+def test_unknown_kernel_is_refused():
+    import pytest
+
+    from pinnace.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="kernel.*'pinnace'.*'debian'"):
+        B.ImageSpec.create(kernel="linux")
 
 
 def test_bad_package_names_are_refused():

@@ -127,12 +127,12 @@ def test_every_verb_in_every_state(tmp_path, what):
             await verb(pn, m, what)
             if expected == "deleted":
                 assert not m.paths.dir.exists()
-                assert pn.backend.guests.get(m.paths.dir) is None  # nothing left running
+                assert pn.backend.guest(m.paths) is None  # nothing left running
                 seen[state] = "deleted"
                 continue
             st = await m.status()
             seen[state] = str(st.state)
-            guest = pn.backend.guests.get(m.paths.dir)
+            guest = pn.backend.guest(m.paths)
             if st.state in ("ready", "running"):
                 assert guest is not None and guest.state == RUNNING
             elif st.state == "paused":  # (after a save, QEMU says postmigrate: paused too)
@@ -171,8 +171,8 @@ def test_start_without_wait_carries_out_a_pending_restore(tmp_path):
         clone = await pn.machines.create("clone", snapshot=snap)
         st = await clone.start(wait=False)
         assert str(st.state) == "ready"
-        assert pn.backend.guests[clone.paths.dir].state == RUNNING  # not INCOMING
-        assert pn.backend.guests[clone.paths.dir].hostname == "clone"  # its own identity
+        assert pn.backend.guest(clone.paths).state == RUNNING  # not INCOMING
+        assert pn.backend.guest(clone.paths).hostname == "clone"  # its own identity
         assert not clone.paths.resume.exists()
 
     arun(pn, main())
@@ -190,7 +190,7 @@ def test_a_failed_restore_leaves_the_machine_failed_and_restorable(tmp_path):
             await clone.start()
         st = await clone.status()
         assert str(st.state) == "failed" and "restoring" in st.reason
-        assert pn.backend.guests.get(clone.paths.dir) is None
+        assert pn.backend.guest(clone.paths) is None
         assert clone.paths.resume.exists()  # the next start tries again
         assert str((await clone.start()).state) == "ready"
 
@@ -206,7 +206,7 @@ def test_a_failed_save_keeps_the_machine_running(tmp_path):
         with pytest.raises(MachineError, match="saving failed, the machine keeps running"):
             await m.stop(save=True)
         assert str((await m.status()).state) == "ready"
-        assert pn.backend.guests[m.paths.dir].state == RUNNING
+        assert pn.backend.guest(m.paths).state == RUNNING
         assert not m.paths.saved_state.exists() and not m.paths.resume.exists()
         assert (await m.exec(["echo", "ok"])).stdout == b"ok\n"
 
@@ -275,7 +275,7 @@ def test_run_starts_count_machines_and_cleans_up_on_failure(tmp_path):
     async def main():
         ms = await pn.machines.run(name="w", count=3)
         assert [m.name for m in ms] == ["w-1", "w-2", "w-3"]
-        hostnames = {pn.backend.guests[m.paths.dir].hostname for m in ms}
+        hostnames = {pn.backend.guest(m.paths).hostname for m in ms}
         assert hostnames == {"w-1", "w-2", "w-3"}
         for m in ms:
             await m.delete(force=True)
@@ -318,7 +318,7 @@ def test_a_start_whose_command_died_is_rolled_back(tmp_path):
         m.paths.state.write_text(json.dumps(record))
         st = await m.status()
         assert str(st.state) == "failed" and "interrupted" in st.reason
-        assert pn.backend.guests.get(m.paths.dir) is None  # its VMM was killed
+        assert pn.backend.guest(m.paths) is None  # its VMM was killed
         assert str((await m.start()).state) == "ready"
 
     arun(pn, main())
@@ -334,7 +334,7 @@ def test_a_move_in_progress_is_left_alone(tmp_path):
         m.paths.state.write_text(json.dumps({**record, "state": "starting"}))
         async with pn.store.alocked(("machine", "m")):
             assert str((await m.status()).state) == "starting"
-        assert pn.backend.guests[m.paths.dir].state == RUNNING
+        assert pn.backend.guest(m.paths).state == RUNNING
 
     arun(pn, main())
 
@@ -350,7 +350,7 @@ def test_a_guest_left_paused_by_a_dead_save_runs_again(tmp_path, busy):
         m.paths.state.write_text(json.dumps({**record, "busy": busy}))
         st = await m.status()
         assert str(st.state) == "ready"
-        assert pn.backend.guests[m.paths.dir].state == RUNNING
+        assert pn.backend.guest(m.paths).state == RUNNING
         assert "busy" not in json.loads(m.paths.state.read_text())
         assert (await m.exec(["echo", "back"])).stdout == b"back\n"
 
@@ -365,7 +365,7 @@ def test_a_save_that_finished_before_its_command_died_is_finished(tmp_path):
         await left_mid_save(pn, m)
         st = await m.status()
         assert str(st.state) == "saved"
-        assert pn.backend.guests.get(m.paths.dir) is None
+        assert pn.backend.guest(m.paths) is None
 
     arun(pn, main())
 
@@ -416,7 +416,7 @@ def test_a_start_killed_before_it_recorded_its_vmm_still_has_it_killed(tmp_path)
         m.paths.state.write_text(json.dumps({"state": "starting", "reason": ""}))
         st = await m.status()
         assert str(st.state) == "failed" and "interrupted" in st.reason
-        assert pn.backend.guests.get(m.paths.dir) is None
+        assert pn.backend.guest(m.paths) is None
         await m.close()
 
     arun(pn, main())
@@ -435,7 +435,7 @@ def test_a_save_that_fails_after_pausing_is_rolled_back(tmp_path):
             await m.stop(save=True)
         assert json.loads(m.paths.state.read_text()).get("busy") == "save"
         assert str((await m.status()).state) == "ready"
-        assert pn.backend.guests[m.paths.dir].state == RUNNING
+        assert pn.backend.guest(m.paths).state == RUNNING
         await m.close()
 
     arun(pn, main())
@@ -450,7 +450,7 @@ def test_gc_recovers_a_machine_a_dead_snapshot_left_paused(tmp_path):
         record = json.loads(m.paths.state.read_text())
         m.paths.state.write_text(json.dumps({**record, "busy": "snapshot"}))
         await pn.gc()
-        assert pn.backend.guests[m.paths.dir].state == RUNNING
+        assert pn.backend.guest(m.paths).state == RUNNING
         assert "busy" not in json.loads(m.paths.state.read_text())
         await m.close()
 
@@ -553,7 +553,7 @@ def test_a_used_resume_file_is_not_taken_for_a_new_save(tmp_path):
             await m.stop(save=True)
         st = await m.status()
         assert str(st.state) == "ready"
-        assert pn.backend.guests[m.paths.dir].state == RUNNING
+        assert pn.backend.guest(m.paths).state == RUNNING
         assert not m.paths.resume.exists()
         await m.close()
 

@@ -1,6 +1,7 @@
 """The pinnace guest agent: runs inside the guest, standard library only.
 
-Started by the initramfs right after the root is mounted, usually as PID 1, in
+Started right after the root is mounted, usually as PID 1 (the init= of pinnace's
+kernel, or exec'd by the initramfs that boots Debian's), in
 which case it also does init's duties: mounts, loopback, hostname, reaping
 orphans and a clean poweroff. It serves the host on every virtio-serial port
 named ``org.pinnace.agent.N``: one session per port, many requests per session,
@@ -9,7 +10,6 @@ all on one single-threaded selector loop.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import os
@@ -17,7 +17,6 @@ import selectors
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import time
 
@@ -41,6 +40,14 @@ PORT_WRITE = 32 << 10  # and the most it takes in one write()
 
 def log(*args: object) -> None:
     print(LOG_PREFIX, *args, file=sys.stderr, flush=True)
+
+
+def _subprocess() -> Any:
+    """The subprocess module, imported on first use: it is the largest import of the
+    agent's (~90 ms under TCG), and nothing before the first exec needs it."""
+    import subprocess
+
+    return subprocess
 
 
 # --- init duties ----------------------------------------------------------------------
@@ -93,8 +100,10 @@ def init_system() -> None:
     os.environ.setdefault("LANG", "C.UTF-8")
     _netconf().set_up("lo")
     if os.path.islink(RESOLV_CONF) and not os.path.exists(RESOLV_CONF):
-        with contextlib.suppress(OSError):  # its target is in /run (tmpfs): no DNS yet
+        try:  # its target is in /run (tmpfs): no DNS yet
             open(RESOLV_CONF, "w").close()
+        except OSError:
+            pass
     args = cmdline_args()
     if "hostname" in args:
         set_hostname(args["hostname"])
@@ -125,7 +134,7 @@ def power(action: str) -> None:
     """Stop every process, sync, and power off or reboot; does not return when PID 1."""
     os.sync()
     if not IS_INIT:
-        subprocess.run(["systemctl", action], check=False)
+        _subprocess().run(["systemctl", action], check=False)
         return
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
@@ -234,6 +243,7 @@ class Exec:
 
     def _spawn_pipes(self, argv: list[str], env: dict[str, str], cwd: str | None,
                      user: str | None, want_stdin: bool) -> None:
+        subprocess = _subprocess()
         proc = subprocess.Popen(
             argv, stdin=subprocess.PIPE if want_stdin else subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=cwd, user=user,
@@ -267,7 +277,7 @@ class Exec:
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
         try:
-            proc = subprocess.Popen(
+            proc = _subprocess().Popen(
                 argv, stdin=slave, stdout=slave, stderr=slave, env=env, cwd=cwd, user=user,
                 start_new_session=True, close_fds=True, preexec_fn=child_setup,
             )
@@ -1006,7 +1016,7 @@ def op_mount(session: Session, chan: int, msg: dict[str, Any]) -> dict[str, Any]
             raise RequestFailed("not-found", f"no disk with serial {source}")
         data = "noload" if ro else ""  # a read-only disk cannot replay a journal
     elif fstype == "9p":
-        subprocess.run(["modprobe", "-q", "-a", "9pnet_virtio", "9p"], capture_output=True,
+        _subprocess().run(["modprobe", "-q", "-a", "9pnet_virtio", "9p"], capture_output=True,
                        timeout=30)
         device, data = source, "trans=virtio,version=9p2000.L,msize=524288,cache=none"
     else:

@@ -59,11 +59,12 @@ class LaunchSpec:
     name: str
     files: MachineFiles
     kernel: Path
-    initrd: Path
+    initrd: Path | None  # None: the kernel boots without an initramfs
     cpus: int
     memory_mib: int
     accel: str  # kvm or tcg
-    cmdline: str = ""
+    cmdline: str = ""  # the machine's own kernel arguments, last (they win)
+    kernel_args: str = ""  # what the image needs to boot (root=, init=)
     tsc_khz: int | None = None
     agent_ports: int = AGENT_PORTS
     # Guest RAM: anonymous memory unless ``memory_file`` is given; that file is mapped

@@ -60,15 +60,18 @@ class FakeBackend:
 
     def __init__(self, *, kvm: bool = False) -> None:
         self.kvm = kvm
-        self.guests: dict[Path, FakeGuest] = {}
-        self.exits: dict[Path, int] = {}
+        # By a mark each launch leaves in the machine's folder, so that, like QEMU, a VMM
+        # is still found after its folder is renamed (a warm-pool claim).
+        self.guests: dict[str, FakeGuest] = {}
+        self.exits: dict[str, int] = {}
         self.calls: list[tuple[str, str]] = []
         self.fail: dict[str, Any] = {}
         self._pids = FAKE_PID_BASE
+        self._launches = 0
         self._probed = False
 
     def _guest(self, files: MachineFiles, doing: str) -> FakeGuest:
-        guest = self.guests.get(files.dir)
+        guest = self.guests.get(_mark(files))
         if guest is None:
             raise MachineError(files.dir.name, f"QEMU did not answer while {doing}: "
                                "it is not running")
@@ -104,13 +107,15 @@ class FakeBackend:
     async def launch(self, spec: LaunchSpec) -> Handle | int:
         files = spec.files
         self.calls.append(("launch", spec.name))
-        self.exits.pop(files.dir, None)
+        self._launches += 1
+        mark = f"vm{self._launches}"
+        (files.dir / MARK).write_text(mark)
         failure = self._failure("launch")
         if isinstance(failure, BaseException):
             raise failure
         if isinstance(failure, int):
             files.qemu_log.write_text("qemu-system-x86_64: fake: cannot start\n")
-            self.exits[files.dir] = failure
+            self.exits[mark] = failure
             return failure
         self._pids += 1
         handle = Handle(self._pids, 1)
@@ -128,22 +133,26 @@ class FakeBackend:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
             guest.servers.append(await asyncio.start_unix_server(serve, path=str(path)))
-        self.guests[files.dir] = guest
+        self.guests[mark] = guest
         files.pid.write_text(f"{handle.pid}\n")
         return handle
 
     def alive(self, handle: Handle) -> bool:
         return any(g.handle == handle for g in self.guests.values())
 
+    def guest(self, files: MachineFiles) -> FakeGuest | None:
+        """The running fake VMM of a machine's folder, if any (for tests)."""
+        return self.guests.get(_mark(files))
+
     def find(self, files: MachineFiles) -> Handle | None:
-        guest = self.guests.get(files.dir)
+        guest = self.guests.get(_mark(files))
         return guest.handle if guest is not None else None
 
     def exit_status(self, files: MachineFiles) -> int | None:
-        return self.exits.get(files.dir)
+        return self.exits.get(_mark(files))
 
     async def await_exit_status(self, files: MachineFiles, timeout: float = 1.0) -> int | None:
-        return self.exits.get(files.dir)
+        return self.exits.get(_mark(files))
 
     async def wait_exit(self, handle: Handle, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -155,7 +164,10 @@ class FakeBackend:
 
     def exit(self, files: MachineFiles, code: int) -> None:
         """The machine's VMM ends with ``code`` (137: killed). Tests call it to crash one."""
-        guest = self.guests.pop(files.dir, None)
+        self._exit_mark(_mark(files), code)
+
+    def _exit_mark(self, mark: str, code: int) -> None:
+        guest = self.guests.pop(mark, None)
         if guest is None:
             return
         self.calls.append(("exit", f"{guest.spec.name}:{code}"))
@@ -163,24 +175,24 @@ class FakeBackend:
             server.close()
         for writer in guest.writers:  # as a dying VMM's sockets close
             writer.close()
-        self.exits[files.dir] = code
+        self.exits[mark] = code
 
     async def close(self) -> None:
         """End every fake machine and close its sockets (call before the loop ends)."""
         servers = [srv for g in self.guests.values() for srv in g.servers]
-        for guest in list(self.guests.values()):
-            self.exit(guest.spec.files, 137)
+        for mark in list(self.guests):
+            self._exit_mark(mark, 137)
         for srv in servers:
             await srv.wait_closed()
         await asyncio.sleep(0.05)  # let both ends of every connection see it close
 
     async def kill(self, handle: Handle, files: MachineFiles) -> None:
-        for guest in list(self.guests.values()):
+        for mark, guest in list(self.guests.items()):
             if guest.handle == handle:
-                self.exit(guest.spec.files, 137)
+                self._exit_mark(mark, 137)
 
     async def quit(self, files: MachineFiles, timeout: float) -> bool:
-        if files.dir not in self.guests:
+        if _mark(files) not in self.guests:
             return False
         self.exit(files, 0)
         return True
@@ -300,3 +312,14 @@ AGENT_OPS = frozenset({"ping", "exec", "info", "poweroff", "reboot", "set_time",
                        "set_hostname", "get", "put", "reseed", "set_network", "mount"})
 
 __all__ = ["FakeBackend", "FakeGuest"]
+
+
+MARK = ".fake-vm"
+
+
+def _mark(files: MachineFiles) -> str:
+    """The mark of the last launch in a machine's folder ("" if never launched)."""
+    try:
+        return (files.dir / MARK).read_text()
+    except OSError:
+        return ""

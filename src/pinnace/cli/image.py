@@ -58,6 +58,9 @@ class RichReporter:
 
             self._status.update(f"{self._name} [dim]{escape(line.strip()[:80])}[/dim]")
 
+    def note(self, text: str) -> None:
+        self.console.print(f"[yellow]![/yellow] {text}")
+
 
 @click.group()
 def image() -> None:
@@ -72,20 +75,28 @@ def image() -> None:
 @click.option("--mirror", metavar="URL", help="Debian mirror (default deb.debian.org; "
               "or $PINNACE_DEBIAN_MIRROR).")
 @click.option("--refresh", is_flag=True, help="Rebuild even if cached (fetch newer packages).")
+@click.option("--kernel", type=click.Choice(["pinnace", "debian"]), default=None,
+              help="pinnace: pinnace's own kernel, built from linux-source once per host "
+              "(the default, or $PINNACE_KERNEL); debian: Debian's packaged kernel, its "
+              "modules and an initramfs.")
 @click.pass_context
 def build(ctx: click.Context, name: str, packages: tuple[str, ...], suite: str | None,
-          mirror: str | None, refresh: bool) -> None:
+          mirror: str | None, refresh: bool, kernel: str | None) -> None:
     """Build an image from Debian's packages; cached by a digest of its inputs.
+
+    The first build on a host also builds pinnace's guest kernel (several minutes; every
+    store on the host shares it).
 
     \b
     Examples:
       pinnace image build
       pinnace image build web --package nginx --package curl
+      pinnace image build stock --kernel debian
     """
     start = time.monotonic()
     try:
         img = _images(ctx).build(name, packages, suite=suite, mirror=mirror, refresh=refresh,
-                                 reporter=RichReporter())
+                                 kernel=kernel, reporter=RichReporter())
     except KeyboardInterrupt:
         click.echo("pinnace: build interrupted; nothing was added to the store", err=True)
         raise SystemExit(130) from None
@@ -123,7 +134,8 @@ def ls(ctx: click.Context, fmt: str, quiet: bool) -> None:
     for img in images:
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(img.manifest.get("created", 0)))
         rows.append((",".join(img.names) or "<none>", img.short,
-                     str(img.manifest.get("kernel_version", "?")), format_size(img.size), created))
+                     f"{img.manifest.get('kernel_version', '?')} "
+                     f"({img.manifest.get('kernel', 'debian')})", format_size(img.size), created))
     echo_table(rows)
 
 

@@ -142,8 +142,10 @@ def configure(ctx: click.Context, name: str, cpus: int | None, memory: str | Non
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
               show_default=True)
 @click.option("--quiet", "-q", is_flag=True, help="Only names.")
+@click.option("--all", "-a", "show_all", is_flag=True,
+              help="Warm-pool members too (see 'pinnace pool').")
 @click.pass_context
-def ls(ctx: click.Context, fmt: str, quiet: bool) -> None:
+def ls(ctx: click.Context, fmt: str, quiet: bool, show_all: bool) -> None:
     """List machines; a machine whose QEMU died shows as stopped or failed.
 
     \b
@@ -155,7 +157,7 @@ def ls(ctx: click.Context, fmt: str, quiet: bool) -> None:
 
     async def go(pn: AsyncPinnace) -> list[tuple[MachineStatus, dict[str, Any]]]:
         rows = []
-        for st in await pn.machines.list():
+        for st in await pn.machines.list(pool=show_all):
             try:
                 cfg = (await pn.machines.get(st.name)).config.to_dict()
             except Exception:

@@ -7,7 +7,7 @@ import builtins
 import contextlib
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,10 +24,22 @@ from ..store import (
 )
 
 if TYPE_CHECKING:
-    from .build import Reporter
+    from .steps import Reporter
 
 DEFAULT_IMAGE = "default"
 _DIGEST_RE = re.compile(r"^[0-9a-f]{6,64}$")
+
+
+@dataclass(frozen=True)
+class ImageBoot:
+    """What a backend boots for an image (the LaunchSpec fields of the same names)."""
+
+    kernel: Path
+    initrd: Path | None
+    kernel_args: str
+
+    def launch_fields(self) -> dict[str, Any]:
+        return {"kernel": self.kernel, "initrd": self.initrd, "kernel_args": self.kernel_args}
 
 
 @dataclass(frozen=True)
@@ -68,12 +80,14 @@ class Images:
 
     def build(self, name: str = DEFAULT_IMAGE, packages: Sequence[str] = (), *,
               suite: str | None = None, mirror: str | None = None, refresh: bool = False,
-              reporter: Reporter | None = None) -> Image:
-        """Build (or find in the cache) the image for these inputs and point ``name`` at it."""
+              kernel: str | None = None, reporter: Reporter | None = None) -> Image:
+        """Build (or find in the cache) the image for these inputs and point ``name`` at it.
+        ``kernel``: 'pinnace' (the own kernel, built once per host; the default, or
+        $PINNACE_KERNEL) or 'debian' (Debian's packaged kernel and an initramfs)."""
         from .build import ImageBuilder, ImageSpec
 
         validate_name("image", name)
-        spec = ImageSpec.create(packages, suite=suite, mirror=mirror)
+        spec = ImageSpec.create(packages, suite=suite, mirror=mirror, kernel=kernel)
         builder = ImageBuilder(self.store, spec, reporter)
         if refresh:
             with self.store.locked(("image", spec.digest), timeout=60):
@@ -145,6 +159,20 @@ class Images:
                                 "it was removed; rebuild it with 'pinnace image build'")
         return files
 
+    def boot(self, digest: str, name: str) -> ImageBoot:
+        """How to boot the image: its kernel, initramfs (if it has one) and the kernel
+        arguments it needs (the own kernel mounts its root and runs the agent itself)."""
+        files = self.files_for(digest, name)
+        try:
+            manifest = read_record(files.manifest, "")
+        except (OSError, StoreError):
+            raise NotFoundError("image", f"{name} ({digest[:12]})", "its manifest is damaged; "
+                                "rebuild it with 'pinnace image build'") from None
+        args = manifest.get("boot_args", "")
+        return ImageBoot(kernel=files.kernel,
+                         initrd=files.initrd if files.initrd.exists() else None,
+                         kernel_args=args if isinstance(args, str) else "")
+
     def _users(self, digest: str) -> builtins.list[str]:
         """Machines and named snapshots made from the image (a snapshot's disk is an
         overlay on it). Ready snapshots go with the image: nothing can be run from them."""
@@ -183,6 +211,9 @@ class AsyncImages:
 
     def __init__(self, images: Images) -> None:
         self.sync = images
+        # Awaited with an image's digest before its last name goes (the warm pool drains
+        # its clones of it; set by the client's wiring).
+        self.before_remove: Callable[[str], Awaitable[Any]] | None = None
 
     async def build(self, name: str = DEFAULT_IMAGE, packages: Sequence[str] = (),
                     **kwargs: Any) -> Image:
@@ -195,7 +226,13 @@ class AsyncImages:
         return self.sync.list()
 
     async def remove(self, ref: str) -> Image:
+        image = self.sync.get(ref)
+        if self.before_remove is not None and len(image.names) <= 1:
+            await self.before_remove(image.digest)
         return await asyncio.to_thread(self.sync.remove, ref)
 
     def files_for(self, digest: str, name: str) -> ImageFiles:
         return self.sync.files_for(digest, name)
+
+    def boot(self, digest: str, name: str) -> ImageBoot:
+        return self.sync.boot(digest, name)

@@ -22,15 +22,15 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 from ..errors import ConfigError, HostError, ImageBuildError, store_error
 from ..store import BaseLayerFiles, ImageFiles, Store, write_json
 from . import kernel as K
 from .cpio import CpioWriter
+from .steps import LogReporter, Reporter, Runner
 
 log = logging.getLogger(__name__)
 
@@ -40,38 +40,32 @@ DEFAULT_SUITE = "bookworm"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 DEFAULT_SECURITY_MIRROR = "http://deb.debian.org/debian-security"
 KERNEL_PACKAGE = "linux-image-amd64"
-BASE_PACKAGES = ("python3", "iproute2", "iputils-ping", "procps", "ca-certificates", "kmod")
+# Which kernel an image boots: pinnace's own (images/kbuild.py; no initramfs), or
+# Debian's packaged one with its modules (through pinnace's busybox initramfs).
+KERNELS = ("pinnace", "debian")
+DEFAULT_KERNEL = "pinnace"
+# How the own kernel boots: it mounts the root disk itself and runs the agent as init
+# (the agent's file starts with '#!/usr/bin/python3 -IS'). A later init= on a machine's
+# own --cmdline wins.
+OWN_KERNEL_ARGS = "root=/dev/vda rw rootfstype=ext4 init=/usr/lib/pinnace/agent"
+AGENT_SCRIPT = ("#!/usr/bin/python3 -IS\n"
+                "import sys\nsys.path.insert(0, '/usr/lib/pinnace')\nimport guest\n"
+                "guest.run_main()\n")
+# nftables and iptables (its nft backend): firewalls and NAT inside guests, for network
+# tests; mount: loop devices and the usual mount options.
+BASE_PACKAGES = ("python3", "iproute2", "iputils-ping", "procps", "ca-certificates", "kmod",
+                 "nftables", "iptables", "mount")
 ROOTFS_MIN_SIZE = 2 << 30
 AGENT_DIR = "usr/lib/pinnace"
 # Bump when what this module writes into the root filesystem changes (images rebuild).
-ROOTFS_LAYOUT = 3  # 2: /etc/hostname is a link to the kernel's hostname; 3: resolv.conf to /run
+# 2: /etc/hostname is a link to the kernel's hostname; 3: resolv.conf to /run;
+# 4: the agent's file is executable (init= of the own kernel)
+ROOTFS_LAYOUT = 4
 _PKG_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+(=[A-Za-z0-9.+~:-]+)?$")
 HOST_TOOLS = {
     "mmdebstrap": "mmdebstrap", "mkfs.ext4": "e2fsprogs", "dpkg-deb": "dpkg", "depmod": "kmod",
     "tar": "tar",
 }
-
-
-class Reporter(Protocol):
-    """Receives progress of a build; the CLI draws it, the API logs it."""
-
-    def step(self, name: str) -> contextlib.AbstractContextManager[None]: ...
-
-    def output(self, line: str) -> None: ...
-
-
-class LogReporter:
-    """A Reporter that writes to the module logger."""
-
-    @contextlib.contextmanager
-    def step(self, name: str) -> Iterator[None]:
-        start = time.monotonic()
-        log.info("%s ...", name)
-        yield
-        log.info("%s done in %.1f s", name, time.monotonic() - start)
-
-    def output(self, line: str) -> None:
-        log.debug("%s", line)
 
 
 @dataclass(frozen=True)
@@ -83,10 +77,12 @@ class ImageSpec:
     mirror: str = DEFAULT_MIRROR
     security_mirror: str = DEFAULT_SECURITY_MIRROR
     kernel_package: str = KERNEL_PACKAGE
+    kernel: str = DEFAULT_KERNEL
+    kernel_key: str = ""  # the own kernel's cache key (kbuild.kernel_key)
 
     @classmethod
     def create(cls, packages: Sequence[str] = (), *, suite: str | None = None,
-               mirror: str | None = None) -> ImageSpec:
+               mirror: str | None = None, kernel: str | None = None) -> ImageSpec:
         for pkg in packages:
             if not _PKG_RE.match(pkg):
                 raise ConfigError("package", pkg, "give a Debian package name such as 'curl' "
@@ -98,8 +94,17 @@ class ImageSpec:
         if not re.match(r"^[a-z][a-z0-9-]*$", suite):
             raise ConfigError("suite", suite, "give a Debian suite name such as 'bookworm'")
         security = os.environ.get("PINNACE_DEBIAN_SECURITY_MIRROR") or DEFAULT_SECURITY_MIRROR
+        kernel = kernel or os.environ.get("PINNACE_KERNEL") or DEFAULT_KERNEL
+        if kernel not in KERNELS:
+            raise ConfigError("kernel", kernel, "give 'pinnace' (pinnace's own, the default) "
+                              "or 'debian' (Debian's packaged kernel)")
+        kernel_key = ""
+        if kernel == "pinnace":
+            from .kbuild import current_kernel_key
+
+            kernel_key = current_kernel_key()
         return cls(packages=tuple(sorted(set(packages))), suite=suite, mirror=mirror.rstrip("/"),
-                   security_mirror=security.rstrip("/"))
+                   security_mirror=security.rstrip("/"), kernel=kernel, kernel_key=kernel_key)
 
     @property
     def all_packages(self) -> tuple[str, ...]:
@@ -113,12 +118,14 @@ class ImageSpec:
         }
 
     def inputs(self) -> dict[str, object]:
+        common = {**self.base_inputs(), "agent": source_digest(agent_sources()),
+                  "rootfs_layout": ROOTFS_LAYOUT}
+        if self.kernel == "pinnace":
+            return {**common, "kernel": self.kernel_key, "boot": OWN_KERNEL_ARGS}
         return {
-            **self.base_inputs(),
-            "agent": source_digest(agent_sources()),
+            **common,
             "init": source_digest([init_script()]),
             "initramfs_modules": [*K.INITRAMFS_MODULES, *K.INITRAMFS_PCI_MODULES],
-            "rootfs_layout": ROOTFS_LAYOUT,
         }
 
     @property
@@ -160,38 +167,6 @@ def check_host_tools() -> None:
     if os.geteuid() != 0:
         raise HostError("building an image needs root (mmdebstrap chroot and file ownership)",
                         "run the build as root, e.g. with sudo")
-
-
-class Runner:
-    """Runs build commands with their output in a log file and on the reporter."""
-
-    def __init__(self, logfile: Path, reporter: Reporter) -> None:
-        self.logfile = logfile
-        self.reporter = reporter
-
-    def run(self, step: str, argv: Sequence[str], *, cwd: Path | None = None,
-            env: dict[str, str] | None = None) -> None:
-        with open(self.logfile, "a") as logf:
-            logf.write(f"$ {' '.join(argv)}\n")
-            logf.flush()
-            with subprocess.Popen(
-                list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT, cwd=cwd, env=env, text=True, errors="replace",
-            ) as proc:
-                assert proc.stdout is not None
-                try:
-                    for line in proc.stdout:
-                        logf.write(line)
-                        self.reporter.output(line.rstrip())
-                    code = proc.wait()
-                except BaseException:
-                    proc.kill()
-                    raise
-        if code != 0:
-            from ..store import tail
-
-            raise ImageBuildError(step, f"{argv[0]} exited with code {code}", command=argv,
-                                  exit_code=code, log_tail=tail(self.logfile, 25))
 
 
 class ImageBuilder:
@@ -302,6 +277,84 @@ class ImageBuilder:
         work = stage / "work"  # scratch, removed before the image is renamed into place
         work.mkdir()
         base_manifest = json.loads(layer.manifest.read_text())
+        root = work / "root"
+        root.mkdir()
+        with self.reporter.step("Unpacking the root filesystem"):
+            runner.run("rootfs", ["tar", "--numeric-owner", "-xpf", str(layer.rootfs_tar),
+                                  "-C", str(root)])
+        if self.spec.kernel == "pinnace":
+            kernel = self._own_kernel(out, root)
+        else:
+            kernel = self._debian_kernel(out, root, layer, runner, work)
+
+        with self.reporter.step("Making the root filesystem (ext4)"):
+            agent_dir = root / AGENT_DIR
+            agent_dir.mkdir(parents=True, exist_ok=True)
+            for src in agent_sources():
+                shutil.copy2(src, agent_dir / src.name)
+            (agent_dir / "agent").write_text(AGENT_SCRIPT)
+            (agent_dir / "agent").chmod(0o755)
+            # Compile the agent with the guest's own Python so first boots skip that.
+            subprocess.run(["chroot", str(root), "python3", "-m", "compileall", "-q",
+                            "/" + AGENT_DIR], check=False, capture_output=True)
+            runner.run("depmod", ["depmod", "-b", str(root), str(kernel["kernel_version"])])
+            # The live hostname, so that setting it (a clone, on restore) writes no file.
+            with contextlib.suppress(FileNotFoundError):
+                (root / "etc/hostname").unlink()
+            (root / "etc/hostname").symlink_to("/proc/sys/kernel/hostname")
+            (root / "etc/hosts").write_text(
+                "127.0.0.1\tlocalhost\n127.0.1.1\tpinnace\n::1\tlocalhost ip6-localhost\n")
+            (root / "etc/fstab").write_text("# the pinnace agent mounts what the guest needs\n")
+            # Name servers are the agent's to set, per boot and per clone: on tmpfs, where
+            # writing them costs no journal and a cold boot starts with none.
+            with contextlib.suppress(FileNotFoundError):
+                (root / "etc/resolv.conf").unlink()
+            (root / "etc/resolv.conf").symlink_to("/run/resolv.conf")
+            used = sum(p.lstat().st_size for p in root.rglob("*"))
+            size = max(ROOTFS_MIN_SIZE, int(used * 1.5) + (512 << 20))
+            size = (size + (1 << 20) - 1) & ~((1 << 20) - 1)
+            rootfs = out.rootfs
+            runner.run("rootfs", [
+                "mkfs.ext4", "-q", "-F", "-L", "pinnace-root", "-d", str(root),
+                "-E", "lazy_itable_init=0,lazy_journal_init=0",
+                str(rootfs), f"{size >> 20}M",
+            ])
+            shutil.rmtree(work)
+
+        files = {p.name: p.stat().st_size for p in (out.kernel, out.initrd, out.rootfs)
+                 if p.exists()}
+        write_json(out.manifest, {
+            "digest": self.spec.digest,
+            "inputs": self.spec.inputs(),
+            **kernel,
+            "packages": base_manifest["packages"],
+            "agent_version": _agent_version(),
+            "files": files,
+            "created": time.time(),
+        })
+
+    def _own_kernel(self, out: ImageFiles, root: Path) -> dict[str, object]:
+        """Pinnace's kernel (built once per host) and its modules into the image."""
+        from .kbuild import KernelBuilder
+
+        builder = KernelBuilder(self.reporter)
+        if builder.key != self.spec.kernel_key:
+            raise ImageBuildError("kernel", "the kernel's inputs changed while building "
+                                  "(linux-source or gcc upgraded?); run the build again")
+        built = builder.ensure()
+        with self.reporter.step(f"Adding pinnace's kernel {built.release}"):
+            shutil.copyfile(built.files.vmlinux, out.kernel)
+            if not K.has_pvh_entry(out.kernel.read_bytes()):
+                raise ImageBuildError("kernel", f"{built.release} has no PVH entry note")
+            shutil.copytree(built.files.modules / "lib/modules" / built.release,
+                            root / "lib/modules" / built.release, symlinks=True)
+        return {"kernel": "pinnace", "kernel_version": built.release,
+                "kernel_key": built.key, "boot_args": OWN_KERNEL_ARGS}
+
+    def _debian_kernel(self, out: ImageFiles, root: Path, layer: BaseLayerFiles,
+                       runner: Runner, work: Path) -> dict[str, object]:
+        """Debian's kernel (vmlinux for PVH boot), its modules, and the initramfs that
+        loads the virtio and ext4 ones."""
         debs = layer.debs
         kdeb = next(debs.glob("linux-image-*.deb"))
         bdeb = next(debs.glob("busybox-static_*.deb"))
@@ -330,60 +383,9 @@ class ImageBuilder:
             out.initrd.write_bytes(
                 initramfs(broot / "bin/busybox", mdir, kver, order + pci_order, deps))
             names = [K.module_name(m) for m in order + pci_order]
-
-        with self.reporter.step("Making the root filesystem (ext4)"):
-            root = work / "root"
-            root.mkdir()
-            runner.run("rootfs", ["tar", "--numeric-owner", "-xpf", str(layer.rootfs_tar),
-                                  "-C", str(root)])
-            agent_dir = root / AGENT_DIR
-            agent_dir.mkdir(parents=True, exist_ok=True)
-            for src in agent_sources():
-                shutil.copy2(src, agent_dir / src.name)
-            (agent_dir / "agent").write_text(
-                "import sys\nsys.path.insert(0, '/usr/lib/pinnace')\nimport guest\nguest.run_main()\n"
-            )
-            # Compile the agent with the guest's own Python so first boots skip that.
-            subprocess.run(["chroot", str(root), "python3", "-m", "compileall", "-q",
-                            "/" + AGENT_DIR], check=False, capture_output=True)
-            K.copy_modules(kroot, root, kver)
-            runner.run("depmod", ["depmod", "-b", str(root), kver])
-            # The live hostname, so that setting it (a clone, on restore) writes no file.
-            with contextlib.suppress(FileNotFoundError):
-                (root / "etc/hostname").unlink()
-            (root / "etc/hostname").symlink_to("/proc/sys/kernel/hostname")
-            (root / "etc/hosts").write_text(
-                "127.0.0.1\tlocalhost\n127.0.1.1\tpinnace\n::1\tlocalhost ip6-localhost\n")
-            (root / "etc/fstab").write_text("# the pinnace agent mounts what the guest needs\n")
-            # Name servers are the agent's to set, per boot and per clone: on tmpfs, where
-            # writing them costs no journal and a cold boot starts with none.
-            with contextlib.suppress(FileNotFoundError):
-                (root / "etc/resolv.conf").unlink()
-            (root / "etc/resolv.conf").symlink_to("/run/resolv.conf")
-            used = sum(p.lstat().st_size for p in root.rglob("*"))
-            size = max(ROOTFS_MIN_SIZE, int(used * 1.5) + (512 << 20))
-            size = (size + (1 << 20) - 1) & ~((1 << 20) - 1)
-            rootfs = out.rootfs
-            runner.run("rootfs", [
-                "mkfs.ext4", "-q", "-F", "-L", "pinnace-root", "-d", str(root),
-                "-E", "lazy_itable_init=0,lazy_journal_init=0",
-                str(rootfs), f"{size >> 20}M",
-            ])
-            shutil.rmtree(work)
-
-        files = {p.name: p.stat().st_size for p in (out.kernel, out.initrd, out.rootfs)}
-        write_json(out.manifest, {
-            "digest": self.spec.digest,
-            "inputs": self.spec.inputs(),
-            "kernel_version": kver,
-            "kernel_package": kdeb.name,
-            "busybox_package": bdeb.name,
-            "initramfs_modules": names,
-            "packages": base_manifest["packages"],
-            "agent_version": _agent_version(),
-            "files": files,
-            "created": time.time(),
-        })
+        K.copy_modules(kroot, root, kver)
+        return {"kernel": "debian", "kernel_version": kver, "kernel_package": kdeb.name,
+                "busybox_package": bdeb.name, "initramfs_modules": names, "boot_args": ""}
 
 
 FSTAB_EARLY = """\

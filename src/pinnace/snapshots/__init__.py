@@ -22,7 +22,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol
@@ -86,6 +86,9 @@ class AsyncSnapshots:
         self.backend = backend
         self.images = images
         self.lookup = lookup
+        # Called with a ready snapshot that a rebuilt one has replaced, before it is
+        # removed (the warm pool drains its clones; set by the client's wiring).
+        self.on_replaced: Callable[[Snapshot], Awaitable[Any]] | None = None
 
     # -- lookup --------------------------------------------------------------------------
 
@@ -155,11 +158,7 @@ class AsyncSnapshots:
         """The ready snapshot for this image and shape, built (once, under a lock) if it is
         missing, damaged or was made for anything else."""
         key = machine_key(self.backend, cfg, accel)
-        # One slot per image, shape, accelerator and device list: each is its own snapshot
-        # (what differs between two slots would only rebuild one over the other).
-        devices = hashlib.sha256(key.devices.encode()).hexdigest()[:8]
-        slot = f"{cfg.image_digest[:12]}-{cfg.cpus}c-{cfg.memory_mib}m-{accel}-{devices}"
-        assert SLOT_RE.fullmatch(slot), slot
+        slot = self.ready_slot(cfg, accel)
         pointer = self.store.ready_pointer(slot)
         say = notify or (lambda msg: log.warning("%s", msg))
         old = self._current(pointer)
@@ -187,8 +186,28 @@ class AsyncSnapshots:
             write_json(pointer, {"ref": snap.ref})
             say(f"ready snapshot built in {time.monotonic() - t0:.1f} s")
             if old is not None:
+                if self.on_replaced is not None:
+                    await self.on_replaced(old)  # the warm pool drains its clones of it
                 await self._remove_unused(old)
             return snap
+
+    def ready_slot(self, cfg: MachineConfig, accel: str) -> str:
+        """The ready-snapshot slot of a machine of this config: one per image, shape,
+        accelerator and device list, each its own snapshot (what differs between two
+        slots would only rebuild one over the other)."""
+        key = machine_key(self.backend, cfg, accel)
+        devices = hashlib.sha256(key.devices.encode()).hexdigest()[:8]
+        slot = f"{cfg.image_digest[:12]}-{cfg.cpus}c-{cfg.memory_mib}m-{accel}-{devices}"
+        assert SLOT_RE.fullmatch(slot), slot
+        return slot
+
+    def current_ready(self, slot: str) -> str | None:
+        """The reference of the ready snapshot that serves ``slot`` now, if any."""
+        try:
+            ref = read_json(self.store.ready_pointer(slot))["ref"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return ref if isinstance(ref, str) else None
 
     async def _remove_unused(self, snap: Snapshot) -> bool:
         """Remove a ready snapshot no machine uses (under its lock, which machines being
@@ -287,12 +306,13 @@ class AsyncSnapshots:
         except OSError as exc:
             raise store_error(exc, "staging a snapshot") from None
         image = self.images.files_for(cfg.image_digest, cfg.image)
+        boot = self.images.boot(cfg.image_digest, cfg.image)
         if from_stream:
             os.rename(files.disk, run.disk)
         else:
             await backend.create_disk(image.rootfs, run.disk)
         spec = LaunchSpec(
-            name=cfg.name, files=run, kernel=image.kernel, initrd=image.initrd, cpus=cfg.cpus,
+            name=cfg.name, files=run, **boot.launch_fields(), cpus=cfg.cpus,
             memory_mib=cfg.memory_mib, accel=key.accel, cmdline=cfg.cmdline,
             memory_file=files.memory, memory_shared=True, incoming=from_stream,
             **template_devices(cfg),

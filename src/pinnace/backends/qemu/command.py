@@ -33,6 +33,8 @@ DEVICES = f"microvm:virtio-blk,virtio-rng,virtio-serial*{AGENT_PORTS},isa-serial
 
 def kernel_cmdline(spec: LaunchSpec) -> str:
     words = [BASE_CMDLINE, f"pinnace.hostname={spec.name}"]
+    if spec.kernel_args:
+        words.append(spec.kernel_args)
     if spec.accel == "tcg":
         # TCG does not emulate speculative execution, so the guest's mitigations
         # for it only cost time.
@@ -64,7 +66,7 @@ def build_argv(binary: str, spec: LaunchSpec) -> list[str]:
         "-object", backend,
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-kernel", str(spec.kernel),
-        "-initrd", str(spec.initrd),
+        *(["-initrd", str(spec.initrd)] if spec.initrd is not None else []),
         "-append", kernel_cmdline(spec),
         "-chardev", f"file,id=serial0,path={f.serial_log},append=on",
         "-serial", "chardev:serial0",
