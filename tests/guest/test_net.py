@@ -210,6 +210,9 @@ def test_a_restored_clones_volume_keeps_its_data(pn, volume, make_machine):
     _restored(a)
     assert _disk(a)[1:] == (pn.volumes.get(vol).size, False)
     a.exec("echo kept > /data/f && sync").check()
+    a.stop(save=True)  # its own saved state resumes with the volume still mounted
+    a.start()
+    assert a.exec(["cat", "/data/f"]).check().stdout == b"kept\n"
     a.delete(force=True)
     b = make_machine.restored(volumes=[f"{vol}:/mnt/v"])
     _restored(b)
