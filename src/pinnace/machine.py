@@ -519,11 +519,13 @@ class AsyncMachine:
 
     async def _setup_guest(self, agent: AgentClient | None, cfg: MachineConfig,
                            macs: dict[str, Any] | None, *, mounts: bool) -> None:
-        """Give the guest its network (addresses by MAC, no DHCP) and, on a boot, mount
-        its volumes and shares. ``macs`` are the MACs the NICs have now when they are not
-        the machine's own (a clone just restored): the agent changes them first. A clone
-        of a ready template (``macs["template"]``) starts from a known state, the NAT NIC
-        up with NAT_GUEST and the others down and bare, so only what differs is sent."""
+        """Give the guest its network (addresses by MAC, no DHCP) and, with ``mounts`` (a
+        boot, or a clone of a ready template), mount its volumes and shares. ``macs`` are
+        the MACs the NICs have now when they are not the machine's own (a clone just
+        restored): the agent changes them first. A clone of a ready template
+        (``macs["template"]``) starts from a known state, the NAT NIC up with NAT_GUEST
+        and the others down and bare, so only what differs is sent; its guest saw the
+        template's empty placeholder disks, so each volume's disk is probed again."""
         assert agent is not None
         for i, n in enumerate(cfg.nics):
             if not n.network:
@@ -544,10 +546,10 @@ class AsyncMachine:
                 None if bare else [nic.ip] if nic.network else [],
                 up=None if bare else bool(nic.network)))
         if mounts:
-            requests += [agent.request("mount", fstype="ext4", source=B.volume_serial(i),
-                                       path=v.path, ro=v.ro) for i, v in enumerate(cfg.volumes)]
-            requests += [agent.request("mount", fstype="9p", source=B.share_tag(i),
-                                       path=sh.path, ro=sh.ro) for i, sh in enumerate(cfg.shares)]
+            requests += [agent.mount("ext4", B.volume_serial(i), v.path, ro=v.ro, rescan=known)
+                         for i, v in enumerate(cfg.volumes)]
+            requests += [agent.mount("9p", B.share_tag(i), sh.path, ro=sh.ro)
+                         for i, sh in enumerate(cfg.shares)]
         await asyncio.gather(*requests)
 
     @staticmethod
@@ -657,7 +659,8 @@ class AsyncMachine:
     async def _restore(self, plan: dict[str, Any], launched: Handle,
                        fields: dict[str, Any], timeout: float | None) -> MachineStatus:
         """Load a saved state into the VMM just launched, run it, and reconnect the agent;
-        a clone of a snapshot also gets its own hostname, the host's clock and fresh entropy."""
+        a clone of a snapshot also gets its own hostname, the host's clock and fresh
+        entropy, and a clone of a ready template its volumes and shares."""
         backend = self.env.backend
 
         def alive() -> bool:
@@ -687,8 +690,12 @@ class AsyncMachine:
                 self.name if plan.get("snapshot") else None,
                 epoch=resumed if at is not None else None, at=at))]
             if plan.get("snapshot"):
-                work.append(asyncio.ensure_future(
-                    self._setup_guest(agent, self.config, plan.get("macs"), mounts=False)))
+                # A clone of a ready template mounts its volumes and shares now (the
+                # template had empty ones, never mounted); a named snapshot has none; a
+                # machine's own saved state (no snapshot) has them mounted already.
+                macs = plan.get("macs") or {}
+                work.append(asyncio.ensure_future(self._setup_guest(
+                    agent, self.config, macs, mounts=bool(macs.get("template")))))
             try:
                 await agent.welcomed(timeout or RESTORE_AGENT_TIMEOUT, alive=alive)
                 await asyncio.gather(*work)

@@ -158,6 +158,14 @@ class AsyncMachines:
             raise ConfigError("machine shape", f"{asked.cpus} CPU, {asked.memory_mib}M, {asked.accel}",
                               f"snapshot {snap.name!r} was made with {snap.shape}, "
                               f"{snap.key['accel']}; a restored machine keeps its snapshot's shape")
+        attached = [*(devices.get("volumes") or ()), *(devices.get("shares") or ())]
+        if attached and not snap.ready:
+            raise ConfigError("volume" if devices.get("volumes") else "share",
+                              str(attached[0]), f"snapshot {snap.name!r} has no volumes or "
+                              "shared folders (a named snapshot never has), and a machine "
+                              "made from it keeps its snapshot's devices; create it from "
+                              "the image instead (without --snapshot), or use 'pinnace run', "
+                              "which restores the image's ready snapshot with them")
         files = snap.paths
         resume = {"state": str(files.state), "memory": str(files.memory), "ignore_shared": True,
                   "snapshot": snap.ref, "macs": snap.macs, "clock": snap.clock}
@@ -256,8 +264,8 @@ class AsyncMachines:
         The first run of an image and shape boots it once and saves the ready snapshot;
         later runs restore it, or claim a member of the warm pool (see
         :mod:`pinnace.pool`) when one is waiting (``claim``). Names are ``name`` (or
-        ``name-1``..``name-N``), else random. ``devices`` are create's; machines with
-        volumes or shares boot instead (what a disk holds is not in a snapshot's RAM).
+        ``name-1``..``name-N``), else random. ``devices`` are create's; volumes and
+        shares are mounted once restored (the ready snapshot has empty slots for them).
         ``rm``: the caller deletes them when done (if it dies first, ``pinnace gc``
         does). ``pool``: make warm-pool members of that pool (its filler does).
         """
@@ -273,19 +281,19 @@ class AsyncMachines:
                 validate_name("machine", n)
         else:
             names = [f"run-{secrets.token_hex(3)}" for _ in range(count)]
-        snap: Snapshot | None = None
+        # The ready snapshot's shape: NICs, volume and share slots as these machines'
+        # (its template has spare NICs, empty disks and folders in them).
+        nets = devices.get("networks") or ()
+        shape = cfg.with_changes(**self._devices(cfg.name, **{
+            **devices, "networks": [], "spare_nics": len(nets)
+            + int(devices.get("spare_nics") or 0),
+            "net": devices.get("net") or ("none" if nets else default_net())}))
+        choice = await self.env.backend.choose_accel(cfg.accel)
+        notice_accel(choice, cfg.accel)
+        snap = await self.snapshots.ready(shape, choice.accel, notify=notify)
         claimed: list[AsyncMachine] = []
-        if not devices.get("volumes") and not devices.get("shares"):
-            nets = devices.get("networks") or ()
-            shape = cfg.with_changes(**self._devices(cfg.name, **{
-                **devices, "networks": [], "spare_nics": len(nets)
-                + int(devices.get("spare_nics") or 0),
-                "net": devices.get("net") or ("none" if nets else default_net())}))
-            choice = await self.env.backend.choose_accel(cfg.accel)
-            notice_accel(choice, cfg.accel)
-            snap = await self.snapshots.ready(shape, choice.accel, notify=notify)
-            if self.pool is not None and claim and not pool and pool_eligible(devices):
-                claimed = await self._claim(names, shape, snap, choice.accel, rm)
+        if self.pool is not None and claim and not pool and pool_eligible(devices):
+            claimed = await self._claim(names, shape, snap, choice.accel, rm)
         rest = names[len(claimed):]
         made = await asyncio.gather(*(self.create(
             n, image=image, cpus=cpus, memory=memory, accel=accel, snapshot=snap,

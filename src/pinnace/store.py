@@ -361,6 +361,15 @@ class SnapshotFiles:
         """While a snapshot is made: the folder of the QEMU that writes it."""
         return MachineFiles(self.dir / "run")
 
+    def spare_volume(self, index: int) -> Path:
+        """While a ready template runs: the empty disk in its volume slot ``index``, which
+        each clone fills with its own volume (the template never mounts it)."""
+        return self.run.dir / f"spare-vol{index}.raw"
+
+    def spare_share(self, index: int) -> Path:
+        """While a ready template runs: the empty folder in its shared-folder slot ``index``."""
+        return self.run.dir / f"spare-share{index}"
+
     def checked(self) -> dict[str, Path]:
         """The files snapshot.json lists with their size and checksum."""
         return {"memory": self.memory, "state": self.state, "disk.qcow2": self.disk,

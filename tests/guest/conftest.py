@@ -32,14 +32,20 @@ def make_machine(pn, request):
         made.append(m)
         return m
 
-    def restored():
-        """A machine restored from the image's ready snapshot (a fraction of a second,
-        where a cold boot takes several under TCG)."""
-        [m] = pn.machines.run(name=f"t{os.getpid() % 10000}-{next(_counter)}")
+    def restored(**devices):
+        """A machine restored from the image's ready snapshot of its shape (a fraction of
+        a second, where a cold boot takes several under TCG); ``devices`` are run's."""
+        [m] = pn.machines.run(name=f"t{os.getpid() % 10000}-{next(_counter)}", **devices)
+        made.append(m)
+        return m
+
+    def track(m):
+        """Delete ``m`` (made some other way) after the test, like the others."""
         made.append(m)
         return m
 
     make.restored = restored
+    make.track = track
 
     yield make
     failed = getattr(request.node, "rep_call", None)

@@ -5,6 +5,8 @@ default), so no packet leaves the host: traffic goes to loopback and between
 pinnace's own guests on pinnace's own switches.
 """
 
+import asyncio
+import json
 import os
 import socket
 import time
@@ -184,6 +186,96 @@ def test_share_both_ways_and_ro(make_machine, tmp_path):
     r = ro.exec("echo x > /mnt/ro/nope")
     assert r.exit_code != 0 and "Read-only" in r.stderr_text
     assert not (d / "nope").exists()
+
+
+def _restored(m):
+    """Assert that ``m`` was restored from a snapshot, not booted."""
+    assert json.loads((m.path / "state.json").read_text()).get("restored") is True
+    assert "Linux version" not in m.serial_tail(400)  # no kernel started in this QEMU
+
+
+def _disk(m, index=0):
+    """The guest's name for volume ``index``'s disk, its size in bytes, and its ro flag."""
+    r = m.exec(f"for d in /sys/block/vd*; do [ \"$(cat $d/serial)\" = pinnace-vol{index} ] "
+               "&& echo ${d##*/} $(blockdev --getsize64 /dev/${d##*/}) $(cat $d/ro); done; true")
+    name, size, ro = r.check().stdout_text.split()
+    return name, int(size), ro == "1"
+
+
+def test_a_restored_clones_volume_keeps_its_data(pn, volume, make_machine):
+    """run() restores a machine with a volume (the ready snapshot has an empty slot for
+    it); what it writes is on the volume for the next machine, restored too."""
+    vol = volume("96M")
+    a = make_machine.restored(volumes=[f"{vol}:/data"])
+    _restored(a)
+    assert _disk(a)[1:] == (pn.volumes.get(vol).size, False)
+    a.exec("echo kept > /data/f && sync").check()
+    a.stop(save=True)  # its own saved state resumes with the volume still mounted
+    a.start()
+    assert a.exec(["cat", "/data/f"]).check().stdout == b"kept\n"
+    a.delete(force=True)
+    b = make_machine.restored(volumes=[f"{vol}:/mnt/v"])
+    _restored(b)
+    assert b.exec(["cat", "/mnt/v/f"]).check().stdout == b"kept\n"
+    assert b.exec(["findmnt", "-n", "-o", "SOURCE", "/mnt/v"]).check().stdout_text.strip() \
+        == f"/dev/{_disk(b)[0]}"
+
+
+def test_a_restored_clones_shares_both_ways_and_ro(make_machine, tmp_path):
+    d = tmp_path / "share"
+    d.mkdir()
+    (d / "from-host").write_text("host\n")
+    m = make_machine.restored(shares=[f"{d}:/mnt/share"])
+    ro = make_machine.restored(shares=[f"{d}:/mnt/ro:ro"])
+    for x in (m, ro):
+        _restored(x)
+    assert m.exec(["cat", "/mnt/share/from-host"]).check().stdout == b"host\n"
+    m.exec("echo guest > /mnt/share/from-guest").check()
+    assert (d / "from-guest").read_text() == "guest\n"
+    assert ro.exec(["cat", "/mnt/ro/from-guest"]).check().stdout == b"guest\n"
+    r = ro.exec("echo x > /mnt/ro/nope")
+    assert r.exit_code != 0 and "Read-only" in r.stderr_text
+    assert not (d / "nope").exists()
+
+
+def test_clones_restored_at_once_see_their_own_volumes(pn, volume, make_machine):
+    """Two clones of one ready snapshot restored together, each with another volume:
+    each guest sees its own disk, at its real size (the template's slot was empty)."""
+    vols = [volume("64M"), volume("112M")]
+    names = [f"{v}-m" for v in vols]
+
+    async def both():
+        return await asyncio.gather(*(pn.aio.machines.run(name=n, volumes=[f"{v}:/data"])
+                                      for n, v in zip(names, vols, strict=True)))
+
+    pn._loop.run(both())
+    ms = [make_machine.track(pn.machines.get(n)) for n in names]
+    for m, v in zip(ms, vols, strict=True):
+        _restored(m)
+        name, size, ro = _disk(m)
+        assert (size, ro) == (pn.volumes.get(v).size, False)
+        label = m.exec(["python3", "-c", f"f = open('/dev/{name}', 'rb'); f.seek(1144); "
+                        "print(f.read(16).rstrip(b'\\0').decode())"]).check().stdout_text
+        assert label.strip() == pn.volumes.get(v).label
+        m.exec(f"echo {m.name} > /data/who").check()
+    for m in ms:
+        assert m.exec(["cat", "/data/who"]).check().stdout_text.strip() == m.name
+
+
+def test_a_read_only_volume_is_read_only_in_a_restored_clone(pn, volume, make_machine):
+    vol = volume()
+    w = make_machine.restored(volumes=[f"{vol}:/data"])
+    w.exec("echo kept > /data/f && sync").check()
+    w.stop()
+    m = make_machine.restored(volumes=[f"{vol}:/data:ro"])
+    _restored(m)
+    assert _disk(m)[1:] == (pn.volumes.get(vol).size, True)  # the guest's disk is read-only
+    assert m.exec(["cat", "/data/f"]).check().stdout == b"kept\n"
+    r = m.exec("echo x > /data/g")
+    assert r.exit_code != 0 and "Read-only" in r.stderr_text
+    name = _disk(m)[0]
+    r = m.exec(["dd", "if=/dev/zero", f"of=/dev/{name}", "bs=4096", "count=1", "oflag=direct"])
+    assert r.exit_code != 0  # nor can the disk itself be written
 
 
 def test_bad_device_options_are_clear(make_machine, tmp_path):

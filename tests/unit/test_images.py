@@ -99,7 +99,7 @@ def test_unknown_kernel_is_refused():
 
     from pinnace.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="kernel.*'pinnace'.*'debian'"):
+    with pytest.raises(ConfigError, match=r"kernel.*'pinnace'.*'debian'"):
         B.ImageSpec.create(kernel="linux")
 
 

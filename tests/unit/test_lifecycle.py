@@ -11,7 +11,7 @@ import pytest
 from pinnace import StateError
 from pinnace.backends.base import INCOMING, PAUSED, RUNNING, SAVED
 from pinnace.backends.fake import FakeBackend
-from pinnace.errors import LaunchError, MachineError, SnapshotError
+from pinnace.errors import ConfigError, LaunchError, MachineError, SnapshotError
 from pinnace.snapshots import key as snapkey
 
 from .fakes import arun, fake_store
@@ -284,6 +284,92 @@ def test_run_starts_count_machines_and_cleans_up_on_failure(tmp_path):
             await pn.machines.run(name="x", count=2)
         assert [s.name for s in await pn.machines.list()] == []  # none left behind
         assert not pn.backend.guests
+
+    arun(pn, main())
+
+
+def test_run_with_volumes_and_shares_restores_and_mounts_them(tmp_path):
+    """A ready snapshot has empty slots for volumes and shares: run restores (no boot)
+    and the agent mounts them, probing each volume's disk again first; a machine's own
+    saved state has them mounted already, so its resume sends no mounts."""
+    pn = fake_store(tmp_path)
+    share = tmp_path / "share"
+    share.mkdir()
+
+    async def main():
+        vol = await pn.volumes.create("data", "16M")
+        notices: list[str] = []
+        [m] = await pn.machines.run(name="m", volumes=["data:/data:ro"],
+                                    shares=[f"{share}:/src"], notify=notices.append)
+        assert any("building the ready snapshot" in n for n in notices)  # its own slot
+        assert ("load", "m") in pn.backend.calls  # restored, not booted
+        assert json.loads(m.paths.state.read_text()).get("restored") is True
+        guest = pn.backend.guest(m.paths)
+        assert guest.spec.volumes == ((vol.image, True),)
+        assert guest.spec.shares == ((share, False),)
+        assert guest.mounts == [
+            {"fstype": "ext4", "source": "pinnace-vol0", "path": "/data", "ro": True,
+             "rescan": True},
+            {"fstype": "9p", "source": "pinnace-share0", "path": "/src", "ro": False}]
+        await m.stop(save=True)
+        await m.start()
+        assert pn.backend.guest(m.paths).mounts == []  # still mounted in its RAM
+        await m.delete(force=True)
+        notices.clear()
+        [again] = await pn.machines.run(name="n", volumes=["data:/data"],
+                                        shares=[f"{share}:/src:ro"], notify=notices.append)
+        assert notices == []  # the same slots (read-only or not): the same ready snapshot
+        assert [x["ro"] for x in pn.backend.guest(again.paths).mounts] == [False, True]
+        await again.delete(force=True)
+
+    arun(pn, main())
+
+
+def test_a_ready_template_has_empty_slots_it_never_mounts(tmp_path):
+    pn = fake_store(tmp_path)
+    share = tmp_path / "share"
+    share.mkdir()
+    launched = []
+    launch = pn.backend.launch
+
+    async def spy(spec):
+        launched.append(spec)
+        if spec.memory_shared:  # the template: its placeholders exist while it runs
+            assert all(p.is_file() and p.stat().st_size == 0 for p, _ in spec.volumes)
+            assert all(p.is_dir() and not any(p.iterdir()) for p, _ in spec.shares)
+        return await launch(spec)
+
+    pn.backend.launch = spy
+
+    async def main():
+        await pn.volumes.create("a", "16M")
+        await pn.volumes.create("b", "16M")
+        [m] = await pn.machines.run(volumes=["a:/a", "b:/b:ro"], shares=[f"{share}:/s:ro"])
+        template = launched[0]
+        assert [ro for _, ro in template.volumes] == [False, False]  # writable: see why
+        assert [ro for _, ro in template.shares] == [True]
+        assert not template.volumes[0][0].exists()  # gone with the template's run folder
+        assert [c for c in pn.backend.calls if c[0] == "launch"] == [
+            ("launch", "run"), ("launch", m.name)]
+        await m.delete(force=True)
+
+    arun(pn, main())
+
+
+def test_a_named_snapshot_refuses_volumes_clearly(tmp_path):
+    pn = fake_store(tmp_path)
+
+    async def main():
+        await pn.volumes.create("data", "16M")
+        src = await put_in(pn, "src", "ready")
+        await pn.snapshots.create(src, "warm")
+        with pytest.raises(ConfigError) as exc:
+            await pn.machines.create("c", snapshot="warm", volumes=["data:/data"])
+        msg = str(exc.value)
+        assert "'warm' has no volumes" in msg and "without --snapshot" in msg
+        assert "\n" not in msg
+        assert not (pn.store.machines_dir / "c").exists()
+        await src.close()
 
     arun(pn, main())
 

@@ -91,7 +91,7 @@ def test_a_stale_member_is_never_handed_out_and_goes(pn):
         pn.store.ready_pointer(slot).write_text(json.dumps({"ref": "cache/ready/gone"}))
         assert (await pn.pool.list())[0].stale
         before = launches(pn)
-        [m] = await pn.machines.run(name="fresh")
+        await pn.machines.run(name="fresh")
         assert launches(pn) > before  # not the stale member
         gone = await pn.gc()
         assert any(old in str(r) and "replaced" in str(r) for r in gone)

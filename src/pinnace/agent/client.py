@@ -379,6 +379,26 @@ class AgentClient:
                       now)
             await self.request("set_time", epoch=time.time())
 
+    async def mount(self, fstype: str, source: str, path: str, *, ro: bool,
+                    rescan: bool = False) -> dict[str, Any]:
+        """Mount a volume (``ext4``, ``source`` its disk serial) or a shared folder (``9p``,
+        its tag) at ``path``. ``rescan``: the guest probes the disk again first (a clone of
+        a ready template still sees the template's empty disk in that slot)."""
+        args: dict[str, Any] = {"fstype": fstype, "source": source, "path": path, "ro": ro}
+        if rescan:
+            args["rescan"] = True
+        try:
+            return await self.request("mount", **args)
+        except RemoteError:
+            # (sent before the WELCOME, perhaps: an older agent ignores ``rescan``, and
+            # fails to mount the empty disk)
+            if rescan and P.MOUNT_RESCAN not in self.capabilities:
+                raise ProtocolError(
+                    "the guest agent cannot probe a volume's disk again after a restore; it "
+                    "is from an older pinnace: rebuild the image with this one ('pinnace "
+                    "image build --refresh')") from None
+            raise
+
     async def monotonic(self) -> tuple[float, float] | None:
         """The guest's CLOCK_MONOTONIC and the host's time.monotonic() at the same moment
         (the middle of the round trip), or None if it did not answer sensibly and soon."""

@@ -552,7 +552,7 @@ class Session:
             self.send(P.encode_json(P.WELCOME, 0, {
                 "version": P.PROTOCOL_VERSION, "agent": P.AGENT_VERSION,
                 "nonce": msg.get("nonce"), "max_frame": P.MAX_FRAME, "window": P.STREAM_WINDOW,
-                "capabilities": sorted(OPS), "pid": os.getpid(),
+                "capabilities": sorted([*OPS, *P.FEATURES]), "pid": os.getpid(),
             }))
             return
         if not self.active:
@@ -991,9 +991,61 @@ def iface_by_mac(mac: str) -> str:
     return name
 
 
+def disk_by_serial(serial: str) -> str | None:
+    """The name (vdX) of the disk whose virtio serial is ``serial``."""
+    for name in sorted(os.listdir("/sys/block")):
+        try:
+            with open(f"/sys/block/{name}/serial") as f:
+                if f.read().strip() == serial:
+                    return name
+        except OSError:
+            continue
+    return None
+
+
+VIRTIO_BLK_DRIVER = "/sys/bus/virtio/drivers/virtio_blk"
+
+
+def rescan_disk(name: str) -> None:
+    """Have virtio_blk probe disk ``name`` again: unbind its virtio device from the driver
+    and bind it back. A clone restored from a template whose disk slot held an empty
+    placeholder still has the placeholder's capacity (0) and read-write flag, read at
+    the template's boot; a probe reads the real disk's. (A config-change interrupt would
+    update only the capacity, and QEMU will not send one for a read-only drive.)"""
+    device = os.path.basename(os.path.realpath(f"/sys/block/{name}/device"))
+    if not (device.startswith("virtio") and device[6:].isdigit()):
+        raise RequestFailed("not-found", f"{name} is not a virtio disk ({device})")
+    for action in ("unbind", "bind"):
+        try:
+            with open(f"{VIRTIO_BLK_DRIVER}/{action}", "w") as f:
+                f.write(device)
+        except OSError as exc:
+            raise RequestFailed("io", f"{action} {device} ({name}): {exc.strerror}") from None
+
+
+def disk_mounted(name: str) -> bool:
+    try:
+        with open("/proc/mounts") as f:
+            return any(line.split(" ", 1)[0] == f"/dev/{name}" for line in f)
+    except OSError:
+        return False
+
+
+def have_9p() -> bool:
+    """The 9p filesystem and its virtio transport are loaded (a template's warm-up loads
+    them, so a clone need not fork modprobe)."""
+    try:
+        with open("/proc/filesystems") as f:
+            listed = any(line.split()[-1:] == ["9p"] for line in f)
+    except OSError:
+        return False
+    return listed and os.path.isdir("/sys/module/9pnet_virtio")
+
+
 def op_mount(session: Session, chan: int, msg: dict[str, Any]) -> dict[str, Any]:
     """Mount a volume (an ext4 disk, found by its virtio serial) or a shared folder (a 9p
-    tag) at ``path``, read-only if asked."""
+    tag) at ``path``, read-only if asked; ``rescan``: probe the disk again first (see
+    rescan_disk)."""
     fstype, source, path, ro = msg.get("fstype"), msg.get("source"), msg.get("path"), msg.get("ro")
     if not isinstance(source, str) or not source.replace("-", "").isalnum() or len(source) > 20:
         raise RequestFailed("bad-request", "source must be a device serial or a 9p tag")
@@ -1002,27 +1054,28 @@ def op_mount(session: Session, chan: int, msg: dict[str, Any]) -> dict[str, Any]
         raise RequestFailed("bad-request", "path must be a normalised absolute path")
     if P.protected_path(path):
         raise RequestFailed("bad-request", f"{path} belongs to the guest's system")
-    flags = MS_RDONLY if ro else 0
-    if fstype == "ext4":
-        device = None
-        for name in sorted(os.listdir("/sys/block")):
-            try:
-                with open(f"/sys/block/{name}/serial") as f:
-                    if f.read().strip() == source:
-                        device = f"/dev/{name}"
-            except OSError:
-                continue
-        if device is None:
-            raise RequestFailed("not-found", f"no disk with serial {source}")
-        data = "noload" if ro else ""  # a read-only disk cannot replay a journal
-    elif fstype == "9p":
-        _subprocess().run(["modprobe", "-q", "-a", "9pnet_virtio", "9p"], capture_output=True,
-                       timeout=30)
-        device, data = source, "trans=virtio,version=9p2000.L,msize=524288,cache=none"
-    else:
+    if fstype not in ("ext4", "9p"):
         raise RequestFailed("bad-request", "fstype must be ext4 or 9p")
     if os.path.ismount(path):
         raise RequestFailed("exists", f"something is already mounted at {path}")
+    flags = MS_RDONLY if ro else 0
+    if fstype == "ext4":
+        name = disk_by_serial(source)
+        if name is not None and msg.get("rescan"):
+            if disk_mounted(name):  # its filesystem would lose its disk
+                raise RequestFailed("exists", f"disk {source} (/dev/{name}) is mounted; "
+                                    "it cannot be probed again")
+            rescan_disk(name)
+            name = disk_by_serial(source)  # probed again, it may have another name
+        if name is None:
+            raise RequestFailed("not-found", f"no disk with serial {source}")
+        device = f"/dev/{name}"
+        data = "noload" if ro else ""  # a read-only disk cannot replay a journal
+    elif fstype == "9p":
+        if not have_9p():
+            _subprocess().run(["modprobe", "-q", "-a", "9pnet_virtio", "9p"],
+                              capture_output=True, timeout=30)
+        device, data = source, "trans=virtio,version=9p2000.L,msize=524288,cache=none"
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as exc:

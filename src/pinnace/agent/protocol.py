@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 PROTOCOL_VERSION = 1
-AGENT_VERSION = "0.1.0"
+AGENT_VERSION = "0.2.0"  # 0.2.0: mount.rescan
 MAGIC = 0x504E
 HEADER = struct.Struct("!HBBII")
 MAX_FRAME = 1 << 20
@@ -31,6 +31,12 @@ STREAM_WINDOW = 4 << 20
 # The host side of the channel: one virtio-serial port per concurrent host connection.
 AGENT_PORTS = 8
 PORT_NAME = "org.pinnace.agent.{}"
+
+# Features of an operation the WELCOME lists among its capabilities, as "op.feature"
+# (the operations themselves are listed by name). mount.rescan: ``mount`` takes
+# ``rescan: true`` and probes a volume's disk again first (a clone of a ready template).
+MOUNT_RESCAN = "mount.rescan"
+FEATURES = (MOUNT_RESCAN,)
 
 # Guest paths a volume or share may not be mounted on: the guest's own system. Both
 # sides check: the host when it is asked, the agent because the host is not trusted.

@@ -41,6 +41,7 @@ class FakeGuest:
     hostname: str = ""
     links: dict[int, bool] = field(default_factory=dict)
     commands: list[list[str]] = field(default_factory=list)
+    mounts: list[dict[str, Any]] = field(default_factory=list)  # the mount requests, as sent
 
     def set_state(self, state: str) -> None:
         self.state = state
@@ -271,7 +272,7 @@ class FakeBackend:
             writer.write(P.encode_json(P.WELCOME, 0, {
                 "version": P.PROTOCOL_VERSION, "agent": "fake", "nonce": hello.get("nonce"),
                 "max_frame": P.MAX_FRAME, "window": P.STREAM_WINDOW,
-                "capabilities": sorted(AGENT_OPS), "pid": 1}))
+                "capabilities": sorted([*AGENT_OPS, *P.FEATURES]), "pid": 1}))
             return
         if frame.kind != P.REQUEST:
             return
@@ -303,6 +304,9 @@ class FakeBackend:
             reply = {"monotonic": time.monotonic()}
         elif op == "set_network":
             reply = {"addresses": list(req.get("addresses") or [])}
+        elif op == "mount":
+            guest.mounts.append({k: v for k, v in req.items() if k != "op"})
+            reply = {"path": req.get("path"), "device": str(req.get("source"))}
         elif op == "poweroff":
             asyncio.get_running_loop().call_later(0.01, self.exit, guest.spec.files, 0)
         writer.write(P.encode_json(P.REPLY, chan, reply))

@@ -311,11 +311,18 @@ class AsyncSnapshots:
             os.rename(files.disk, run.disk)
         else:
             await backend.create_disk(image.rootfs, run.disk)
+        devices = template_devices(cfg, files)
+        try:
+            for path, _ in devices["volumes"]:
+                path.touch()
+            for path, _ in devices["shares"]:
+                path.mkdir()
+        except OSError as exc:
+            raise store_error(exc, "staging a snapshot") from None
         spec = LaunchSpec(
             name=cfg.name, files=run, **boot.launch_fields(), cpus=cfg.cpus,
             memory_mib=cfg.memory_mib, accel=key.accel, cmdline=cfg.cmdline,
-            memory_file=files.memory, memory_shared=True, incoming=from_stream,
-            **template_devices(cfg),
+            memory_file=files.memory, memory_shared=True, incoming=from_stream, **devices,
         )
         launched = await backend.launch(spec)
         if isinstance(launched, int):
@@ -375,8 +382,10 @@ class AsyncSnapshots:
 
 async def _warm(agent: AgentClient, cfg: MachineConfig) -> None:
     """Walk the template through what every clone does first (the identity and network
-    requests and an exec), so the modules, binaries and files that takes are already
-    loaded in the RAM that clones map; then flush the disk that the snapshot freezes.
+    requests, an exec, the 9p modules its shares need), so the modules, binaries and
+    files that takes are already loaded in the RAM that clones map; then flush the disk
+    that the snapshot freezes. Its volumes and shares are not mounted: a mounted 9p
+    share blocks saving, and a clone's volume is another disk than the template's.
 
     The NAT NIC gets the address every clone's has (NAT_GUEST), without the default
     route (the template's netdev is restricted): a clone only changes the MAC, and adds
@@ -388,6 +397,9 @@ async def _warm(agent: AgentClient, cfg: MachineConfig) -> None:
           if macs["nat"] else []),
         *(agent.request("set_network", mac=mac, addresses=[], up=False) for mac in macs["nics"]))
     (await agent.exec(["true"])).check()
+    if cfg.shares:  # so that a clone's first 9p mount need not run modprobe (if this
+        # fails, the clone's mount runs it and says what went wrong)
+        await agent.exec(["modprobe", "-q", "-a", "9pnet_virtio", "9p"])
     (await agent.exec(["sync"])).check()
 
 
@@ -398,10 +410,21 @@ def _readable_pointer(path: Path) -> bool:
         return False
 
 
-def template_devices(cfg: MachineConfig) -> dict[str, Any]:
-    """The NICs of a template: the machine's shape, with template MACs and no way out."""
+def template_devices(cfg: MachineConfig, files: SnapshotFiles) -> dict[str, Any]:
+    """The devices of a template (the LaunchSpec's fields): the machine's shape, in the
+    same order, with template MACs and no way out, and a placeholder in every volume and
+    shared-folder slot (see SnapshotFiles.spare_volume), which its guest never mounts:
+    a clone, launched with its own volumes and shares in those slots, mounts them after
+    the restore (a volume's disk probed again: the guest saw an empty one).
+
+    A spare disk is writable: a disk's read-only flag is a feature the guest took at its
+    boot, and a saved state does not load into a device that lacks a feature the guest
+    took, so a clone may make a slot read-only but not the other way round. Its guest
+    never writes to it (it is empty and never mounted)."""
     nat = NatNic(template_mac(-1), restrict=True) if cfg.net != "none" else None
-    return {"nat": nat, "nics": tuple(template_mac(i) for i in range(len(cfg.nics)))}
+    return {"nat": nat, "nics": tuple(template_mac(i) for i in range(len(cfg.nics))),
+            "volumes": tuple((files.spare_volume(i), False) for i in range(len(cfg.volumes))),
+            "shares": tuple((files.spare_share(i), True) for i in range(len(cfg.shares)))}
 
 
 __all__ = ["SNAPSHOT_FORMAT", "AsyncSnapshots", "Snapshot", "SnapshotKey", "Source", "verify"]

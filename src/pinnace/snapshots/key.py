@@ -29,7 +29,8 @@ from ..store import SnapshotFiles, Store, read_record, validate_name
 
 # Bump when what a snapshot holds or how it is loaded changes: old ones are rebuilt.
 # 3: NICs in the device list; MACs in snapshot.json. 4: ready templates have the NAT address.
-SNAPSHOT_FORMAT = 4
+# 5: ready templates have spare volume and shared-folder slots (machines with them restore).
+SNAPSHOT_FORMAT = 5
 # Files smaller than this are checksummed before every restore; larger ones by size only
 # (and fully by `pinnace snapshot inspect --verify`).
 QUICK_SUM_LIMIT = 8 << 20
@@ -136,6 +137,11 @@ class Snapshot:
         return SnapshotFiles(self.path)
 
     @property
+    def ready(self) -> bool:
+        """A ready snapshot (in the cache, made by ``run``), not a named one."""
+        return ready_ref(self.ref)
+
+    @property
     def lock(self) -> tuple[str, str]:
         """The (kind, name) of its lock: users hold it shared, removal exclusively."""
         return snapshot_lock(self.ref)
@@ -150,7 +156,12 @@ def snapshot_lock(ref: str) -> tuple[str, str]:
     """The (kind, name) of the lock of the snapshot at ``ref``, from the reference alone
     (no file is read): a ready snapshot's name is prefixed, so it never meets a named one."""
     ident = ref.rsplit("/", 1)[-1]
-    return ("snapshot", f"ready.{ident}" if ref.startswith("cache/") else ident)
+    return ("snapshot", f"ready.{ident}" if ready_ref(ref) else ident)
+
+
+def ready_ref(ref: str) -> bool:
+    """The reference names a ready snapshot (in the cache), not a named one."""
+    return ref.startswith("cache/")
 
 
 def sha256_file(path: Path) -> str:
@@ -242,4 +253,4 @@ class SnapshotLookup:
 
 
 __all__ = ["SNAPSHOT_FORMAT", "Capture", "Snapshot", "SnapshotKey", "SnapshotLookup", "machine_key",
-           "read_snapshot", "sha256_file", "snapshot_lock", "template_mac", "template_macs", "verify"]
+           "read_snapshot", "ready_ref", "sha256_file", "snapshot_lock", "template_mac", "template_macs", "verify"]
