@@ -346,6 +346,7 @@ class AsyncMachines:
             return None
         src = self.handle(member)
         m = self.handle(name)
+        moved = False
         try:
             async with store.alocked(("machine", name), timeout=30):
                 if not src.paths.dir.is_dir():
@@ -362,23 +363,20 @@ class AsyncMachines:
                 # Renamed first, then its config: a command killed in between leaves a
                 # folder whose config names another machine, which gc removes.
                 store.move_machine(member, name)
-                try:
-                    if ephemeral:
-                        write_atomic(m.paths.owner, this_process() + "\n")
-                    write_json(m.paths.config, cfg.with_changes(
-                        name=name, pool="", ephemeral=ephemeral).to_dict())
-                except BaseException:
-                    await m.delete(force=True)
-                    raise
-        finally:
-            held.release()
-        try:
+                moved = True
+                if ephemeral:
+                    write_atomic(m.paths.owner, this_process() + "\n")
+                write_json(m.paths.config, cfg.with_changes(
+                    name=name, pool="", ephemeral=ephemeral).to_dict())
             agent = await m.agent()
             await agent.refresh_identity(name)
         except BaseException:
-            with contextlib.suppress(PinnaceError):
-                await m.delete(force=True)
+            if moved:  # (its locks are released: delete takes them itself)
+                with contextlib.suppress(PinnaceError):
+                    await m.delete(force=True)
             raise
+        finally:
+            held.release()
         m.event("claimed", member=member)
         return m
 

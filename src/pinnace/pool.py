@@ -267,7 +267,7 @@ class AsyncPool:
                 logf.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} fill "
                            f"{' '.join(shape.args())}\n".encode())
                 subprocess.Popen(
-                    [sys.executable, "-m", "pinnace", "pool", "fill", *shape.args()],
+                    [sys.executable, "-m", "pinnace.cli", "pool", "fill", *shape.args()],
                     stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                     start_new_session=True, close_fds=True,
                     env={**os.environ, "PINNACE_HOME": str(self.store.home)})

@@ -54,8 +54,8 @@ def test_squashfs_on_a_loop_device(machine, tmp_path):
     src.mkdir()
     (src / "hello").write_text("from squashfs\n")
     image = tmp_path / "t.sqfs"
-    subprocess.run(["mksquashfs", str(src), str(image), "-quiet", "-comp", "xz"], check=True)
-    machine.put(image, "/tmp/t.sqfs")
+    subprocess.run(["mksquashfs", str(src), str(image), "-quiet", "-comp", "xz"], stdout=subprocess.DEVNULL, check=True)
+    machine.files.put(image, "/tmp/t.sqfs")
     out = sh(machine, """
         mkdir -p /tmp/sq
         mount -t squashfs -o loop,ro /tmp/t.sqfs /tmp/sq

@@ -1373,11 +1373,9 @@ class Agent:
 
 
 def uptime() -> str:
-    try:
-        with open("/proc/uptime") as f:
-            return f.read().split()[0]
-    except OSError:
-        return "?"
+    """Seconds since the kernel started (what /proc/uptime says; /proc may not be mounted
+    yet when the agent starts as init)."""
+    return f"{time.clock_gettime(time.CLOCK_BOOTTIME):.2f}"
 
 
 def main() -> None:
