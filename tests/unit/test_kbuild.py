@@ -68,3 +68,12 @@ def test_missing_source_package_says_how_to_install_it():
         KB.find_source("linux-source-0.0-no-such")
     assert "apt-get install linux-source-0.0-no-such" in str(info.value)
     assert "--kernel debian" in str(info.value)
+
+
+def test_compile_progress_counts_compiled_files_only():
+    progress = KB.CompileProgress(expected=3)
+    lines = ["  CC      kernel/fork.o", "  LD      vmlinux.o", "  CC [M]  net/x.o",
+             "  AS      arch/x86/entry.o", "  CC      a.o"]
+    shown = [progress(line) for line in lines]
+    assert shown == ["1 of ~3 files: kernel/fork.o", None, "2 of ~3 files: net/x.o",
+                     "3 of ~3 files: arch/x86/entry.o", "4 of ~4 files: a.o"]

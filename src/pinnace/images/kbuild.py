@@ -45,7 +45,7 @@ CORE_MINUTES = 26
 COMPILED_FILES = 1870
 _CONFIG_RE = re.compile(r"^(CONFIG_[A-Za-z0-9_]+)=(.*)$")
 _UNSET_RE = re.compile(r"^# (CONFIG_[A-Za-z0-9_]+) is not set$")
-_COMPILE_RE = re.compile(r"^\s+(CC|CC \[M\]|AS|AS \[M\])\s+(\S+)")
+_COMPILE_RE = re.compile(r"^\s+(CC \[M\]|CC|AS \[M\]|AS)\s+(\S+)")
 
 
 @dataclass(frozen=True)
@@ -226,7 +226,8 @@ class KernelBuilder:
                 raise ImageBuildError("kernel config", "; ".join(problems[:5]) + (
                     f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
         with self.reporter.step("Compiling the kernel and its modules"):
-            _compile(runner, [*make, "vmlinux", "modules"], self.reporter)
+            runner.run("kernel compile", [*make, "vmlinux", "modules"],
+                       progress=CompileProgress())
         with self.reporter.step("Installing the kernel and its modules"):
             runner.run("kernel", [*make, "modules_install", "INSTALL_MOD_STRIP=1",
                                   f"INSTALL_MOD_PATH={out.modules}", "DEPMOD=/bin/true"])
@@ -248,19 +249,19 @@ class KernelBuilder:
         })
 
 
-def _compile(runner: Runner, argv: list[str], reporter: Reporter) -> None:
-    """Run the compile, turning kbuild's output into 'file N of about M' progress."""
-    count = 0
+class CompileProgress:
+    """Turns kbuild's output into 'N of ~M files: path' lines (None for other lines)."""
 
-    def progress(line: str) -> str | None:
-        nonlocal count
+    def __init__(self, expected: int = COMPILED_FILES) -> None:
+        self.count = 0
+        self.expected = expected
+
+    def __call__(self, line: str) -> str | None:
         m = _COMPILE_RE.match(line)
         if not m:
             return None
-        count += 1
-        return f"{count} of ~{max(COMPILED_FILES, count)} files: {m.group(2)}"
-
-    runner.run("kernel compile", argv, progress=progress)
+        self.count += 1
+        return f"{self.count} of ~{max(self.expected, self.count)} files: {m.group(2)}"
 
 
 def current_kernel_key() -> str:
