@@ -649,7 +649,7 @@ class AsyncMachine:
             if changed:
                 raise MachineError(self.name, f"its saved state does not fit this host: "
                                    f"{'; '.join(changed)}; 'pinnace halt' discards it")
-            if not Path(str(plan.get("state"))).is_file():
+            if not (self.paths.dir / str(plan.get("state"))).is_file():
                 raise MachineError(self.name, "the saved state file is missing; 'pinnace halt' "
                                    "discards the saved state")
         return dict(plan)
@@ -669,7 +669,7 @@ class AsyncMachine:
             connecting = asyncio.ensure_future(AgentClient.open(
                 self.paths, timeout=timeout or RESTORE_AGENT_TIMEOUT, alive=alive))
             try:
-                await backend.load(self.paths, Path(plan["state"]),
+                await backend.load(self.paths, self.paths.dir / plan["state"],
                                    ignore_shared=bool(plan.get("ignore_shared")))
             except BaseException:
                 connecting.cancel()
@@ -765,9 +765,12 @@ class AsyncMachine:
                     why = "no space left on the filesystem" if full else exc.message
                     raise MachineError(self.name, "saving failed, the machine keeps running: "
                                        f"{why}", log_tail=tail(self.paths.qemu_log)) from None
-                # resume.json comes last: with it, the saved state is whole.
+                # resume.json comes last: with it, the saved state is whole. Its "state" is
+                # relative to the machine's folder, which may be renamed (a snapshot's is
+                # absolute: the folder's path joined with it is the snapshot's).
                 write_json(self.paths.resume, {
-                    "state": str(self.paths.saved_state), "memory": None, "ignore_shared": False,
+                    "state": self.paths.cwd_path(self.paths.saved_state), "memory": None,
+                    "ignore_shared": False,
                     "snapshot": "", "clock": clock_anchor(reading, stopped), "key": asdict(key)})
                 await self._bring_down(handle, graceful=False, timeout=0, kill=False)
                 self._cleanup_runtime()
