@@ -1,10 +1,12 @@
 """A machine's folder renamed while its VMM runs, without QEMU: the launcher and the way
-a folder's VMM is recognised (by the pid file's process working in the folder), and
-gc's view of VMMs by their working directory."""
+a folder's VMM is recognised (by the pid file's process working in the folder), gc's
+view of VMMs by their working directory, and the internal rename on the fake backend.
+(The same with real QEMU: tests/guest/test_relocate.py.)"""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -12,8 +14,11 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from pinnace.backends.base import Handle
 from pinnace.backends.qemu import process as qproc
+from pinnace.errors import AlreadyExistsError, ConfigError, NotFoundError, StateError
 from pinnace.store import MachineFiles, proc_argv, proc_cwd, proc_start_time
 
 from .fakes import arun, fake_store
@@ -128,5 +133,64 @@ def test_gc_knows_vmms_by_their_working_directory(tmp_path):
             assert moved in found and staged in found
             _wait(lambda: proc_start_time(moved) is None and proc_start_time(staged) is None)
             assert proc_start_time(launcher) is not None  # (not a QEMU: left alone)
+
+    arun(pn, main())
+
+
+def test_rename_of_a_running_machine(tmp_path):
+    pn = fake_store(tmp_path)
+
+    async def main():
+        m = await pn.machines.create("pool-1")
+        await m.start()
+        pid = (await m.status()).pid
+        other = await pn.machines.create("taken")
+        with pytest.raises(AlreadyExistsError):
+            await m.rename("taken")
+        with pytest.raises(ConfigError):
+            await m.rename("bad/name")
+        with pytest.raises(ConfigError):
+            await m.rename("pool-1")
+        renamed = await m.rename("user-1")
+        assert renamed.name == "user-1" and renamed.config.name == "user-1"
+        assert not m.paths.dir.exists() and other.paths.dir.exists()
+        with pytest.raises(NotFoundError):
+            await m.status()
+        st = await renamed.status()
+        assert str(st.state) == "ready" and st.pid == pid
+        assert (await renamed.exec(["echo", "hi"])).stdout == b"hi\n"
+        events = [json.loads(ln) for ln in renamed.paths.events.read_text().splitlines()]
+        assert events[-1]["event"] == "renamed" and events[-1]["was"] == "pool-1"
+        st = await renamed.stop()
+        assert str(st.state) == "stopped" and st.exit_code == 0
+        assert sorted(s.name for s in await pn.machines.list()) == ["taken", "user-1"]
+
+    arun(pn, main())
+
+
+def test_rename_of_a_saved_machine_resumes_under_the_new_name(tmp_path):
+    pn = fake_store(tmp_path)
+
+    async def main():
+        m = await pn.machines.create("a")
+        await m.start()
+        await m.stop(save=True)
+        assert json.loads(m.paths.resume.read_text())["state"] == "saved.state"
+        renamed = await m.rename("b")
+        assert str((await renamed.start()).state) == "ready"
+        assert ("load", "b") in pn.backend.calls
+
+    arun(pn, main())
+
+
+def test_rename_of_a_broken_machine_is_refused(tmp_path):
+    pn = fake_store(tmp_path)
+
+    async def main():
+        m = await pn.machines.create("a")
+        m.paths.state.write_text("{damaged")
+        with pytest.raises(StateError):
+            await m.rename("b")
+        assert m.paths.dir.exists()
 
     arun(pn, main())

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,13 +63,34 @@ class FakeBackend:
         self.kvm = kvm
         self.guests: dict[Path, FakeGuest] = {}
         self.exits: dict[Path, int] = {}
+        self._folders: dict[Path, tuple[int, int]] = {}  # each key's folder (device, inode)
         self.calls: list[tuple[str, str]] = []
         self.fail: dict[str, Any] = {}
         self._pids = FAKE_PID_BASE
         self._probed = False
 
+    def _key(self, files: MachineFiles) -> Path:
+        """Where the records of ``files``' machine are kept: its folder's path. Like QEMU,
+        which works in its folder and so follows it through a rename, they follow the
+        folder (found again by its inode) when it has moved."""
+        here = files.dir
+        if here in self._folders:
+            return here
+        try:
+            st = os.stat(here)
+        except OSError:
+            return here
+        for old, ident in list(self._folders.items()):
+            if ident == (st.st_dev, st.st_ino) and not old.exists():
+                self._folders[here] = self._folders.pop(old)
+                if old in self.guests:
+                    self.guests[here] = self.guests.pop(old)
+                if old in self.exits:
+                    self.exits[here] = self.exits.pop(old)
+        return here
+
     def _guest(self, files: MachineFiles, doing: str) -> FakeGuest:
-        guest = self.guests.get(files.dir)
+        guest = self.guests.get(self._key(files))
         if guest is None:
             raise MachineError(files.dir.name, f"QEMU did not answer while {doing}: "
                                "it is not running")
@@ -104,13 +126,16 @@ class FakeBackend:
     async def launch(self, spec: LaunchSpec) -> Handle | int:
         files = spec.files
         self.calls.append(("launch", spec.name))
-        self.exits.pop(files.dir, None)
+        key = self._key(files)
+        st = os.stat(key)
+        self._folders[key] = (st.st_dev, st.st_ino)
+        self.exits.pop(key, None)
         failure = self._failure("launch")
         if isinstance(failure, BaseException):
             raise failure
         if isinstance(failure, int):
             files.qemu_log.write_text("qemu-system-x86_64: fake: cannot start\n")
-            self.exits[files.dir] = failure
+            self.exits[key] = failure
             return failure
         self._pids += 1
         handle = Handle(self._pids, 1)
@@ -128,7 +153,7 @@ class FakeBackend:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
             guest.servers.append(await asyncio.start_unix_server(serve, path=str(path)))
-        self.guests[files.dir] = guest
+        self.guests[key] = guest
         files.pid.write_text(f"{handle.pid}\n")
         return handle
 
@@ -136,14 +161,14 @@ class FakeBackend:
         return any(g.handle == handle for g in self.guests.values())
 
     def find(self, files: MachineFiles) -> Handle | None:
-        guest = self.guests.get(files.dir)
+        guest = self.guests.get(self._key(files))
         return guest.handle if guest is not None else None
 
     def exit_status(self, files: MachineFiles) -> int | None:
-        return self.exits.get(files.dir)
+        return self.exits.get(self._key(files))
 
     async def await_exit_status(self, files: MachineFiles, timeout: float = 1.0) -> int | None:
-        return self.exits.get(files.dir)
+        return self.exits.get(self._key(files))
 
     async def wait_exit(self, handle: Handle, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -155,21 +180,27 @@ class FakeBackend:
 
     def exit(self, files: MachineFiles, code: int) -> None:
         """The machine's VMM ends with ``code`` (137: killed). Tests call it to crash one."""
-        guest = self.guests.pop(files.dir, None)
-        if guest is None:
+        guest = self.guests.get(self._key(files))
+        if guest is not None:
+            self._end(guest, code)
+
+    def _end(self, guest: FakeGuest, code: int) -> None:
+        key = next((k for k, g in self.guests.items() if g is guest), None)
+        if key is None:
             return
+        del self.guests[key]
         self.calls.append(("exit", f"{guest.spec.name}:{code}"))
         for server in guest.servers:
             server.close()
         for writer in guest.writers:  # as a dying VMM's sockets close
             writer.close()
-        self.exits[files.dir] = code
+        self.exits[key] = code
 
     async def close(self) -> None:
         """End every fake machine and close its sockets (call before the loop ends)."""
         servers = [srv for g in self.guests.values() for srv in g.servers]
         for guest in list(self.guests.values()):
-            self.exit(guest.spec.files, 137)
+            self._end(guest, 137)
         for srv in servers:
             await srv.wait_closed()
         await asyncio.sleep(0.05)  # let both ends of every connection see it close
@@ -177,12 +208,13 @@ class FakeBackend:
     async def kill(self, handle: Handle, files: MachineFiles) -> None:
         for guest in list(self.guests.values()):
             if guest.handle == handle:
-                self.exit(guest.spec.files, 137)
+                self._end(guest, 137)
 
     async def quit(self, files: MachineFiles, timeout: float) -> bool:
-        if files.dir not in self.guests:
+        guest = self.guests.get(self._key(files))
+        if guest is None:
             return False
-        self.exit(files, 0)
+        self._end(guest, 0)
         return True
 
     # -- control ---------------------------------------------------------------------------
@@ -292,7 +324,7 @@ class FakeBackend:
         elif op == "set_network":
             reply = {"addresses": list(req.get("addresses") or [])}
         elif op == "poweroff":
-            asyncio.get_running_loop().call_later(0.01, self.exit, guest.spec.files, 0)
+            asyncio.get_running_loop().call_later(0.01, self._end, guest, 0)
         writer.write(P.encode_json(P.REPLY, chan, reply))
 
 
