@@ -470,3 +470,17 @@ def test_a_qemu_end_bound_relative_to_its_folder_survives_the_folder_renamed(
         assert a.recv() == sent
         back = a.send(BROADCAST, b"back after the rename")
         assert qemu.recv(70000) == back
+
+
+def test_the_supervisor_imports_the_same_pinnace_from_its_own_working_directory(
+        tmp_path, monkeypatch):
+    """It runs in /: a relative PYTHONPATH (PYTHONPATH=src in a checkout) is made absolute
+    against the caller's, or it would import whichever pinnace is installed."""
+    from pinnace.network.switch import _supervisor_env
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(["src", "/abs/lib", ""]))
+    assert _supervisor_env()["PYTHONPATH"] == os.pathsep.join(
+        [str(tmp_path / "src"), "/abs/lib", ""])
+    monkeypatch.delenv("PYTHONPATH")
+    assert "PYTHONPATH" not in _supervisor_env()
