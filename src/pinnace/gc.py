@@ -27,7 +27,7 @@ from .machines import AsyncMachines
 from .network.networks import AsyncNetworks
 from .pool import AsyncPool
 from .snapshots import AsyncSnapshots
-from .store import Store, owner_alive, proc_start_time, read_record
+from .store import Store, owner_alive, proc_argv, proc_cwd, proc_start_time, read_record
 
 SWITCH_MODULE = "pinnace.network.switch"
 
@@ -55,14 +55,9 @@ def _processes() -> list[_Proc]:
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                raw = f.read()
-        except OSError:
-            continue
-        if raw:
-            out.append(_Proc(int(entry), [a.decode("utf-8", "replace")
-                                          for a in raw.rstrip(b"\0").split(b"\0")]))
+        argv = proc_argv(int(entry))
+        if argv is not None:
+            out.append(_Proc(int(entry), argv))
     return out
 
 
@@ -156,19 +151,31 @@ class Collector:
         """Why ``proc`` is an orphan of this store, or None if it is not one (or not ours)."""
         argv = proc.argv
         if "-pidfile" in argv[:-1]:
-            # A VMM, or the shell that launched it and waits for it (argv[0] "sh"): its
-            # pid file lies in its machine's folder.
+            # A VMM, or the shell that launched it and waits for it (argv[0] "sh"). Both
+            # work in their machine's folder (or a snapshot's staging folder): where it is
+            # now, since the kernel follows renames, or where it was, if it was removed.
             qemu = os.path.basename(argv[0]).startswith("qemu-system")
-            folder = Path(argv[argv.index("-pidfile") + 1]).parent
-            if _inside(folder, self.store.tmp_dir):  # a snapshot's, both go with the folder
-                top = folder.relative_to(self.store.tmp_dir).parts[0]
-                if top in dead_staging or not (self.store.tmp_dir / top).exists():
-                    what = "QEMU" if qemu else "the launcher of a QEMU"
+            what = "QEMU" if qemu else "the launcher of a QEMU"
+            where = proc_cwd(proc.pid)
+            if where is None:
+                return None  # it has ended since it was listed
+            folder, deleted = where
+            machines = self.store.machines_dir.resolve()
+            tmp = self.store.tmp_dir.resolve()
+            if _inside(folder, tmp):  # staging (a snapshot's): both go with the folder
+                top = folder.relative_to(tmp).parts[0]
+                if deleted or not (tmp / top).exists():
+                    return f"{what} of tmp/{top}, a folder that was removed"
+                if top in dead_staging:
                     return f"{what} of {top}, a snapshot whose command died"
                 return None
-            if qemu and _inside(folder, self.store.machines_dir):
-                name = folder.relative_to(self.store.machines_dir).parts[0]
+            if qemu and _inside(folder, machines):
+                name = folder.relative_to(machines).parts[0]
+                if deleted:  # (a machine of that name made since is another folder)
+                    return f"QEMU of {name}, a machine that is gone"
                 return await self._machine_orphan(proc.pid, name)
+            if deleted and _inside(folder, self.store.home.resolve()):
+                return f"{what} of {folder.name}, a folder that was removed"
             return None
         if SWITCH_MODULE in argv and argv[-1].startswith("/"):
             folder = Path(argv[-1])

@@ -54,6 +54,7 @@ from .config import NAT_DNS, NAT_GATEWAY, NAT_GUEST, MachineConfig, Nic, PortFor
 from .errors import (
     AgentError,
     AgentTimeout,
+    AlreadyExistsError,
     BootTimeout,
     ConfigError,
     LaunchError,
@@ -71,7 +72,7 @@ from .files import AsyncFiles
 from .images import Images
 from .network.networks import AsyncNetworks
 from .snapshots.key import Capture, SnapshotLookup, machine_key, verify
-from .store import MachineFiles, Store, read_record, tail, write_json
+from .store import MachineFiles, Store, read_record, tail, validate_name, write_json
 from .volumes import AsyncVolumes
 
 log = logging.getLogger(__name__)
@@ -651,7 +652,7 @@ class AsyncMachine:
             if changed:
                 raise MachineError(self.name, f"its saved state does not fit this host: "
                                    f"{'; '.join(changed)}; 'pinnace halt' discards it")
-            if not Path(str(plan.get("state"))).is_file():
+            if not (self.paths.dir / str(plan.get("state"))).is_file():
                 raise MachineError(self.name, "the saved state file is missing; 'pinnace halt' "
                                    "discards the saved state")
         return dict(plan)
@@ -672,7 +673,7 @@ class AsyncMachine:
             connecting = asyncio.ensure_future(AgentClient.open(
                 self.paths, timeout=timeout or RESTORE_AGENT_TIMEOUT, alive=alive))
             try:
-                await backend.load(self.paths, Path(plan["state"]),
+                await backend.load(self.paths, self.paths.dir / plan["state"],
                                    ignore_shared=bool(plan.get("ignore_shared")))
             except BaseException:
                 connecting.cancel()
@@ -772,9 +773,12 @@ class AsyncMachine:
                     why = "no space left on the filesystem" if full else exc.message
                     raise MachineError(self.name, "saving failed, the machine keeps running: "
                                        f"{why}", log_tail=tail(self.paths.qemu_log)) from None
-                # resume.json comes last: with it, the saved state is whole.
+                # resume.json comes last: with it, the saved state is whole. Its "state" is
+                # relative to the machine's folder, which may be renamed (a snapshot's is
+                # absolute: the folder's path joined with it is the snapshot's).
                 write_json(self.paths.resume, {
-                    "state": str(self.paths.saved_state), "memory": None, "ignore_shared": False,
+                    "state": self.paths.cwd_path(self.paths.saved_state), "memory": None,
+                    "ignore_shared": False,
                     "snapshot": "", "clock": clock_anchor(reading, stopped), "key": asdict(key)})
                 await self._bring_down(handle, graceful=False, timeout=0, kill=False)
                 self._cleanup_runtime()
@@ -932,6 +936,76 @@ class AsyncMachine:
                         await asyncio.to_thread(self.env.networks.unregister, nic.network,
                                                 self.name, i)
             self.env.store.remove_tree(self.paths.dir)
+
+    async def rename(self, new: str) -> AsyncMachine:
+        """Give the machine the name ``new``, in any state but broken, running or not, and
+        return a handle on it (this one then names no machine). Its folder is renamed
+        under both names' locks: its VMM runs on (it names its files relative to its
+        folder), config.json takes the new name, and NICs on virtual networks are plugged
+        into their switches under it. Refused if a machine ``new`` exists.
+
+        Internal: the groundwork of a warm pool (a restored clone waits under a pool name
+        and is renamed when claimed); neither the sync API nor the CLI offers it. The
+        guest keeps its hostname, and QEMU its ``-name``: giving it its new identity is
+        the claimer's business. One thing still points at the old folder: QEMU (7.2)
+        removes its pid file at exit by the absolute path it resolved when it started.
+        A machine made under the old name while this VMM runs loses its pid file then,
+        which only matters if a start of it dies before recording its VMM: reuse the
+        old name later, or not at all."""
+        validate_name("machine", new)
+        store = self.env.store
+        if new == self.name:
+            raise ConfigError("machine name", new, "it is the machine's name already")
+        if not store.socket_paths_fit(new):
+            raise ConfigError("machine name", new, "it is too long for this PINNACE_HOME's "
+                              "socket paths; choose a shorter name")
+        while True:
+            # The networks' locks are taken with the machines' (in the store's order), so
+            # they are named before the config can be read under lock: look again then.
+            nets = sorted({n.network for n in self.config.nics if n.network})
+            async with self._locked(LOCK_TIMEOUT, ("machine", new),
+                                    *(("network", n) for n in nets)):
+                st = await self._status(holding=True)
+                if st.state == S.BROKEN:
+                    raise StateError(self.name, "rename", str(st.state),
+                                     ["any state but broken"])
+                cfg = self.config
+                if sorted({n.network for n in cfg.nics if n.network}) != nets:
+                    continue  # connected or disconnected meanwhile
+                return await self._rename(new, cfg, live=st.state in LIVE)
+
+    async def _rename(self, new: str, cfg: MachineConfig, *, live: bool) -> AsyncMachine:
+        """:meth:`rename`, holding the locks."""
+        store, networks = self.env.store, self.env.networks
+        target = store.machine_files(new)
+        if target.dir.exists():
+            raise AlreadyExistsError("machine", new)
+        await self._drop_agent()
+        ports = [(i, nic) for i, nic in enumerate(cfg.nics) if nic.network]
+        # Unplugged under the old name before the folder moves: a switch rescanning in
+        # between must not bind the old paths again (it would make the old folder anew).
+        # A running machine is plugged in again under the new name once it has moved;
+        # one at rest is when it starts.
+        for i, nic in ports:
+            await asyncio.to_thread(networks.unregister, nic.network, self.name, i)
+        try:
+            store.put_in_place(self.paths.dir, target.dir, "the renamed machine")
+        except BaseException as exc:
+            if live:
+                for i, nic in ports:
+                    await asyncio.to_thread(networks.register, nic.network, self.name,
+                                            self.paths, i, nic.mac)
+            if isinstance(exc, FileExistsError):
+                raise AlreadyExistsError("machine", new) from None
+            raise
+        renamed = AsyncMachine(new, self.env)
+        write_json(target.config, cfg.with_changes(name=new).to_dict())
+        renamed.event("renamed", was=self.name)
+        if live:
+            for i, nic in ports:
+                await asyncio.to_thread(networks.register, nic.network, new, target, i,
+                                        nic.mac)
+        return renamed
 
     async def configure(self, **changes: Any) -> MachineConfig:
         """Change cpus, memory, cmdline, boot_timeout or accel; only while the machine is at rest."""

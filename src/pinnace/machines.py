@@ -362,7 +362,10 @@ class AsyncMachines:
                     raise AlreadyExistsError("machine", name)
                 # Renamed first, then its config: a command killed in between leaves a
                 # folder whose config names another machine, which gc removes.
-                store.move_machine(member, name)
+                try:
+                    store.put_in_place(src.paths.dir, m.paths.dir, "the claimed machine")
+                except FileExistsError:
+                    raise AlreadyExistsError("machine", name) from None
                 moved = True
                 if ephemeral:
                     write_atomic(m.paths.owner, this_process() + "\n")

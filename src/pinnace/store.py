@@ -87,6 +87,16 @@ class MachineFiles:
 
     dir: Path
 
+    def cwd_path(self, path: Path) -> str:
+        """``path`` as a process whose working directory is this folder (QEMU and its
+        launcher) is given it: relative if it lies inside the folder ("disk.qcow2"), so
+        that it names the same file after the folder is renamed while the process runs;
+        absolute if it lies elsewhere (an image, a volume, a snapshot's memory)."""
+        try:
+            return path.relative_to(self.dir).as_posix()
+        except ValueError:
+            return str(path)
+
     @property
     def config(self) -> Path:
         return self.dir / "config.json"
@@ -564,21 +574,6 @@ class Store:
         """Rename a folder made whole in staging into place (see :func:`put_in_place`)."""
         put_in_place(stage, final, what)
 
-    def move_machine(self, old: str, new: str) -> None:
-        """Rename machine ``old``'s folder to ``new`` (hold both locks; ``new`` must not
-        exist). A running machine's VMM keeps running: its paths are relative to its
-        folder, and it is recognised by its working directory, which follows the folder."""
-        src, dst = self.machine_files(old).dir, self.machine_files(new).dir
-        try:
-            if dst.exists():
-                raise FileExistsError(errno.EEXIST, "exists", str(dst))
-            os.rename(src, dst)
-            fsync_dir(dst.parent)
-        except FileExistsError:
-            raise
-        except OSError as exc:
-            raise store_error(exc, f"renaming machine {old} to {new}") from None
-
     def volume_files(self, name: str) -> VolumeFiles:
         return VolumeFiles(self.volumes_dir / name)
 
@@ -766,6 +761,37 @@ def proc_start_time(pid: int) -> int | None:
         return None
     fields = data[data.rindex(b")") + 2:].split()  # comm may hold spaces and parentheses
     return None if fields[0] == b"Z" else int(fields[19])
+
+
+def proc_argv(pid: int) -> list[str] | None:
+    """The command line of process ``pid`` (decoded leniently), or None if it is gone, a
+    zombie or a kernel thread, or cannot be read."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    if not raw:
+        return None
+    return [a.decode("utf-8", "replace") for a in raw.rstrip(b"\0").split(b"\0")]
+
+
+DELETED_SUFFIX = " (deleted)"  # what the kernel appends to a removed folder's path
+
+
+def proc_cwd(pid: int) -> tuple[Path, bool] | None:
+    """The working directory of process ``pid`` and whether it has been removed; None if
+    the process is gone (or not ours to look at). The kernel follows renames: this is
+    where the folder is now, not where it was when the process started."""
+    link = f"/proc/{pid}/cwd"
+    try:
+        target = os.readlink(link)
+        deleted = os.stat(link).st_nlink == 0
+    except OSError:
+        return None
+    if deleted and target.endswith(DELETED_SUFFIX):
+        target = target[: -len(DELETED_SUFFIX)]
+    return Path(target), deleted
 
 
 def this_process() -> str:

@@ -115,7 +115,11 @@ class Lab:
                     "PINNACE_DEFAULT_NET": "restricted"}
         self.prefix = f"f{os.getpid() % 100000}"
         self._counter = itertools.count()
-        self._machine_re = re.compile(re.escape(self.home) + r"/machines/([^/,]+)/")
+        # QEMU works in its machine's folder and names the files there relative to it:
+        # which machine a QEMU is of is told by its working directory (resolved).
+        self.real_home = os.path.realpath(self.home)
+        self._machine_re = re.compile(
+            "^" + re.escape(self.real_home) + r"/machines/([^/]+?)(?: \(deleted\))?/ ")
 
     @property
     def tmp(self) -> Path:
@@ -148,10 +152,20 @@ class Lab:
         return {x["name"] for x in json.loads(r.stdout)}
 
     def qemus(self) -> dict[int, str]:
-        """QEMU processes whose command line mentions this store: pid -> command line."""
-        return {pid: " ".join(argv) for pid, argv in _processes().items()
-                if "qemu-system" in os.path.basename(argv[0])
-                and f"{self.home}/" in " ".join(argv)}
+        """QEMU processes of this store (working in it, or naming it on their command
+        line): pid -> "WORKING-DIRECTORY/ COMMAND LINE"."""
+        out = {}
+        for pid, argv in _processes().items():
+            if "qemu-system" not in os.path.basename(argv[0]):
+                continue
+            try:
+                cwd = os.readlink(f"/proc/{pid}/cwd")
+            except OSError:
+                continue  # gone
+            where = f"{cwd}/ {' '.join(argv)}"
+            if cwd.startswith(f"{self.real_home}/") or f"{self.home}/" in where:
+                out[pid] = where
+        return out
 
     def machine_of(self, cmdline: str) -> str | None:
         m = self._machine_re.search(cmdline)
@@ -342,7 +356,7 @@ class Case:
                              "does not exist")
 
     def _where(self, cmd: str) -> str:
-        m = re.search(re.escape(self.lab.home) + r"/((tmp|cache)/[^/ ,]+)", cmd)
+        m = re.search(re.escape(self.lab.real_home) + r"/((tmp|cache)/[^/ ,]+)", cmd)
         return m.group(1) if m else cmd[:120]
 
     # (b) the next command works

@@ -1,5 +1,7 @@
+from dataclasses import replace
 from pathlib import Path
 
+from pinnace.backends.base import NatNic
 from pinnace.backends.qemu.command import LaunchSpec, build_argv, kernel_cmdline
 from pinnace.store import MachineFiles
 
@@ -25,6 +27,36 @@ def test_argv_shape():
     assert argv[argv.index("-m") + 1] == "768M" and argv[argv.index("-smp") + 1] == "2"
     assert "-no-reboot" in argv and "-nodefaults" in argv
     assert joined.count("virtserialport") == 8
-    assert "file=/s/machines/vm/disk.qcow2,format=qcow2" in joined
-    assert "unix:/s/machines/vm/qmp.sock,server=on,wait=off" in joined
+    assert "file=disk.qcow2,format=qcow2" in joined
+    assert "unix:qmp.sock,server=on,wait=off" in joined
     assert build_argv("qemu", spec("tcg"))[build_argv("qemu", spec("tcg")).index("-cpu") + 1] == "max"
+
+
+def test_paths_in_the_machine_folder_are_relative_to_it():
+    """QEMU runs in the machine's folder: what lies inside it is named relative to it (so
+    the folder can be renamed under a running QEMU), what lies elsewhere absolutely."""
+    full = replace(
+        spec("kvm"), memory_file=Path("/s/cache/ready/x/memory"), nat=NatNic("02:00:00:00:00:01", True),
+        nics=("02:00:00:00:00:02", "02:00:00:00:00:03"),
+        volumes=((Path("/s/volumes/v/volume.ext4"), False),), shares=((Path("/data,1"), True),))
+    argv = build_argv("qemu", full)
+    assert not [a for a in argv if "/s/machines" in a]
+    opts = " ".join(argv)
+    for form in ("path=serial.log,", "file=disk.qcow2,", "path=agent0.sock,", "path=agent7.sock,",
+                 "local.path=n0.sock,", "remote.path=n0.peer", "local.path=n1.sock,",
+                 "remote.path=n1.peer", "unix:qmp.sock,",
+                 "mem-path=/s/cache/ready/x/memory,", "file=/s/volumes/v/volume.ext4,",
+                 "path=/data,,1,"):  # (commas in an option list are doubled)
+        assert form in opts, form
+    assert argv[argv.index("-pidfile") + 1] == "pid"
+    assert argv[argv.index("-kernel") + 1] == "/i/vmlinux"
+    assert argv[argv.index("-initrd") + 1] == "/i/initrd.img"
+
+
+def test_cwd_path_is_relative_inside_the_folder_and_absolute_elsewhere():
+    f = MachineFiles(Path("/s/machines/vm"))
+    assert f.cwd_path(f.disk) == "disk.qcow2"
+    assert f.cwd_path(f.agent_sock(3)) == "agent3.sock"
+    assert f.cwd_path(f.dir / "sub" / "x") == "sub/x"
+    assert f.cwd_path(Path("/s/machines/vm2/disk.qcow2")) == "/s/machines/vm2/disk.qcow2"
+    assert f.cwd_path(Path("/i/vmlinux")) == "/i/vmlinux"

@@ -418,3 +418,69 @@ def test_networks_never_exchange_frames(make_net, make_qemu):
     assert a2.recv(0.2) is None
     assert b2.recv(0.2) is None
     assert a1.recv(0.05) is None
+
+
+def test_a_qemu_end_bound_relative_to_its_folder_survives_the_folder_renamed(
+        lan, root, monkeypatch):
+    """pinnace's QEMU works in its machine's folder and binds its end there relative to
+    it: frames carry that name ("n0.sock"), which the port file gives as ``sender``.
+    When the folder is renamed, the port is written again with the new paths and the
+    same socket goes on working, both ways."""
+    net, a, b, c = lan
+    folder = root / "vm"
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    mac = bytes.fromhex("525400000009")
+    qemu = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    qemu.bind("n0.sock")
+    rogue = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    rogue.bind(str(root / "rogue"))
+
+    def attach(where, port_id):
+        write_port(net, port_id, PortSpec(str(where / "n0.peer"), str(where / "n0.sock"), "vm",
+                                          "52:54:00:00:00:09", sender="n0.sock"))
+
+    def frame(payload):
+        return BROADCAST + mac + b"\x88\xb5" + payload.ljust(46, b".")
+
+    attach(folder, "vm.n0")
+    with contextlib.closing(qemu), contextlib.closing(rogue), in_thread(net) as sw:
+        sent = frame(b"from the relative end")
+        qemu.sendto(sent, "n0.peer")
+        assert a.recv() == sent
+        rogue.sendto(frame(b"rogue"), str(folder / "n0.peer"))  # not its QEMU: dropped
+        back = a.send(BROADCAST, b"to the relative end")
+        qemu.settimeout(2)
+        assert qemu.recv(70000) == back
+        assert b.recv() == sent and c.recv() == sent  # (the rogue frame came nowhere)
+        assert b.recv() == back and c.recv() == back
+        assert sw.stats()["ports"]["vm.n0"]["rx_dropped"] == 1
+
+        moved = root / "vm2"
+        remove_port(net, "vm.n0")  # as a rename does: unplugged, moved, plugged again
+        sw.request_rescan()
+        wait_for(lambda: "vm.n0" not in sw.stats()["ports"])
+        os.rename(folder, moved)  # this process's working directory moves with it
+        attach(moved, "vm2.n0")
+        sw.request_rescan()
+        wait_for(lambda: "vm2.n0" in sw.stats()["ports"])
+        assert not folder.exists()
+        sent = frame(b"after the rename")
+        qemu.sendto(sent, "n0.peer")
+        assert a.recv() == sent
+        back = a.send(BROADCAST, b"back after the rename")
+        assert qemu.recv(70000) == back
+
+
+def test_the_supervisor_imports_the_same_pinnace_from_its_own_working_directory(
+        tmp_path, monkeypatch):
+    """It runs in /: a relative PYTHONPATH (PYTHONPATH=src in a checkout) is made absolute
+    against the caller's, or it would import whichever pinnace is installed."""
+    from pinnace.network.switch import _supervisor_env
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(["src", "/abs/lib", ""]))
+    assert _supervisor_env()["PYTHONPATH"] == os.pathsep.join(
+        [str(tmp_path / "src"), "/abs/lib", ""])
+    monkeypatch.delenv("PYTHONPATH")
+    assert "PYTHONPATH" not in _supervisor_env()

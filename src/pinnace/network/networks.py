@@ -171,8 +171,12 @@ class AsyncNetworks:
         from . import switch
 
         network = self.get(name)
+        # QEMU, working in the machine's folder, binds its end relative to it (see
+        # backends.qemu.command): that name is what its frames carry.
+        sock = files.nic_sock(nic)
         switch.write_port(network.path, port_id(machine, nic), switch.PortSpec(
-            peer=str(files.nic_peer(nic)), qemu=str(files.nic_sock(nic)), machine=machine, mac=mac))
+            peer=str(files.nic_peer(nic)), qemu=str(sock), machine=machine, mac=mac,
+            sender=files.cwd_path(sock)))
         if not switch.notify(network.path):  # a running switch rescans now; else start one
             switch.ensure_running(network.path)
 

@@ -87,17 +87,30 @@ class PortSpec:
     """One NIC on the network, as its port file ``ports/<port-id>.json`` describes it.
 
     ``peer`` is the path the switch binds and QEMU sends to; ``qemu`` is the path QEMU
-    binds, and the only sender the port accepts frames from, so QEMU must be given
-    exactly this string. ``machine`` and ``mac`` are labels for humans and statistics.
+    binds, where the switch sends. ``sender`` is the address frames from QEMU carry,
+    which is the string QEMU bound ``qemu`` with: the only sender the port accepts
+    frames from. It is ``qemu`` itself unless given; pinnace gives QEMU the path relative
+    to its working directory (the machine's folder, which holds ``qemu`` and ``peer``),
+    so that the folder can be renamed under a running QEMU. ``machine`` and ``mac`` are
+    labels for humans and statistics.
     """
 
     peer: str
     qemu: str
     machine: str = ""
     mac: str = ""
+    sender: str = ""
+
+    @property
+    def accepted(self) -> str:
+        """The sender address the port accepts frames from."""
+        return self.sender or self.qemu
 
     def to_json(self) -> dict[str, str]:
-        return {"peer": self.peer, "qemu": self.qemu, "machine": self.machine, "mac": self.mac}
+        out = {"peer": self.peer, "qemu": self.qemu, "machine": self.machine, "mac": self.mac}
+        if self.sender:
+            out["sender"] = self.sender
+        return out
 
 
 def parse_port(data: bytes) -> PortSpec:
@@ -127,7 +140,13 @@ def parse_port(data: bytes) -> PortSpec:
         labels.append(label)
     if paths[0] == paths[1]:
         raise ValueError("'peer' and 'qemu' are the same path")
-    return PortSpec(paths[0], paths[1], labels[0], labels[1])
+    sender = obj.get("sender", "")
+    if not isinstance(sender, str) or "\0" in sender:
+        raise ValueError("'sender' must be a path")
+    if len(os.fsencode(sender)) > SUN_PATH_MAX:
+        raise ValueError(f"sender {sender!r} is longer than {SUN_PATH_MAX} bytes, "
+                         "the limit for unix sockets")
+    return PortSpec(paths[0], paths[1], labels[0], labels[1], sender)
 
 
 def read_ports(files: NetworkFiles) -> tuple[dict[str, PortSpec], dict[str, str]]:
@@ -321,7 +340,7 @@ class Switch:
     def _receive(self, port: _Port, now: float) -> None:
         """Forward the datagrams waiting on ``port``, up to a batch of them."""
         buf, view, macs = self._buf, self._view, self._macs
-        sock, qemu = port.sock, port.spec.qemu
+        sock, qemu = port.sock, port.spec.accepted
         for _ in range(_BATCH):
             try:
                 n, sender = sock.recvfrom_into(buf)
@@ -765,12 +784,23 @@ def _await(done: Callable[[], bool], timeout: float) -> bool:
     return True
 
 
+def _supervisor_env() -> dict[str, str]:
+    """This process's environment, for the supervisor (and its switch), which run in /:
+    relative PYTHONPATH entries (PYTHONPATH=src in a checkout) are made absolute, so they
+    import the same pinnace as this process, not whichever one is installed."""
+    env = dict(os.environ)
+    if env.get("PYTHONPATH"):
+        env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) if p else p
+                                            for p in env["PYTHONPATH"].split(os.pathsep))
+    return env
+
+
 def _start_supervisor(files: NetworkFiles, timeout: float) -> _Proc:
     with open(files.log, "ab") as log_file:
         proc = subprocess.Popen(
             [sys.executable, "-m", _MODULE, "--supervise", "--detach", str(files.dir)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log_file,
-            close_fds=True, start_new_session=True, cwd="/",
+            close_fds=True, start_new_session=True, cwd="/", env=_supervisor_env(),
         )
     try:
         code = proc.wait(timeout)  # the parent returns as soon as the supervisor is ready

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import subprocess
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
@@ -124,12 +123,8 @@ class QemuBackend:
         start = proc_start_time(pid) if pid is not None else None
         if pid is None or start is None:
             return None
-        try:  # the pid file may be stale: the process must be a QEMU writing it
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            return None
-        return Handle(pid, start) if os.fsencode(files.pid) in argv else None
+        # The pid file may be stale: the process must be a QEMU working in this folder.
+        return Handle(pid, start) if qproc.is_vmm_of(pid, files) else None
 
     def exit_status(self, files: MachineFiles) -> int | None:
         return qproc.read_exit_status(files)

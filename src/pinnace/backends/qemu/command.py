@@ -48,11 +48,19 @@ def kernel_cmdline(spec: LaunchSpec) -> str:
 
 
 def build_argv(binary: str, spec: LaunchSpec) -> list[str]:
+    """QEMU's argv. QEMU runs in the machine's folder (its working directory), and every
+    path inside that folder is given relative to it (:func:`here`): the folder can then
+    be renamed while QEMU runs, and QEMU still finds its files and sockets there."""
     f = spec.files
+
+    def here(path: Path) -> str:
+        """A path as QEMU's argv names it, inside an option list (commas doubled)."""
+        return _comma(f.cwd_path(path))
+
     if spec.memory_file is not None:
         share = "on" if spec.memory_shared else "off"
         backend = (f"memory-backend-file,id=mem,size={spec.memory_mib}M,"
-                   f"mem-path={spec.memory_file},share={share}")
+                   f"mem-path={here(spec.memory_file)},share={share}")
     else:
         backend = f"memory-backend-ram,id=mem,size={spec.memory_mib}M"
     argv = [
@@ -65,19 +73,19 @@ def build_argv(binary: str, spec: LaunchSpec) -> list[str]:
         "-m", f"{spec.memory_mib}M",
         "-object", backend,
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        "-kernel", str(spec.kernel),
-        *(["-initrd", str(spec.initrd)] if spec.initrd is not None else []),
+        "-kernel", f.cwd_path(spec.kernel),
+        *(["-initrd", f.cwd_path(spec.initrd)] if spec.initrd is not None else []),
         "-append", kernel_cmdline(spec),
-        "-chardev", f"file,id=serial0,path={f.serial_log},append=on",
+        "-chardev", f"file,id=serial0,path={here(f.serial_log)},append=on",
         "-serial", "chardev:serial0",
-        "-drive", f"id=root,file={f.disk},format=qcow2,if=none,discard=unmap,cache=writeback",
+        "-drive", f"id=root,file={here(f.disk)},format=qcow2,if=none,discard=unmap,cache=writeback",
         "-device", "virtio-blk-device,drive=root",
         "-device", "virtio-rng-device",
         "-device", f"virtio-serial-device,max_ports={spec.agent_ports + 1}",
     ]
     for port in range(spec.agent_ports):
         argv += [
-            "-chardev", f"socket,id=agent{port},path={f.agent_sock(port)},server=on,wait=off",
+            "-chardev", f"socket,id=agent{port},path={here(f.agent_sock(port))},server=on,wait=off",
             "-device", f"virtserialport,chardev=agent{port},name={PORT_NAME.format(port)},nr={port + 1}",
         ]
     if spec.nat is not None:
@@ -86,22 +94,22 @@ def build_argv(binary: str, spec: LaunchSpec) -> list[str]:
         argv += ["-netdev", f"user,id=nat,restrict={'on' if spec.nat.restrict else 'off'}{fwd}",
                  "-device", f"virtio-net-device,netdev=nat,mac={spec.nat.mac},id=nic-nat"]
     for i, mac in enumerate(spec.nics):
-        argv += ["-netdev", f"dgram,id=net{i},local.type=unix,local.path={f.nic_sock(i)},"
-                            f"remote.type=unix,remote.path={f.nic_peer(i)}",
+        argv += ["-netdev", f"dgram,id=net{i},local.type=unix,local.path={here(f.nic_sock(i))},"
+                            f"remote.type=unix,remote.path={here(f.nic_peer(i))}",
                  "-device", f"virtio-net-device,netdev=net{i},mac={mac},id={nic_id(i)}"]
     for i, (path, ro) in enumerate(spec.volumes):
-        argv += ["-drive", f"id=vol{i},file={_comma(path)},format=raw,if=none,"
+        argv += ["-drive", f"id=vol{i},file={here(path)},format=raw,if=none,"
                            f"readonly={'on' if ro else 'off'},cache=writeback,discard=unmap",
                  "-device", f"virtio-blk-device,drive=vol{i},serial={volume_serial(i)}"]
     for i, (path, ro) in enumerate(spec.shares):
         # mapped-xattr: the guest's owners and modes live in xattrs; on the host, files
         # belong to the user running QEMU, so a guest cannot plant setuid files there.
-        argv += ["-fsdev", f"local,id=fs{i},path={_comma(path)},security_model=mapped-xattr"
+        argv += ["-fsdev", f"local,id=fs{i},path={here(path)},security_model=mapped-xattr"
                            f"{',readonly=on' if ro else ''}",
                  "-device", f"virtio-9p-device,fsdev=fs{i},mount_tag={share_tag(i)}"]
     argv += [
-        "-qmp", f"unix:{f.qmp_sock},server=on,wait=off",
-        "-pidfile", str(f.pid),
+        "-qmp", f"unix:{here(f.qmp_sock)},server=on,wait=off",
+        "-pidfile", f.cwd_path(f.pid),  # not an option list: no commas doubled
     ]
     if spec.incoming:
         argv += ["-incoming", "defer"]
@@ -109,7 +117,7 @@ def build_argv(binary: str, spec: LaunchSpec) -> list[str]:
     return argv
 
 
-def _comma(path: Path) -> str:
+def _comma(path: str) -> str:
     """A path inside a QEMU option list: commas are doubled."""
     return str(path).replace(",", ",,")
 

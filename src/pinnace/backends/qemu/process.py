@@ -3,6 +3,10 @@
 QEMU runs under a small ``sh`` in a session of its own, so Ctrl-C in the CLI
 does not reach it; the shell writes QEMU's exit status to a file when it ends,
 which is how a later command tells a clean poweroff from a crash or a kill -9.
+
+Both run in the machine's folder and name the files in it relative to it (see
+:meth:`MachineFiles.cwd_path`), so the folder may be renamed while they run: the exit
+status is still written into it, wherever it is then.
 """
 
 from __future__ import annotations
@@ -13,10 +17,11 @@ import signal
 import subprocess
 import time
 
-from ...store import MachineFiles, proc_start_time, write_atomic
+from ...store import MachineFiles, proc_argv, proc_cwd, proc_start_time, write_atomic
 from ..base import Handle
 
-# "$1" is the exit file, "$2" the log, "$3" a token naming this launch; QEMU's argv follows.
+# "$1" is the exit file, "$2" the log (both relative to the machine's folder, the shell's
+# working directory), "$3" a token naming this launch; QEMU's argv follows.
 # The exit file holds "STATUS TOKEN": a launcher shell of an earlier QEMU that writes its
 # status late can then never be taken for this launch's QEMU dying at once.
 _WRAPPER = (
@@ -40,7 +45,8 @@ def launch(argv: list[str], files: MachineFiles, timeout: float = 10.0) -> Handl
     token = f"{os.getpid()}.{time.monotonic_ns()}"
     write_atomic(files.launch_token, token)
     launcher = subprocess.Popen(
-        ["sh", "-c", _WRAPPER, "sh", str(files.exit_status), str(files.qemu_log), token, *argv],
+        ["sh", "-c", _WRAPPER, "sh", files.cwd_path(files.exit_status),
+         files.cwd_path(files.qemu_log), token, *argv],
         stdin=subprocess.DEVNULL, start_new_session=True, cwd=files.dir,
     )
     launcher.wait()  # at once: the shell leaves QEMU running in the background
@@ -69,6 +75,22 @@ def read_pid(files: MachineFiles) -> int | None:
     except FileNotFoundError:
         return None
     return int(text) if text.isdigit() else None
+
+
+def is_vmm_of(pid: int, files: MachineFiles) -> bool:
+    """True if process ``pid`` is a QEMU launched for ``files``: one of ours (its argv has
+    ``-pidfile``) whose working directory is ``files.dir`` where that folder is now (the
+    kernel follows renames). A process that merely reuses a stale pid file's pid is not."""
+    argv = proc_argv(pid)
+    if argv is None or "-pidfile" not in argv[:-1]:
+        return False
+    where = proc_cwd(pid)
+    if where is None or where[1]:  # gone, or its folder was removed
+        return False
+    try:
+        return where[0] == files.dir.resolve(strict=True)
+    except OSError:  # the folder is gone
+        return False
 
 
 def await_exit_status(files: MachineFiles, timeout: float = 1.0) -> int | None:
