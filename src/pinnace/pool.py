@@ -266,10 +266,14 @@ class AsyncPool:
             with open(log_path, "ab") as logf:
                 logf.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} fill "
                            f"{' '.join(shape.args())}\n".encode())
-                subprocess.Popen(
-                    [sys.executable, "-m", "pinnace.cli", "pool", "fill", *shape.args()],
+                # Through a shell that starts it in the background and exits at once: the
+                # filler is nobody's child (no zombie, nothing to wait for), in a session
+                # of its own (Ctrl-C in the terminal does not reach it).
+                subprocess.run(
+                    ["sh", "-c", '"$@" &', "sh", sys.executable, "-m", "pinnace.cli", "pool",
+                     "fill", *shape.args()],
                     stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                    start_new_session=True, close_fds=True,
+                    start_new_session=True, close_fds=True, check=False,
                     env={**os.environ, "PINNACE_HOME": str(self.store.home)})
         except OSError as exc:
             log.warning("could not start refilling the warm pool: %s", exc)
