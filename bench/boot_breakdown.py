@@ -4,7 +4,9 @@ and the host's view, beside the raw-QEMU floor measured in the same run.
 Each boot runs with ``initcall_debug``: the kernel times every initcall into its ring
 buffer (not the console: the serial port is slow under TCG), read back with dmesg.
 
-    python bench/boot_breakdown.py [-n 5]
+    python bench/boot_breakdown.py [-n 5] [--image debian-kernel]
+
+An image of pinnace's kernel has no initramfs: its init is the agent itself.
 """
 
 from __future__ import annotations
@@ -20,14 +22,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from boot import raw_qemu_to_init
+from boot import floor_initramfs, raw_qemu_to_init
 
 from pinnace import Pinnace
 from pinnace.backends.qemu import host as qhost
 
 # Guest-side marks, in the guest's clock (seconds since the kernel started).
 MARKS = (
-    ("kernel: /init runs", r"\[\s*([\d.]+)\] Run /init as init process"),
+    ("kernel: init runs", r"\[\s*([\d.]+)\] Run \S+ as init process"),
     ("initramfs: start", r"pinnace-init: start at ([\d.]+) s"),
     ("initramfs: root mounted", r"pinnace-init: root mounted at ([\d.]+) s"),
     ("agent: python started, imports done", r"pinnace-agent: started at ([\d.]+) s"),
@@ -41,14 +43,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("-n", type=int, default=5, help="boots")
     ap.add_argument("--cmdline", default="", help="more kernel arguments, to try one")
+    ap.add_argument("--image", default="default", help="the image to boot")
     args = ap.parse_args()
     marks: dict[str, list[float]] = defaultdict(list)
     initcalls: dict[str, list[int]] = defaultdict(list)
     host_ready, accel = [], "?"
     with Pinnace() as pn:
-        image = pn.images.get("default") if pn.images.list() else pn.images.build()
+        image = pn.images.get(args.image)
         for i in range(args.n):
-            m = pn.machines.create(f"bench-bd-{os.getpid()}-{i}", cmdline=f"initcall_debug {args.cmdline}".strip(),
+            m = pn.machines.create(f"bench-bd-{os.getpid()}-{i}", image=args.image,
+                                   cmdline=f"initcall_debug {args.cmdline}".strip(),
                                    net="none")
             t0 = time.monotonic()
             st = m.start()
@@ -66,8 +70,14 @@ def main() -> None:
                 initcalls[name].append(usecs)
             m.kill()
             m.delete()
-        floor = [raw_qemu_to_init(image, accel, qhost.cached_tsc_khz(pn.store.cache))
-                 for _ in range(args.n)]
+        pn.store.tmp_dir.mkdir(parents=True, exist_ok=True)
+        initrd = floor_initramfs(pn.store.tmp_dir / f"floor-{os.getpid()}-initrd.cpio")
+        try:
+            floor = [raw_qemu_to_init(image.files.kernel, initrd, accel,
+                                      qhost.cached_tsc_khz(pn.store.cache))
+                     for _ in range(args.n)]
+        finally:
+            initrd.unlink(missing_ok=True)
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
                 if ln.startswith("model name")), "?")
     print(f"\ncold boot breakdown, {args.n} boots, accel={accel}, {os.cpu_count()} CPUs ({cpu}), "

@@ -375,3 +375,26 @@ def test_an_agent_without_an_operation_the_host_needs_is_refused(tmp_path):
             await asyncio.wait_for(done.wait(), 5)
 
     asyncio.run(main())
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20)
+
+
+@given(st.dictionaries(st.text(), _json_values, max_size=6))
+def test_json_codec_is_the_json_packages(obj):
+    """The agent's JSON (through _json, without importing json) is json's, both ways."""
+    text = json.dumps(obj, separators=(",", ":"))
+    assert P.json_dumps(obj) == text
+    assert P.json_loads(text) == obj
+    assert P.json_loads(f" \n{json.dumps(obj, indent=1)}\t") == obj
+
+
+def test_json_codec_refuses_what_json_refuses():
+    for bad in ("", "{", '{"a":1} x', "[1,]", '{"a":01}', "nul", '{"a":"\x01"}', "  "):
+        with pytest.raises(ValueError):
+            P.json_loads(bad)
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        P.json_dumps({"s": {1, 2}})

@@ -13,12 +13,20 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import selectors
-import signal
-import socket
+import select
 import struct
 import sys
 import time
+
+# The C modules under signal and socket: those build enums at import, which with
+# selectors' collections cost ~0.25 s of a cold boot under TCG (docs/boot.md). The agent
+# uses plain numbers, and Poller below for selectors.
+try:
+    import _signal as signal  # type: ignore[import-not-found]
+    import _socket as socket
+except ImportError:  # not CPython
+    import signal
+    import socket  # type: ignore[no-redef]
 
 TYPE_CHECKING = False  # typing costs ~40 ms of start-up under TCG; mypy still sees it
 if TYPE_CHECKING:
@@ -261,7 +269,7 @@ class Exec:
             pipe.close()
             os.set_blocking(fd, False)
             self.out_fds[fd] = stream
-            self.agent.sel.register(fd, selectors.EVENT_READ, ("out", self, fd))
+            self.agent.sel.register(fd, EVENT_READ, ("out", self, fd))
 
     def _spawn_pty(self, argv: list[str], env: dict[str, str], cwd: str | None,
                    user: str | None, pty: Any) -> None:
@@ -289,7 +297,7 @@ class Exec:
         self.master = master
         self.stdin_fd = master
         self.out_fds[master] = P.STDOUT
-        self.agent.sel.register(master, selectors.EVENT_READ, ("out", self, master))
+        self.agent.sel.register(master, EVENT_READ, ("out", self, master))
 
     # -- streams --
     def on_output(self, fd: int) -> None:
@@ -329,7 +337,7 @@ class Exec:
         for fd in list(self.paused):
             if self.credit[self.out_fds[fd]] > 0 and not self.session.congested():
                 self.paused.discard(fd)
-                self.agent.sel.register(fd, selectors.EVENT_READ, ("out", self, fd))
+                self.agent.sel.register(fd, EVENT_READ, ("out", self, fd))
 
     def grant(self, stream: int, credit: int) -> None:
         if stream in self.credit:
@@ -377,9 +385,9 @@ class Exec:
         if fd == self.stdin_fd:
             key = self.agent.sel.get_map().get(fd)
             if self.stdin_buf and key is None:
-                self.agent.sel.register(fd, selectors.EVENT_WRITE, ("stdin", self, fd))
+                self.agent.sel.register(fd, EVENT_WRITE, ("stdin", self, fd))
             elif self.stdin_buf and fd == self.master and key is not None:
-                self.agent.sel.modify(fd, selectors.EVENT_READ | selectors.EVENT_WRITE,
+                self.agent.sel.modify(fd, EVENT_READ | EVENT_WRITE,
                                       ("out", self, fd))
             elif not self.stdin_buf:
                 self._stop_stdin_writer()
@@ -394,8 +402,8 @@ class Exec:
         if key is None:
             return
         if fd == self.master:
-            if key.events & selectors.EVENT_WRITE and fd not in self.paused:
-                self.agent.sel.modify(fd, selectors.EVENT_READ, ("out", self, fd))
+            if key.events & EVENT_WRITE and fd not in self.paused:
+                self.agent.sel.modify(fd, EVENT_READ, ("out", self, fd))
         else:
             self.agent.sel.unregister(fd)
 
@@ -1137,9 +1145,9 @@ class Port:
     def _update(self) -> None:
         want = 0
         if self.connected:
-            want |= selectors.EVENT_READ
+            want |= EVENT_READ
             if self.outbuf:
-                want |= selectors.EVENT_WRITE
+                want |= EVENT_WRITE
         if want == self.events:
             return
         if self.events and want:
@@ -1151,9 +1159,9 @@ class Port:
         self.events = want
 
     def on_event(self, mask: int) -> None:
-        if mask & selectors.EVENT_READ:
+        if mask & EVENT_READ:
             self.read()
-        if mask & selectors.EVENT_WRITE and self.connected:
+        if mask & EVENT_WRITE and self.connected:
             self.flush()
 
     def _recv(self) -> bytes:
@@ -1281,9 +1289,77 @@ def find_ports() -> list[tuple[str, str]]:
     return found
 
 
+EVENT_READ, EVENT_WRITE = 1, 2  # as in selectors
+
+
+class Key:
+    """What Poller keeps for a registered file descriptor (selectors.SelectorKey)."""
+
+    __slots__ = ("data", "events", "fd")
+
+    def __init__(self, fd: int, events: int, data: Any) -> None:
+        self.fd, self.events, self.data = fd, events, data
+
+
+class Poller:
+    """selectors.EpollSelector as the agent uses it, without importing selectors (and
+    with it collections and math, ~0.1 s of a cold boot under TCG)."""
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._keys: dict[int, Key] = {}
+
+    @staticmethod
+    def _mask(events: int) -> int:
+        return (select.EPOLLIN if events & EVENT_READ else 0) | (
+            select.EPOLLOUT if events & EVENT_WRITE else 0)
+
+    def get_map(self) -> dict[int, Key]:
+        return self._keys
+
+    def register(self, fd: int, events: int, data: Any = None) -> Key:
+        if fd in self._keys:
+            raise KeyError(f"{fd} is already registered")
+        self._epoll.register(fd, self._mask(events))
+        key = self._keys[fd] = Key(fd, events, data)
+        return key
+
+    def modify(self, fd: int, events: int, data: Any = None) -> Key:
+        key = self._keys[fd]
+        if events != key.events:
+            self._epoll.modify(fd, self._mask(events))
+        key.events, key.data = events, data
+        return key
+
+    def unregister(self, fd: int) -> Key:
+        key = self._keys.pop(fd)
+        try:
+            self._epoll.unregister(fd)
+        except OSError:  # closed already
+            pass
+        return key
+
+    def select(self, timeout: float | None = None) -> list[tuple[Key, int]]:
+        if timeout is None:
+            wait = -1.0
+        elif timeout <= 0:
+            wait = 0.0
+        else:  # whole milliseconds, rounded up (epoll's resolution), as selectors does
+            ms = int(timeout * 1000)
+            wait = (ms + (ms < timeout * 1000)) / 1000
+        ready = []
+        for fd, ev in self._epoll.poll(wait, max(len(self._keys), 1)):
+            mask = (EVENT_WRITE if ev & ~select.EPOLLIN else 0) | (
+                EVENT_READ if ev & ~select.EPOLLOUT else 0)
+            key = self._keys.get(fd)
+            if key is not None:
+                ready.append((key, mask & key.events))
+        return ready
+
+
 class Agent:
     def __init__(self) -> None:
-        self.sel = selectors.DefaultSelector()
+        self.sel = Poller()
         self.procs: dict[int, Exec] = {}
         self.pumps: set[GetFile] = set()
         self.ports: list[Port] = []
@@ -1293,7 +1369,7 @@ class Agent:
         # immune to default-action signals anyway.
         for sig in (signal.SIGCHLD, signal.SIGIO):
             signal.signal(sig, lambda *_: None)
-        self.sel.register(self.wake_r, selectors.EVENT_READ, ("wake", None))
+        self.sel.register(self.wake_r, EVENT_READ, ("wake", None))
 
     def open_ports(self, wait: float = 10.0) -> None:
         deadline = time.monotonic() + wait
@@ -1347,9 +1423,9 @@ class Agent:
                     obj.on_event(mask)
                 elif kind == "out":
                     ex, fd = obj, rest[0]
-                    if mask & selectors.EVENT_READ and fd in ex.out_fds:
+                    if mask & EVENT_READ and fd in ex.out_fds:
                         ex.on_output(fd)
-                    if mask & selectors.EVENT_WRITE:
+                    if mask & EVENT_WRITE:
                         ex.flush_stdin()
                 elif kind == "stdin":
                     obj.flush_stdin()

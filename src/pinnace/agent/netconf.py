@@ -11,8 +11,12 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import socket
 import struct
+
+try:  # the C module: socket.py builds enums at import (~60 ms of a cold boot, TCG)
+    import _socket as socket
+except ImportError:  # not CPython
+    import socket  # type: ignore[no-redef]
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -47,8 +51,11 @@ def _ifreq(ifname: str, data: bytes = b"") -> bytes:
 
 
 def _ioctl(request: int, ifname: str, data: bytes = b"") -> bytes:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
         return fcntl.ioctl(s.fileno(), request, _ifreq(ifname, data))
+    finally:
+        s.close()
 
 
 def set_up(ifname: str, up: bool = True) -> None:
