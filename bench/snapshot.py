@@ -119,6 +119,7 @@ async def main() -> None:
         for m in await pn.machines.run(notify=print, **shape):  # build the ready snapshots
             await m.delete(force=True)
     [running] = await pn.machines.run(name=f"bench-exec-{os.getpid()}")
+    accel = (await running.status()).accel
     # Round robin, so that a host whose speed drifts (a shared VM) weighs on every row alike.
     kinds = {
         "cold boot -> first exec (512M)": lambda: cold(pn, "512M"),
@@ -142,6 +143,8 @@ async def main() -> None:
     times: dict[str, list[float]] = {label: [] for label in kinds}
     for _ in range(args.n):
         for label, measure in kinds.items():
+            if "pool" not in label:
+                await pn.pool.drain()  # a row without the pool must not take a member
             times[label].append(await measure())
     for label, xs in times.items():
         rows.append((label, f"{statistics.median(xs) * 1000:.0f} ms", f"{pct(xs, 95) * 1000:.0f} ms"))
@@ -179,7 +182,12 @@ async def main() -> None:
     for m in booted:
         await m.delete(force=True)
 
-    print(f"\nsnapshots, {os.cpu_count()} CPUs, {args.n} runs each")
+    from pinnace.backends.qemu import host as qhost
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
+                if ln.startswith("model name")), "?")
+    print(f"\nsnapshots, {args.n} runs each, accel={accel}, {os.cpu_count()} CPUs ({cpu}), "
+          f"QEMU {qhost.qemu_version(qhost.qemu_binary())}")
     print(f"{'measure':40} {'p50':>9} {'p95':>9}")
     for label, p50, p95 in rows:
         print(f"{label:40} {p50:>9} {p95:>9}")

@@ -80,6 +80,8 @@ log = logging.getLogger(__name__)
 HOSTNAME_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,61}[A-Za-z0-9])?")
 
 STOP_TIMEOUT = 10.0
+# How long a force-delete waits for the guest to unmount its writable volumes first.
+UNMOUNT_TIMEOUT = 3.0
 QUIT_TIMEOUT = 5.0
 SERIAL_TAIL_LINES = 30
 LOCK_TIMEOUT = 120.0
@@ -927,6 +929,8 @@ class AsyncMachine:
                     raise StateError(self.name, "delete", str(st.state),
                                      [str(s) for s in AT_REST] + ["any state, with --force"])
                 handle = handle_of(self._record())
+                if st.state == S.READY:
+                    await self._unmount_volumes()
                 if handle is not None:
                     await self.env.backend.kill(handle, self.paths)
             await self._drop_agent()
@@ -936,6 +940,21 @@ class AsyncMachine:
                         await asyncio.to_thread(self.env.networks.unregister, nic.network,
                                                 self.name, i)
             self.env.store.remove_tree(self.paths.dir)
+
+    async def _unmount_volumes(self) -> None:
+        """Before a ready machine is killed: unmount its writable volumes, so that what the
+        guest wrote to them is on them and their journals are clean (a kill loses what is
+        still in the guest's page cache). A guest that does not answer soon is killed
+        anyway: it is untrusted, and the kill is what was asked for."""
+        paths = [v.path for v in self.config.volumes if not v.ro]
+        if not paths:
+            return
+        try:
+            agent = await self._connect_agent(UNMOUNT_TIMEOUT, alive=self._alive)
+            await asyncio.wait_for(agent.exec(["umount", *paths], timeout=UNMOUNT_TIMEOUT),
+                                   UNMOUNT_TIMEOUT + 1)
+        except (TimeoutError, PinnaceError, OSError) as exc:
+            log.info("%s: could not unmount its volumes before the kill: %s", self.name, exc)
 
     async def rename(self, new: str) -> AsyncMachine:
         """Give the machine the name ``new``, in any state but broken, running or not, and

@@ -221,6 +221,22 @@ def test_a_restored_clones_volume_keeps_its_data(pn, volume, make_machine):
         == f"/dev/{_disk(b)[0]}"
 
 
+def test_a_killed_machine_leaves_its_volume_written_and_clean(pn, volume, make_machine):
+    """delete --force (what 'run --rm' does) unmounts writable volumes before the kill:
+    what the guest wrote, unsynced, is on the volume, and its journal needs no recovery."""
+    import subprocess
+
+    vol = volume("64M")
+    m = make_machine.restored(volumes=[f"{vol}:/data"])
+    m.exec("echo unsynced > /data/f").check()
+    m.delete(force=True)
+    image = str(pn.volumes.get(vol).image)
+    header = subprocess.run(["dumpe2fs", "-h", image], capture_output=True, text=True).stdout
+    assert "needs_recovery" not in header, header
+    out = subprocess.run(["debugfs", "-R", "cat /f", image], capture_output=True, text=True)
+    assert out.stdout == "unsynced\n", out.stderr
+
+
 def test_a_restored_clones_shares_both_ways_and_ro(make_machine, tmp_path):
     d = tmp_path / "share"
     d.mkdir()
