@@ -40,6 +40,7 @@ class AsyncPinnace:
     def __init__(self, home: str | os.PathLike[str] | None = None, *,
                  backend: Backend | None = None) -> None:
         self.store = Store(home)
+        detached = backend is None  # pool fillers run `pinnace pool fill`: QEMU's
         if backend is None:
             from .backends.qemu import QemuBackend
 
@@ -53,9 +54,12 @@ class AsyncPinnace:
         self.snapshots = AsyncSnapshots(self.store, backend, images, lookup)
         env = MachineEnv(self.store, backend, images, lookup, self.volumes, self.networks)
         self.machines = AsyncMachines(env, self.snapshots)
-        self.pool = AsyncPool(self.store, self.machines, self.snapshots)
+        self.pool = AsyncPool(self.store, self.machines, self.snapshots, detached=detached)
         self.machines.pool = self.pool
-        self.snapshots.on_replaced = lambda snap: self.pool.drain(snapshot=snap.ref)
+        # (ready() calls it holding the slot's lock: fillers, which take theirs before the
+        # slot's, are not waited for; what they add of the old snapshot is stale)
+        self.snapshots.on_replaced = lambda snap: self.pool.drain(snapshot=snap.ref,
+                                                                  wait_for_fillers=False)
         self.images.before_remove = lambda digest: self.pool.drain(image_digest=digest)
         self.collector = Collector(self.store, self.machines, self.snapshots, self.networks,
                                    self.pool)

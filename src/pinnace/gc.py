@@ -186,9 +186,24 @@ class Collector:
         return None
 
     async def _machine_orphan(self, pid: int, name: str) -> str | None:
-        files = self.store.machine_files(name)
-        if not files.dir.is_dir():
-            return f"QEMU of {name}, a machine that is gone"
+        machines = self.store.machines_dir.resolve()
+        for _ in range(3):
+            files = self.store.machine_files(name)
+            if files.dir.is_dir():
+                break
+            # Renamed since its working directory was read (a warm-pool claim), or removed:
+            # only the kernel's "deleted" says it is gone.
+            where = proc_cwd(pid)
+            if where is None:
+                return None  # it has ended
+            folder, deleted = where
+            if deleted:
+                return f"QEMU of {name}, a machine that is gone"
+            if not _inside(folder, machines):
+                return None
+            name = folder.relative_to(machines).parts[0]
+        else:
+            return None  # still moving: the next gc looks again
         lock = self.store.try_locked("machine", name)
         if lock is None:
             return None  # a command is working on it: its process may not be recorded yet

@@ -314,6 +314,7 @@ class AsyncMachines:
         """Take warm-pool members for as many of ``names`` as there are; then have the
         pool refilled in the background (if it has a size)."""
         assert self.pool is not None
+        refill = self.pool.size() > 0  # read first: a bad $PINNACE_POOL_SIZE claims nothing
         claimed: list[AsyncMachine] = []
         try:
             for n in names:
@@ -325,17 +326,19 @@ class AsyncMachines:
             await asyncio.gather(*(m.delete(force=True) for m in claimed),
                                  return_exceptions=True)
             raise
-        if self.pool.size() > 0:
+        if refill:
             self.pool.spawn_fill(shape)
         return claimed
 
-    async def adopt(self, member: str, name: str, *, ephemeral: bool = False,
-                    check: Any = None) -> AsyncMachine | None:
-        """Make running warm-pool machine ``member`` the machine ``name``: its folder is
-        renamed (its QEMU runs on: its paths are relative to its folder), its config made
-        an ordinary machine's, and its guest given what a restored clone gets (its
-        hostname, the host's clock, fresh entropy). None if ``member`` is taken (by a
-        concurrent claim), gone, or not ready; never waits for it."""
+    async def adopt(self, member: str, name: str, *, ephemeral: bool = False
+                    ) -> AsyncMachine | None:
+        """Make running warm-pool machine ``member`` the machine ``name``: its guest is
+        given what a restored clone gets (its hostname, the host's clock, fresh entropy),
+        then its folder is renamed (its QEMU runs on: its paths are relative to its
+        folder) and its config made an ordinary machine's. None if ``member`` is taken (by
+        a concurrent claim), gone, or not ready. The member's lock is taken only if free
+        (so two claims never wait for each other, whatever the order of names); the new
+        name's is waited for."""
         validate_name("machine", name)
         store = self.env.store
         if not store.socket_paths_fit(name):
@@ -356,12 +359,17 @@ class AsyncMachines:
                     st = await src.status(holding_lock=True)
                 except PinnaceError:
                     return None
-                if not cfg.pool or st.state != MachineState.READY:
+                if not cfg.pool or cfg.name != member or st.state != MachineState.READY:
                     return None
                 if m.paths.dir.exists():
                     raise AlreadyExistsError("machine", name)
-                # Renamed first, then its config: a command killed in between leaves a
-                # folder whose config names another machine, which gc removes.
+                # Its identity first, while it is still a member: a claim killed before
+                # the rename leaves a member (the next claim renews it all again).
+                agent = await src.agent()
+                await agent.refresh_identity(name)
+                await src.close()
+                # Renamed, then its config: a claim killed in between leaves a folder
+                # whose config names another machine, which gc removes.
                 try:
                     store.put_in_place(src.paths.dir, m.paths.dir, "the claimed machine")
                 except FileExistsError:
@@ -371,8 +379,6 @@ class AsyncMachines:
                     write_atomic(m.paths.owner, this_process() + "\n")
                 write_json(m.paths.config, cfg.with_changes(
                     name=name, pool="", ephemeral=ephemeral).to_dict())
-            agent = await m.agent()
-            await agent.refresh_identity(name)
         except BaseException:
             if moved:  # (its locks are released: delete takes them itself)
                 with contextlib.suppress(PinnaceError):
@@ -391,7 +397,7 @@ class AsyncMachines:
         if not d.is_dir():
             return out
         members = set() if pool else {n for n, cfg in self.env.store.machine_configs()
-                                      if cfg.get("pool")}
+                                      if cfg.get("pool") and cfg.get("name") == n}
         for entry in sorted(d.iterdir()):
             if entry.name in members:
                 continue

@@ -29,21 +29,24 @@ import secrets
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from .config import MachineConfig, default_net
-from .errors import ConfigError, PinnaceError
+from .errors import AlreadyExistsError, ConfigError, PinnaceError
 from .machine import LIVE, AsyncMachine, MachineState
 from .machines import AsyncMachines
 from .snapshots import AsyncSnapshots
 from .snapshots.key import Snapshot
-from .store import Store, read_json, write_json
+from .store import FileLock, Store, detached_env, read_json, write_json
 
 log = logging.getLogger(__name__)
 
 POOL_PREFIX = "pool-"
 MAX_POOL = 32
+DRAIN_WAIT = 120.0  # seconds a drain waits for a filler to stop
+LOG_LIMIT = 1 << 20  # bytes of the fillers' log kept before it is rotated
 SIZE_ENV = "PINNACE_POOL_SIZE"
 
 
@@ -55,11 +58,12 @@ class PoolShape:
     cpus: int
     memory_mib: int
     net: str
+    accel: str = "auto"
 
     def args(self) -> list[str]:
         """The ``pinnace pool fill`` options that name this shape."""
         return ["--image", self.image, "--cpus", str(self.cpus),
-                "--memory", f"{self.memory_mib}M", "--net", self.net]
+                "--memory", f"{self.memory_mib}M", "--net", self.net, "--accel", self.accel]
 
 
 @dataclass(frozen=True)
@@ -85,10 +89,14 @@ def pool_key(slot: str, net: str) -> str:
 class AsyncPool:
     """The pool of one store."""
 
-    def __init__(self, store: Store, machines: AsyncMachines, snapshots: AsyncSnapshots) -> None:
+    def __init__(self, store: Store, machines: AsyncMachines, snapshots: AsyncSnapshots, *,
+                 detached: bool = True) -> None:
         self.store = store
         self.machines = machines
         self.snapshots = snapshots
+        # Whether spawn_fill may start `pinnace pool fill` (the QEMU backend's CLI): not
+        # for a client on another backend, whose fillers would run QEMU in its store.
+        self.detached = detached
 
     # -- the size setting ----------------------------------------------------------------
 
@@ -111,42 +119,72 @@ class AsyncPool:
 
     # -- members -------------------------------------------------------------------------
 
-    def _configs(self, key: str | None = None) -> list[tuple[str, dict[str, Any]]]:
+    def _configs(self, key: str | None = None) -> builtins.list[tuple[str, dict[str, Any]]]:
+        """Members (of pool ``key``): configs with ``pool`` set, in a folder of their own
+        name (a folder whose config names another is a claim killed half-way: gc's)."""
         return [(name, cfg) for name, cfg in self.store.machine_configs()
-                if cfg.get("pool") and (key is None or cfg.get("pool") == key)]
+                if cfg.get("pool") and cfg.get("name") == name
+                and (key is None or cfg.get("pool") == key)]
 
-    async def list(self) -> list[Member]:
+    async def list(self) -> builtins.list[Member]:
         out = []
         for name, cfg in self._configs():
-            st = await self.machines.handle(name).status()
+            try:
+                st = await self.machines.handle(name).status()
+            except PinnaceError:
+                continue  # claimed or removed meanwhile
             out.append(Member(name, str(cfg["pool"]), str(cfg.get("snapshot", "")),
                               str(st.state), self._stale(cfg), _created(self.store, name)))
         return out
 
     def _stale(self, cfg: dict[str, Any]) -> bool:
-        """True if the member's ready snapshot is no longer the one its slot points at,
-        or its image is gone."""
-        slot = str(cfg.get("pool", "")).split("/", 1)[0]
-        if not self.store.image_files(str(cfg.get("image_digest", ""))).manifest.exists():
+        """True if the member was made from what no longer serves its image and shape:
+        its image is gone or its name now points at another, or its slot's ready
+        snapshot is another one."""
+        digest = str(cfg.get("image_digest", ""))
+        if not self.store.image_files(digest).manifest.exists():
             return True
+        try:
+            if self.machines.env.images.resolve(str(cfg.get("image", ""))) != digest:
+                return True
+        except PinnaceError:
+            return True
+        slot = str(cfg.get("pool", "")).split("/", 1)[0]
         return self.snapshots.current_ready(slot) != cfg.get("snapshot")
+
+    def _locked_config(self, name: str) -> tuple[FileLock, dict[str, Any]] | None:
+        """Member ``name``'s lock (taken if free, never waiting) and its config as it is
+        under that lock; None if it is taken, gone or unreadable."""
+        lock = self.store.try_locked("machine", name)
+        if lock is None:
+            return None
+        try:
+            cfg = read_json(self.store.machine_files(name).config)
+        except (OSError, ValueError):
+            lock.release()
+            return None
+        if not isinstance(cfg, dict):
+            lock.release()
+            return None
+        return lock, cfg
 
     async def unusable(self) -> builtins.list[tuple[str, str]]:
         """(name, why) of members to remove: dead, stale, or half claimed (a claim killed
         between renaming the folder and rewriting its config). Members being worked on
-        (locked) are left alone."""
+        (locked) are left alone; each is judged by its config as read under its lock."""
         out = []
-        for name, cfg in self.store.machine_configs():
-            if not cfg.get("pool"):
+        for name, _ in self.store.machine_configs():
+            held = self._locked_config(name)
+            if held is None:
                 continue
-            lock = self.store.try_locked("machine", name)
-            if lock is None:
-                continue
+            lock, cfg = held
             try:
+                if not cfg.get("pool"):
+                    continue
                 if cfg.get("name") != name:
                     out.append((name, f"half claimed as {name!r}"))
                 elif self._stale(cfg):
-                    out.append((name, "of a ready snapshot that was replaced"))
+                    out.append((name, "of an image or ready snapshot that was replaced"))
                 else:
                     st = await self.machines.handle(name).status(holding_lock=True)
                     if st.state not in LIVE:
@@ -171,37 +209,47 @@ class AsyncPool:
         cfg = MachineConfig.build(name="pool", image=image, image_digest=digest, cpus=cpus,
                                   memory=memory, accel=accel, net=net, nat_mac="02:00:00:00:00:01")
         choice = await env.backend.choose_accel(cfg.accel)
-        return PoolShape(image, cfg.cpus, cfg.memory_mib, net), self.key_of(cfg, choice.accel), cfg
+        shape = PoolShape(image, cfg.cpus, cfg.memory_mib, net, cfg.accel)
+        return shape, self.key_of(cfg, choice.accel), cfg
 
     async def fill(self, *, image: str = "default", cpus: int | None = None,
                    memory: str | int | None = None, net: str | None = None,
-                   size: int | None = None, notify: Any = None) -> builtins.list[str]:
-        """Start members until the pool of this shape has ``size`` (default: the setting)
-        live, current ones; remove stale and dead ones. Returns the names started. Only
-        one filler per shape works at a time; a second returns at once."""
-        want = self.size() if size is None else _check_size(size, "pool size")
-        shape, key, _ = await self.shape_of(image, cpus, memory, net)
-        lock = self.store.try_locked("pool", key.replace("/", "-"))
+                   accel: str | None = None, size: int | None = None,
+                   notify: Any = None) -> builtins.list[str]:
+        """Start members until the pool of this shape has ``size`` (default: the setting,
+        read again before each) live, current ones; remove stale, dead and surplus ones.
+        Returns the names started. One filler per shape works at a time; a second
+        returns at once (the first goes on until the pool is full)."""
+        fixed = None if size is None else _check_size(size, "pool size")
+        shape, key, _ = await self.shape_of(image, cpus, memory, net, accel)
+        lock = self.store.try_locked("pool", _lock_name(key))
         if lock is None:
             return []  # another filler is at it
         started: builtins.list[str] = []
         try:
-            while True:
-                live = await self._prune(key)
+            while self.store.machines_dir.parent.is_dir():  # the store may be removed
+                want = self.size() if fixed is None else fixed
+                live = await self._prune(key, want)
                 if live >= want:
-                    return started
+                    break
                 name = f"{POOL_PREFIX}{secrets.token_hex(4)}"
                 [m] = await self.machines.run(image=shape.image, name=name, cpus=shape.cpus,
                                               memory=f"{shape.memory_mib}M", net=shape.net,
-                                              notify=notify, pool=key, claim=False)
-                await m.exec(["true"])  # warm: the exec path is translated and cached
-                await m.close()
+                                              accel=shape.accel, notify=notify, pool=key,
+                                              claim=False)
                 started.append(name)
+                try:  # warm: the exec path translated and cached in the guest (TCG)
+                    await m.exec(["true"])
+                except PinnaceError:
+                    pass  # claimed already (it is ready before it is warm)
+                await m.close()
         finally:
             lock.release()
+        return started
 
-    async def _prune(self, key: str) -> int:
-        """Remove this pool's stale and dead members; return how many live ones remain."""
+    async def _prune(self, key: str, want: int) -> int:
+        """Remove this pool's stale and dead members, and those beyond ``want``; return
+        how many live ones remain."""
         live = 0
         for name, cfg in self._configs(key):
             m = self.machines.handle(name)
@@ -209,34 +257,54 @@ class AsyncPool:
                 st = await m.status()
             except PinnaceError:
                 continue
-            if self._stale(cfg) or st.state not in LIVE:
-                await self._remove(m)
+            if self._stale(cfg) or st.state not in LIVE or live >= want:
+                await self._remove(name, lambda c: True)
             elif st.state == MachineState.READY:
                 live += 1
         return live
 
-    async def _remove(self, m: AsyncMachine) -> None:
-        lock = self.store.try_locked("machine", m.name)
-        if lock is None:
-            return  # being claimed or worked on right now
-        lock.release()
-        with contextlib.suppress(PinnaceError):
-            await m.delete(force=True)
+    async def _remove(self, name: str, wanted: Callable[[dict[str, Any]], bool]) -> bool:
+        """Remove member ``name`` if it still is one (judged under its lock, which a claim
+        holds while it renames it) and ``wanted`` says so; True if removed."""
+        held = self._locked_config(name)
+        if held is None:
+            return False  # being claimed or worked on right now
+        lock, cfg = held
+        try:
+            member = bool(cfg.get("pool")) and cfg.get("name") == name and wanted(cfg)
+        finally:
+            lock.release()
+        if not member:
+            return False
+        try:  # a claim taking it now renames it away first: then there is nothing here
+            await self.machines.handle(name).delete(force=True)
+        except PinnaceError:
+            return False
+        return True
 
     async def drain(self, *, snapshot: str | None = None, image_digest: str | None = None,
-                    stale_only: bool = False) -> builtins.list[str]:
-        """Remove members (of one ready snapshot, or one image, or stale ones, or all)."""
+                    wait_for_fillers: bool = True) -> builtins.list[str]:
+        """Remove members (of one ready snapshot, or one image, or all). Fillers at work
+        are waited for first (a size of 0 makes them stop), so that none refills behind
+        the drain; not when called from a ready snapshot's replacement, which holds its
+        slot's lock (fillers take theirs after the pool's)."""
+        def wanted(cfg: dict[str, Any]) -> bool:
+            return ((snapshot is None or cfg.get("snapshot") == snapshot)
+                    and (image_digest is None or cfg.get("image_digest") == image_digest))
+
         gone = []
-        for name, cfg in self._configs():
-            if snapshot is not None and cfg.get("snapshot") != snapshot:
-                continue
-            if image_digest is not None and cfg.get("image_digest") != image_digest:
-                continue
-            if stale_only and not self._stale(cfg):
-                continue
-            with contextlib.suppress(PinnaceError):
-                await self.machines.handle(name).delete(force=True)
-                gone.append(name)
+        for key in sorted({str(cfg["pool"]) for _, cfg in self._configs()}):
+            lock = None
+            if wait_for_fillers:
+                lock = self.store.lock("pool", _lock_name(key), timeout=DRAIN_WAIT)
+                await lock.acquire_async()
+            try:
+                for name, _ in self._configs(key):
+                    if await self._remove(name, wanted):
+                        gone.append(name)
+            finally:
+                if lock is not None:
+                    lock.release()
         return gone
 
     # -- claiming ------------------------------------------------------------------------
@@ -247,11 +315,19 @@ class AsyncPool:
     async def claim(self, shape: MachineConfig, accel: str, snap: Snapshot, name: str, *,
                     ephemeral: bool = False) -> AsyncMachine | None:
         """A live member of the pool of ``shape`` made from ``snap``, now named ``name``
-        with its identity refreshed; or None if there is none free."""
+        with its identity refreshed; or None if there is none free (a member that fails
+        to be claimed is removed, and the next one tried)."""
         for member, cfg in self._configs(self.key_of(shape, accel)):
-            if cfg.get("snapshot") != snap.ref:
+            if cfg.get("snapshot") != snap.ref or self._stale(cfg):
                 continue  # stale: fill and gc remove it
-            m = await self.machines.adopt(member, name, ephemeral=ephemeral, check=LIVE)
+            try:
+                m = await self.machines.adopt(member, name, ephemeral=ephemeral)
+            except AlreadyExistsError:
+                raise
+            except PinnaceError as exc:
+                log.warning("could not claim warm-pool member %s (%s); trying another", member,
+                            exc)
+                continue
             if m is not None:
                 return m
         return None
@@ -259,24 +335,34 @@ class AsyncPool:
     def spawn_fill(self, cfg: MachineConfig) -> None:
         """Refill the pool of ``cfg``'s shape in a detached process (no daemon: it exits
         once the pool is full); its output goes to the pool's log in the store's cache."""
-        shape = PoolShape(cfg.image, cfg.cpus, cfg.memory_mib, cfg.net)
+        if not self.detached:
+            return
+        shape = PoolShape(cfg.image, cfg.cpus, cfg.memory_mib, cfg.net, cfg.accel)
         log_path = self.store.pool_log
         try:
             log_path.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                if log_path.stat().st_size > LOG_LIMIT:  # keep the last runs only
+                    log_path.replace(log_path.with_suffix(".log.old"))
             with open(log_path, "ab") as logf:
                 logf.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} fill "
                            f"{' '.join(shape.args())}\n".encode())
                 # Through a shell that starts it in the background and exits at once: the
                 # filler is nobody's child (no zombie, nothing to wait for), in a session
-                # of its own (Ctrl-C in the terminal does not reach it).
+                # of its own (Ctrl-C in the terminal does not reach it), in / (it keeps no
+                # folder busy), importing the same pinnace as this process.
                 subprocess.run(
                     ["sh", "-c", '"$@" &', "sh", sys.executable, "-m", "pinnace.cli", "pool",
                      "fill", *shape.args()],
                     stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                    start_new_session=True, close_fds=True, check=False,
-                    env={**os.environ, "PINNACE_HOME": str(self.store.home)})
+                    start_new_session=True, close_fds=True, check=False, cwd="/",
+                    env={**detached_env(), "PINNACE_HOME": str(self.store.home)})
         except OSError as exc:
             log.warning("could not start refilling the warm pool: %s", exc)
+
+
+def _lock_name(key: str) -> str:
+    return key.replace("/", "-")
 
 
 def _check_size(value: object, what: str) -> int:

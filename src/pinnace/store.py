@@ -293,6 +293,11 @@ class KernelCache:
     def tmp_dir(self) -> Path:
         return self.root / "tmp"
 
+    @property
+    def failed_log(self) -> Path:
+        """The whole log of the last build that failed (its folder is removed)."""
+        return self.root / "last-failed-build.log"
+
     def lock(self, key: str, timeout: float) -> FileLock:
         try:
             (self.root / "locks").mkdir(parents=True, exist_ok=True)
@@ -792,6 +797,17 @@ def proc_cwd(pid: int) -> tuple[Path, bool] | None:
     if deleted and target.endswith(DELETED_SUFFIX):
         target = target[: -len(DELETED_SUFFIX)]
     return Path(target), deleted
+
+
+def detached_env() -> dict[str, str]:
+    """This process's environment, for a detached pinnace process that runs in / (the
+    switch supervisor, a pool filler): relative PYTHONPATH entries (PYTHONPATH=src in a
+    checkout) are made absolute, so it imports the same pinnace as this process."""
+    env = dict(os.environ)
+    if env.get("PYTHONPATH"):
+        env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) if p else p
+                                            for p in env["PYTHONPATH"].split(os.pathsep))
+    return env
 
 
 def this_process() -> str:

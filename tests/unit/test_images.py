@@ -4,9 +4,18 @@ import io
 import lzma
 import struct
 
+import pytest
+
 from pinnace.images import build as B
+from pinnace.images import kbuild
 from pinnace.images import kernel as K
 from pinnace.images.cpio import CpioWriter
+
+
+@pytest.fixture(autouse=True)
+def _no_host_kernel_source(monkeypatch):
+    """The own kernel's key needs linux-source and gcc on the host: unit tests must not."""
+    monkeypatch.setattr(kbuild, "current_kernel_key", lambda: "k" + "0" * 24)
 
 
 def elf_with_note(note_type):
@@ -95,8 +104,6 @@ def test_digest_follows_inputs():
 
 
 def test_unknown_kernel_is_refused():
-    import pytest
-
     from pinnace.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"kernel.*'pinnace'.*'debian'"):
@@ -104,8 +111,6 @@ def test_unknown_kernel_is_refused():
 
 
 def test_bad_package_names_are_refused():
-    import pytest
-
     from pinnace.errors import ConfigError
 
     for bad in ("Curl", "a b", "x;rm", "-o"):

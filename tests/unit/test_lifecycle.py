@@ -677,3 +677,23 @@ def test_the_no_kvm_notice_is_said_once(tmp_path, caplog):
         arun(pn, main())
     said = [r for r in caplog.records if "KVM is not usable" in r.getMessage()]
     assert len(said) == 1 and said[0].levelname == "WARNING"
+
+
+def test_a_new_template_layout_rebuilds_ready_snapshots_but_not_saved_machines(tmp_path):
+    """Ready templates are versioned apart from snapshots (READY_LAYOUT): a pointer from
+    before rebuilds its snapshot; a machine saved meanwhile still resumes."""
+    pn = fake_store(tmp_path)
+
+    async def main():
+        saved = await put_in(pn, "saved", "saved")
+        await pn.machines.run(name="a")
+        pointers = list(pn.store.ready_dir.glob("*.json"))
+        assert len(pointers) == 1
+        assert json.loads(pointers[0].read_text())["layout"] >= 1
+        pointers[0].write_text(json.dumps({"ref": json.loads(pointers[0].read_text())["ref"]}))
+        notices: list[str] = []
+        await pn.machines.run(name="b", notify=notices.append)
+        assert any("laid out anew" in n for n in notices), notices
+        assert str((await saved.start()).state) == "ready"  # its saved state still loads
+
+    arun(pn, main())

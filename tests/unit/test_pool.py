@@ -148,3 +148,49 @@ def test_a_pool_serves_only_machines_with_a_nat_nic(pn):
             await pn.pool.fill(size=1, net="none")
 
     arun(pn, main())
+
+
+def test_members_of_an_image_name_now_pointing_elsewhere_are_stale(pn):
+    async def main():
+        [old] = await pn.pool.fill(size=1)
+        digest = pn.store.image_ref("default").read_text().strip()
+        other = ("e" if digest[0] != "e" else "d") * len(digest)  # "default" rebuilt
+        files = pn.store.image_files(other)
+        files.dir.mkdir(parents=True)
+        for p in (files.kernel, files.initrd, files.rootfs):
+            p.write_bytes(b"")
+        files.manifest.write_text(json.dumps({"digest": other, "created": 0}))
+        pn.store.image_ref("default").write_text(other + "\n")
+        assert (await pn.pool.list())[0].stale
+        [m] = await pn.machines.run(name="new")
+        assert m.config.image_digest == other
+        assert [x.name for x in await pn.pool.list()] == [old]  # not handed out
+        assert any(old in str(r) for r in await pn.gc())
+        assert await pn.pool.list() == []
+
+    arun(pn, main())
+
+
+def test_fill_trims_surplus_and_a_bad_size_claims_nothing(pn, monkeypatch):
+    async def main():
+        await pn.pool.fill(size=3)
+        assert await pn.pool.fill(size=1) == []
+        assert len(await pn.pool.list()) == 1
+        monkeypatch.setenv("PINNACE_POOL_SIZE", "lots")
+        with pytest.raises(ConfigError, match="PINNACE_POOL_SIZE"):
+            await pn.machines.run(name="web")
+        assert not pn.store.machine_files("web").dir.exists()
+        assert len(await pn.pool.list()) == 1  # nothing was taken
+
+    arun(pn, main())
+
+
+def test_drain_removes_members_only(pn):
+    async def main():
+        await pn.pool.fill(size=2)
+        [m] = await pn.machines.run(name="keep")
+        assert len(await pn.pool.drain()) == 1
+        assert await pn.pool.list() == []
+        assert str((await m.status()).state) == "ready"
+
+    arun(pn, main())

@@ -476,7 +476,7 @@ def test_the_supervisor_imports_the_same_pinnace_from_its_own_working_directory(
         tmp_path, monkeypatch):
     """It runs in /: a relative PYTHONPATH (PYTHONPATH=src in a checkout) is made absolute
     against the caller's, or it would import whichever pinnace is installed."""
-    from pinnace.network.switch import _supervisor_env
+    from pinnace.store import detached_env as _supervisor_env
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(["src", "/abs/lib", ""]))

@@ -154,7 +154,10 @@ except ImportError:  # not CPython: the json package
     import json as _json_module
 
     def json_loads(text: str) -> Any:
-        return _json_module.loads(text)
+        try:
+            return _json_module.loads(text)
+        except RecursionError:
+            raise ValueError("JSON nested too deeply") from None
 
     def json_dumps(obj: Any) -> str:
         return _json_module.dumps(obj, separators=(",", ":"))
@@ -168,6 +171,8 @@ else:
             obj, end = _scan(text, start)
         except StopIteration as err:
             raise ValueError(f"expecting a JSON value at {err.value}") from None
+        except RecursionError:  # nested too deep: from an untrusted peer, a bad frame
+            raise ValueError("JSON nested too deeply") from None
         if text[end:].strip(_JSON_SPACE):
             raise ValueError(f"extra data after the JSON value at {end}")
         return obj

@@ -22,9 +22,9 @@ def pool() -> None:
 
     \b
     A claimed clone answers its first exec in a few tens of ms where a restore takes
-    a few hundred. The pool refills itself in the background after each claim (a
-    detached 'pinnace pool fill' that exits when the pool is full) when its size is
-    set; 0, the default, turns the refill off.
+    a few hundred. When its size is set, each 'run' it could serve refills it in the
+    background (a detached 'pinnace pool fill' that exits when the pool is full); 0,
+    the default, turns it off.
     \b
     Examples:
       pinnace pool size 2      # keep two per image and shape
@@ -41,6 +41,8 @@ def _shape_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--memory", "-m", metavar="SIZE", help="RAM, e.g. 512M (default 512M)."),
         click.option("--net", type=click.Choice(["nat", "restricted"]),
                      help="The NAT NIC's mode (default $PINNACE_DEFAULT_NET, else nat)."),
+        click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto",
+                     show_default=True, help="The accelerator its machines run on."),
     )):
         f = opt(f)
     return f
@@ -50,7 +52,8 @@ def _shape_options(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.argument("size", required=False, type=int)
 @click.pass_context
 def size(ctx: click.Context, size: int | None) -> None:
-    """Show or set how many clones the pool keeps per image and shape (0: off).
+    """Show or set how many clones the pool keeps per image and shape (0: off, and the
+    clones waiting now are removed).
 
     \b
     Examples:
@@ -61,6 +64,9 @@ def size(ctx: click.Context, size: int | None) -> None:
     async def go(pn: AsyncPinnace) -> int:
         if size is not None:
             pn.pool.set_size(size)
+            if size == 0:
+                for name in await pn.pool.drain():
+                    click.echo(f"removed {name}", err=True)
         return pn.pool.size()
 
     click.echo(call(ctx, go))
@@ -72,7 +78,7 @@ def size(ctx: click.Context, size: int | None) -> None:
               help="Fill to N clones (default: the pool's size setting).")
 @click.pass_context
 def fill(ctx: click.Context, image: str, cpus: int | None, memory: str | None,
-         net: str | None, count: int | None) -> None:
+         net: str | None, accel: str, count: int | None) -> None:
     """Start clones until the pool of a shape is full (stale and dead ones go first).
 
     \b
@@ -82,8 +88,12 @@ def fill(ctx: click.Context, image: str, cpus: int | None, memory: str | None,
     """
 
     async def go(pn: AsyncPinnace) -> list[str]:
+        if count is None and pn.pool.size() == 0:
+            click.echo("pinnace: the pool's size is 0: nothing to fill (set it with "
+                       "'pinnace pool size N', or give --size N)", err=True)
         return await pn.pool.fill(image=image, cpus=cpus, memory=memory, net=net,
-                                  size=count, notify=lambda msg: click.echo(msg, err=True))
+                                  accel=accel, size=count,
+                                  notify=lambda msg: click.echo(msg, err=True))
 
     started = call(ctx, go)
     for name in started:
@@ -120,11 +130,12 @@ def ls(ctx: click.Context, fmt: str) -> None:
 @pool.command()
 @click.pass_context
 def drain(ctx: click.Context) -> None:
-    """Remove every clone in the pool (the size setting stays).
+    """Remove every clone in the pool (the size setting stays: runs refill it; 'pinnace
+    pool size 0' turns it off and drains it). Fillers at work are waited for first.
 
     \b
     Example:
-      pinnace pool drain && pinnace pool size 0
+      pinnace pool drain
     """
 
     async def go(pn: AsyncPinnace) -> list[str]:

@@ -169,15 +169,22 @@ class Images:
             raise NotFoundError("image", f"{name} ({digest[:12]})", "its manifest is damaged; "
                                 "rebuild it with 'pinnace image build'") from None
         args = manifest.get("boot_args", "")
-        return ImageBoot(kernel=files.kernel,
-                         initrd=files.initrd if files.initrd.exists() else None,
+        initrd = None
+        if manifest.get("kernel", "debian") == "debian":  # (images from before: Debian's)
+            initrd = files.initrd
+            if not initrd.exists():
+                raise NotFoundError("image", f"{name} ({digest[:12]})", "its initramfs is "
+                                    "gone; rebuild it with 'pinnace image build --refresh'")
+        return ImageBoot(kernel=files.kernel, initrd=initrd,
                          kernel_args=args if isinstance(args, str) else "")
 
     def _users(self, digest: str) -> builtins.list[str]:
         """Machines and named snapshots made from the image (a snapshot's disk is an
         overlay on it). Ready snapshots go with the image: nothing can be run from them."""
+        # (warm-pool members are not users: they are removed with what they were made
+        # from, and any left running on removed files is stale, never handed out)
         users = [name for name, cfg in self.store.machine_configs()
-                 if cfg.get("image_digest") == digest]
+                 if cfg.get("image_digest") == digest and not cfg.get("pool")]
         if self.store.snapshots_dir.is_dir():
             for entry in sorted(self.store.snapshots_dir.iterdir()):
                 try:

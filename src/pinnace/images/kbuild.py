@@ -17,6 +17,7 @@ every store on the host (``store.KernelCache``): each host builds it once.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -185,15 +186,26 @@ class KernelBuilder:
             if found is not None:
                 return found
             self.cache.clean_tmp()
+            damaged = self.cache.kernel(self.key).dir
+            if damaged.exists():  # a folder without a readable kernel.json: build it anew
+                shutil.rmtree(damaged, ignore_errors=True)
             cores = os.cpu_count() or 1
             low = max(2, round(CORE_MINUTES / cores))
-            self.reporter.note(
+            note = getattr(self.reporter, "note", None) or self.reporter.output
+            note(
                 f"Building pinnace's guest kernel from {self.source.package} "
                 f"{self.source.version}: once per host, cached in {self.cache.root} for every "
                 f"store; about {low}-{low * 2} minutes on {cores} core{'s' * (cores > 1)}.")
             try:
                 with self.cache.staging_dir("kernel-") as stage:
-                    self._build(stage)
+                    try:
+                        self._build(stage)
+                    except ImageBuildError:
+                        # the whole log outlives the staging folder, for the user to read
+                        with contextlib.suppress(OSError):
+                            shutil.copyfile(KernelFiles(stage).build_log, self.cache.failed_log)
+                        raise
+                    stage.chmod(0o755)  # every store on the host reads it
                     put_in_place(stage, self.cache.kernel(self.key).dir, "the kernel")
             except FileExistsError:
                 pass
@@ -231,8 +243,12 @@ class KernelBuilder:
         with self.reporter.step("Installing the kernel and its modules"):
             runner.run("kernel", [*make, "modules_install", "INSTALL_MOD_STRIP=1",
                                   f"INSTALL_MOD_PATH={out.modules}", "DEPMOD=/bin/true"])
-            release = subprocess.run([*make, "-s", "kernelrelease"], capture_output=True,
-                                     text=True, check=True).stdout.strip()
+            asked = subprocess.run([*make, "-s", "kernelrelease"], capture_output=True,
+                                   text=True, check=False)
+            release = asked.stdout.strip()
+            if asked.returncode != 0 or not release:
+                raise ImageBuildError("kernel", "make kernelrelease failed: "
+                                      f"{asked.stderr.strip()[-300:]}")
             moddir = out.modules / "lib/modules" / release
             for link in ("build", "source"):  # they point into the build tree, removed below
                 if (moddir / link).is_symlink():

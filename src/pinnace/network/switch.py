@@ -50,7 +50,7 @@ from types import FrameType
 from typing import TypedDict
 
 from ..errors import ConfigError, SwitchError
-from ..store import FileLock, NetworkFiles, proc_start_time, tail, write_atomic
+from ..store import FileLock, NetworkFiles, detached_env, proc_start_time, tail, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -784,23 +784,12 @@ def _await(done: Callable[[], bool], timeout: float) -> bool:
     return True
 
 
-def _supervisor_env() -> dict[str, str]:
-    """This process's environment, for the supervisor (and its switch), which run in /:
-    relative PYTHONPATH entries (PYTHONPATH=src in a checkout) are made absolute, so they
-    import the same pinnace as this process, not whichever one is installed."""
-    env = dict(os.environ)
-    if env.get("PYTHONPATH"):
-        env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) if p else p
-                                            for p in env["PYTHONPATH"].split(os.pathsep))
-    return env
-
-
 def _start_supervisor(files: NetworkFiles, timeout: float) -> _Proc:
     with open(files.log, "ab") as log_file:
         proc = subprocess.Popen(
             [sys.executable, "-m", _MODULE, "--supervise", "--detach", str(files.dir)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log_file,
-            close_fds=True, start_new_session=True, cwd="/", env=_supervisor_env(),
+            close_fds=True, start_new_session=True, cwd="/", env=detached_env(),
         )
     try:
         code = proc.wait(timeout)  # the parent returns as soon as the supervisor is ready

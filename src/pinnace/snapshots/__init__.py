@@ -64,6 +64,10 @@ FULL_HINT = "free some space (pinnace gc, or delete machines, images or snapshot
 # A ready slot: image digest, CPUs, memory, accelerator, a digest of the device list.
 SLOT_RE = re.compile(r"[0-9a-f]{1,12}-\d+c-\d+m-[a-z]+-[0-9a-f]{8}")
 READY_LOCK_TIMEOUT = 600.0
+# What a ready template holds beyond any snapshot (SNAPSHOT_FORMAT): bump it when that
+# changes, and ready snapshots are rebuilt while saved machines and named snapshots stay
+# loadable. 1: spare volume and shared-folder slots (machines with them restore).
+READY_LAYOUT = 1
 
 
 class Source(Protocol):
@@ -162,7 +166,7 @@ class AsyncSnapshots:
         pointer = self.store.ready_pointer(slot)
         say = notify or (lambda msg: log.warning("%s", msg))
         old = self._current(pointer)
-        if old is not None and old.key == asdict(key):
+        if old is not None and old.key == asdict(key) and _layout(pointer) == READY_LAYOUT:
             try:
                 verify(old)
                 return old
@@ -174,16 +178,17 @@ class AsyncSnapshots:
             reason = "there is none yet"
             if old is not None:
                 try:
-                    if old.key == asdict(key):
+                    if old.key == asdict(key) and _layout(pointer) == READY_LAYOUT:
                         verify(old)
                         return old
-                    reason = "; ".join(key.changes(old.key))
+                    reason = "; ".join(key.changes(old.key)) or (
+                        "templates are laid out anew (spare volume and share slots)")
                 except SnapshotError as exc:
                     reason = str(exc)
             say(f"building the ready snapshot of image {cfg.image!r} ({key.shape}): {reason}")
             t0 = time.monotonic()
             snap = await self._build_ready(cfg, key, slot)
-            write_json(pointer, {"ref": snap.ref})
+            write_json(pointer, {"ref": snap.ref, "layout": READY_LAYOUT})
             say(f"ready snapshot built in {time.monotonic() - t0:.1f} s")
             if old is not None:
                 if self.on_replaced is not None:
@@ -401,6 +406,16 @@ async def _warm(agent: AgentClient, cfg: MachineConfig) -> None:
         # fails, the clone's mount runs it and says what went wrong)
         await agent.exec(["modprobe", "-q", "-a", "9pnet_virtio", "9p"])
     (await agent.exec(["sync"])).check()
+
+
+def _layout(pointer: Path) -> int:
+    """The template layout a ready pointer's snapshot was built with (0: before there
+    was one)."""
+    try:
+        layout = read_json(pointer).get("layout", 0)
+    except (OSError, ValueError, AttributeError):
+        return 0
+    return layout if isinstance(layout, int) else 0
 
 
 def _readable_pointer(path: Path) -> bool:

@@ -29,8 +29,9 @@ from ..store import SnapshotFiles, Store, read_record, validate_name
 
 # Bump when what a snapshot holds or how it is loaded changes: old ones are rebuilt.
 # 3: NICs in the device list; MACs in snapshot.json. 4: ready templates have the NAT address.
-# 5: ready templates have spare volume and shared-folder slots (machines with them restore).
-SNAPSHOT_FORMAT = 5
+# (What only ready templates hold is versioned apart, READY_LAYOUT in pinnace.snapshots:
+# bumping this one would make every saved machine and named snapshot unloadable.)
+SNAPSHOT_FORMAT = 4
 # Files smaller than this are checksummed before every restore; larger ones by size only
 # (and fully by `pinnace snapshot inspect --verify`).
 QUICK_SUM_LIMIT = 8 << 20
