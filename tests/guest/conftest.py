@@ -69,3 +69,35 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     rep = outcome.get_result()
     setattr(item, f"rep_{rep.when}", rep)
+
+
+@pytest.fixture
+def network(pn):
+    """A factory for virtual networks that are removed after the test."""
+    made = []
+
+    def make(subnet):
+        name = f"tn{os.getpid() % 10000}-{len(made)}"
+        pn.networks.create(name, subnet)
+        made.append(name)
+        return name
+
+    yield make
+    for name in made:
+        pn.networks.remove(name)
+
+
+@pytest.fixture
+def volume(pn):
+    """A factory for volumes that are removed after the test."""
+    made = []
+
+    def make(size="64M", journal=True):
+        name = f"tv{os.getpid() % 10000}-{len(made)}"
+        pn.volumes.create(name, size, journal=journal)
+        made.append(name)
+        return name
+
+    yield make
+    for name in made:
+        pn.volumes.remove(name)

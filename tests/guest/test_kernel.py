@@ -65,6 +65,31 @@ def test_squashfs_on_a_loop_device(machine, tmp_path):
     assert out == "from squashfs\n"
 
 
+@pytest.mark.skipif(shutil.which("mkfs.fat") is None,
+                    reason="mkfs.fat is not on the host (apt-get install dosfstools)")
+def test_vfat_mounts_with_its_default_code_pages(machine, tmp_path):
+    image = tmp_path / "t.fat"
+    subprocess.run(["mkfs.fat", "-C", "-n", "PINNACE", str(image), "2048"], check=True,
+                   stdout=subprocess.DEVNULL)
+    machine.files.put(image, "/tmp/t.fat")
+    out = sh(machine, """
+        mkdir -p /tmp/fat
+        mount -t vfat -o loop /tmp/t.fat /tmp/fat
+        echo hello > /tmp/fat/Hello.txt
+        ls /tmp/fat
+        umount /tmp/fat
+    """)
+    assert out.split() == ["Hello.txt"]
+
+
+def test_nfs_client_modules_for_v3_and_v4(machine):
+    out = sh(machine, """
+        modprobe -a nfs nfsv3 nfsv4
+        grep -wE 'nfs|nfs4' /proc/filesystems | awk '{print $NF}' | sort
+    """)
+    assert out.split() == ["nfs", "nfs4"]
+
+
 def test_fuse_mounts_and_the_kernel_asks_the_server_to_init(machine):
     # No FUSE userland needed: mount with our own /dev/fuse descriptor and read the
     # kernel's first request, FUSE_INIT (opcode 26).
@@ -164,6 +189,9 @@ def test_cgroup_v2_with_its_controllers(machine):
         echo 5 > /tmp/cg/t/pids.max
         echo 1 > /tmp/cg/t/cgroup.freeze
         cat /tmp/cg/t/cgroup.events
+        test -e /tmp/cg/t/cpu.pressure  # PSI
+        grep -qw io /tmp/cg/cgroup.controllers && echo '+io' > /tmp/cg/cgroup.subtree_control
+        test -e /tmp/cg/t/io.max
         rmdir /tmp/cg/t
         umount /tmp/cg
     """)

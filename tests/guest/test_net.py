@@ -22,36 +22,6 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def network(pn):
-    made = []
-
-    def make(subnet):
-        name = f"tn{os.getpid() % 10000}-{len(made)}"
-        pn.networks.create(name, subnet)
-        made.append(name)
-        return name
-
-    yield make
-    for name in made:
-        pn.networks.remove(name)
-
-
-@pytest.fixture
-def volume(pn):
-    made = []
-
-    def make(size="64M", journal=True):
-        name = f"tv{os.getpid() % 10000}-{len(made)}"
-        pn.volumes.create(name, size, journal=journal)
-        made.append(name)
-        return name
-
-    yield make
-    for name in made:
-        pn.volumes.remove(name)
-
-
 def _run(pn, coro):
     return pn._loop.run(coro)
 

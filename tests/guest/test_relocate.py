@@ -96,21 +96,6 @@ def test_gc_kills_the_qemu_of_a_machine_folder_removed_behind_its_back(make_mach
         newcomer.delete(force=True)
 
 
-@pytest.fixture
-def network(pn):
-    made = []
-
-    def make(subnet):
-        name = f"tr{os.getpid() % 10000}-{len(made)}"
-        pn.networks.create(name, subnet)
-        made.append(name)
-        return name
-
-    yield make
-    for name in made:
-        pn.networks.remove(name)
-
-
 def test_a_renamed_machine_stays_on_its_network(network, make_machine, pn):
     """Its NIC's sockets moved with the folder: the switch is told the new paths."""
     lan = network("10.77.70.0/24")

@@ -18,8 +18,9 @@ if TYPE_CHECKING:
 @click.pass_context
 def gc(ctx: click.Context, dry_run: bool) -> None:
     """Remove what commands that died left behind: staging folders, machines of a
-    'run --rm' whose command died, QEMU and switch processes no machine or network
-    owns, unused ready snapshots. Prints one line per thing removed.
+    'run --rm' whose command died, warm-pool members that are dead or stale, QEMU and
+    switch processes no machine or network owns, unused ready snapshots. Prints one
+    line per thing removed.
 
     \b
     Example:
