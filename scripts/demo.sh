@@ -13,7 +13,7 @@ step() {
 pinnace delete --force "$name" >/dev/null 2>&1 || true
 echo "== building the default image (cached after the first time)" >&2
 echo "   The first build on a host also compiles pinnace's guest kernel from Debian's" >&2
-echo "   linux-source: once per host (every store shares it), 13-26 minutes on 2 cores." >&2
+echo "   linux-source: once per host (every store shares it), 14-28 minutes on 2 cores." >&2
 step "image build" pinnace image build >/dev/null
 echo "== creating and starting $name" >&2
 step "create" pinnace create "$name" --net restricted >/dev/null
