@@ -6,17 +6,20 @@ empty); a machine that is already running answers an exec in a few tens of ms. S
 the ready snapshot of the same image and shape, restored and warmed up ahead of time.
 
 - A member is an ordinary machine whose config has ``pool`` set to its pool key (the
-  ready slot and the NAT mode: what its QEMU was launched with). ``ls`` hides members
-  unless asked; ``pinnace pool ls`` shows them.
+  ready slot, which names image, shape, accelerator and devices, and the NAT mode: what
+  its QEMU was launched with). ``ls`` hides members unless asked; ``pinnace pool ls``
+  shows them.
 - Claiming takes the member's lock without waiting (two claims can never get one
-  member: the second finds it locked, or gone), rewrites its config under the new name
-  and renames its folder, which a running QEMU survives (its paths are relative to its
-  folder). Then it gets what a restored clone gets: its hostname, the host's clock,
-  fresh entropy. Its MAC and address are its own already (each member has its own).
-- After a claim, a detached ``pinnace pool fill`` refills the pool to its size (a
-  setting, 0 by default: off). No daemon: the filler exits once the pool is full.
-- A member made from a ready snapshot that has been rebuilt or removed is stale: it is
-  never handed out, and ``fill``, ``gc`` and the snapshot's replacement remove it.
+  member: the second finds it locked, or gone), gives its guest what a restored clone
+  gets (its hostname, the host's clock, fresh entropy; its MAC and address are its own
+  already), renames its folder, which a running QEMU survives (its paths are relative
+  to its folder), and rewrites its config under the new name.
+- After each ``run`` the pool could serve, a detached ``pinnace pool fill`` refills it
+  to its size (a setting, 0 by default: off). No daemon: the filler exits once the pool
+  is full.
+- A member made from what no longer serves its image and shape (a ready snapshot
+  rebuilt or removed, an image name pointing elsewhere) is stale: it is never handed
+  out, and ``fill``, ``gc`` and the snapshot's replacement remove it.
 """
 
 from __future__ import annotations
