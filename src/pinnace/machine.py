@@ -951,8 +951,12 @@ class AsyncMachine:
             return
         try:
             agent = await self._connect_agent(UNMOUNT_TIMEOUT, alive=self._alive)
-            await asyncio.wait_for(agent.exec(["umount", *paths], timeout=UNMOUNT_TIMEOUT),
-                                   UNMOUNT_TIMEOUT + 1)
+            if "unmount" in agent.capabilities:  # no umount(8) to start: a round trip
+                await agent.request("unmount", timeout=UNMOUNT_TIMEOUT)
+            else:  # an agent from before 0.3.0
+                await asyncio.wait_for(agent.exec(["umount", *paths],
+                                                  timeout=UNMOUNT_TIMEOUT),
+                                       UNMOUNT_TIMEOUT + 1)
         except (TimeoutError, PinnaceError, OSError) as exc:
             log.info("%s: could not unmount its volumes before the kill: %s", self.name, exc)
 

@@ -697,3 +697,20 @@ def test_a_new_template_layout_rebuilds_ready_snapshots_but_not_saved_machines(t
         assert str((await saved.start()).state) == "ready"  # its saved state still loads
 
     arun(pn, main())
+
+
+def test_a_forced_delete_unmounts_writable_volumes_before_the_kill(tmp_path):
+    pn = fake_store(tmp_path)
+
+    async def main():
+        await pn.volumes.create("data", "16M")
+        await pn.volumes.create("ro", "16M")
+        [m] = await pn.machines.run(name="m", volumes=["data:/data"])
+        [r] = await pn.machines.run(name="r", volumes=["ro:/ro:ro"])
+        await m.delete(force=True)
+        await r.delete(force=True)
+        calls = pn.backend.calls
+        assert calls.index(("unmount", "m")) < calls.index(("exit", "m:137"))
+        assert ("unmount", "r") not in calls  # nothing of its own to lose
+
+    arun(pn, main())

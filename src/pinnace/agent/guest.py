@@ -185,19 +185,34 @@ def power(action: str) -> None:
     libc().reboot(cmd)
 
 
-def unmount_attached() -> None:
-    """Unmount the volumes and shares the host attached (the ext4 journals end clean)."""
+def unmount_attached() -> tuple[list[str], list[str]]:
+    """Unmount the volumes and shares the host attached (the ext4 journals end clean);
+    return the mount points unmounted and those that could not be."""
+    done: list[str] = []
+    failed: list[str] = []
     try:
         with open("/proc/mounts") as f:
             mounts = [line.split() for line in f]
     except OSError:
-        return
+        return done, failed
     for fields in reversed(mounts):
         if len(fields) > 2 and ((fields[0].startswith("/dev/vd") and fields[1] != "/")
                                 or fields[2] == "9p"):
-            target = fields[1].replace("\\040", " ").encode()
-            if libc().umount2(target, 0) != 0:
+            target = fields[1].replace("\\040", " ")
+            if libc().umount2(target.encode(), 0) != 0:
                 log(f"could not unmount {fields[1]}")
+                failed.append(target)
+            else:
+                done.append(target)
+    return done, failed
+
+
+def op_unmount(session: Session, chan: int, msg: dict[str, Any]) -> dict[str, Any]:
+    """Unmount every volume and share the host attached: before the host kills the
+    machine, so that what was written is on the volumes and their journals are clean."""
+    os.sync()
+    done, failed = unmount_attached()
+    return {"unmounted": done, "failed": failed}
 
 
 # --- sessions and requests ------------------------------------------------------------
@@ -1164,6 +1179,7 @@ OPS = {
     "reseed": op_reseed,
     "set_network": op_set_network,
     "mount": op_mount,
+    "unmount": op_unmount,
 }
 
 

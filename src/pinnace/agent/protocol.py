@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 PROTOCOL_VERSION = 1
-AGENT_VERSION = "0.2.0"  # 0.2.0: mount.rescan
+AGENT_VERSION = "0.3.0"  # 0.2.0: mount.rescan; 0.3.0: unmount
 MAGIC = 0x504E
 HEADER = struct.Struct("!HBBII")
 MAX_FRAME = 1 << 20

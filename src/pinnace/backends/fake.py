@@ -307,13 +307,17 @@ class FakeBackend:
         elif op == "mount":
             guest.mounts.append({k: v for k, v in req.items() if k != "op"})
             reply = {"path": req.get("path"), "device": str(req.get("source"))}
+        elif op == "unmount":
+            self.calls.append(("unmount", guest.spec.name))
+            reply = {"unmounted": [str(m.get("path")) for m in guest.mounts], "failed": []}
         elif op == "poweroff":
             asyncio.get_running_loop().call_later(0.01, self.exit, guest.spec.files, 0)
         writer.write(P.encode_json(P.REPLY, chan, reply))
 
 
 AGENT_OPS = frozenset({"ping", "exec", "info", "poweroff", "reboot", "set_time", "clock",
-                       "set_hostname", "get", "put", "reseed", "set_network", "mount"})
+                       "set_hostname", "get", "put", "reseed", "set_network", "mount",
+                       "unmount"})
 
 __all__ = ["FakeBackend", "FakeGuest"]
 
