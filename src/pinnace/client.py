@@ -26,7 +26,7 @@ from .network.networks import AsyncNetworks, Network
 from .pool import AsyncPool, Member
 from .snapshots import AsyncSnapshots, Snapshot
 from .snapshots.key import SnapshotLookup
-from .store import Store
+from .store import KernelCache, Store
 from .volumes import AsyncVolumes, Volume
 
 T = TypeVar("T")
@@ -62,7 +62,7 @@ class AsyncPinnace:
                                                                   wait_for_fillers=False)
         self.images.before_remove = lambda digest: self.pool.drain(image_digest=digest)
         self.collector = Collector(self.store, self.machines, self.snapshots, self.networks,
-                                   self.pool)
+                                   self.pool, KernelCache())
 
     async def gc(self, *, dry_run: bool = False) -> list[Removed]:
         """Remove what crashed commands left behind; see :mod:`pinnace.gc`."""

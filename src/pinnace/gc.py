@@ -27,7 +27,15 @@ from .machines import AsyncMachines
 from .network.networks import AsyncNetworks
 from .pool import AsyncPool
 from .snapshots import AsyncSnapshots
-from .store import Store, owner_alive, proc_argv, proc_cwd, proc_start_time, read_record
+from .store import (
+    KernelCache,
+    Store,
+    owner_alive,
+    proc_argv,
+    proc_cwd,
+    proc_start_time,
+    read_record,
+)
 
 SWITCH_MODULE = "pinnace.network.switch"
 
@@ -73,8 +81,9 @@ class Collector:
     """Finds and removes a store's garbage."""
 
     def __init__(self, store: Store, machines: AsyncMachines, snapshots: AsyncSnapshots,
-                 networks: AsyncNetworks, pool: AsyncPool) -> None:
+                 networks: AsyncNetworks, pool: AsyncPool, kernels: KernelCache) -> None:
         self.store = store
+        self.kernels = kernels
         self.machines = machines
         self.snapshots = snapshots
         self.networks = networks
@@ -94,6 +103,13 @@ class Collector:
             out.append(Removed("staging", str(path.relative_to(self.store.home))))
         if not dry_run:
             await asyncio.to_thread(self.store.clean_tmp)
+        try:  # the host-wide kernel cache: a kernel build killed half-way (GBs of source)
+            for path in self.kernels.leftovers():
+                out.append(Removed("staging", f"{path} (a kernel build whose command died)"))
+            if not dry_run:
+                await asyncio.to_thread(self.kernels.clean_tmp)
+        except OSError:  # another user's cache, say: not ours to clean
+            pass
         return out
 
     async def _ephemeral(self, dry_run: bool) -> list[Removed]:

@@ -308,6 +308,10 @@ class KernelCache:
     def staging_dir(self, prefix: str) -> contextlib.AbstractContextManager[Path]:
         return staging_dir(self.tmp_dir, prefix)
 
+    def leftovers(self) -> list[Path]:
+        """Builds in tmp/ whose process has died."""
+        return leftovers(self.tmp_dir)
+
     def clean_tmp(self) -> list[Path]:
         return clean_leftovers(self.tmp_dir)
 

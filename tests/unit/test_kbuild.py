@@ -77,3 +77,23 @@ def test_compile_progress_counts_compiled_files_only():
     shown = [progress(line) for line in lines]
     assert shown == ["1 of ~3 files: kernel/fork.o", None, "2 of ~3 files: net/x.o",
                      "3 of ~3 files: arch/x86/entry.o", "4 of ~4 files: a.o"]
+
+
+def test_gc_removes_a_kernel_build_whose_command_died(tmp_path, monkeypatch):
+    """A killed kernel build leaves GBs of source in the host-wide cache's tmp/: gc goes."""
+    import subprocess
+
+    from .fakes import arun, fake_store
+
+    cache = tmp_path / "kernels"
+    monkeypatch.setenv("PINNACE_KERNEL_CACHE", str(cache))
+    proc = subprocess.Popen(["true"])  # its pid: a process that has ended
+    proc.wait()
+    left = cache / "tmp" / f"kernel-{proc.pid}-abc"
+    (left / "src").mkdir(parents=True)
+    live = cache / "tmp" / f"kernel-{KB.os.getpid()}-def"
+    live.mkdir()
+    pn = fake_store(tmp_path)
+    removed = [str(r) for r in arun(pn, pn.gc())]
+    assert any("kernel build whose command died" in r and str(left) in r for r in removed)
+    assert not left.exists() and live.exists()  # a build still running is left alone

@@ -19,8 +19,8 @@ if TYPE_CHECKING:
 def gc(ctx: click.Context, dry_run: bool) -> None:
     """Remove what commands that died left behind: staging folders, machines of a
     'run --rm' whose command died, warm-pool members that are dead or stale, QEMU and
-    switch processes no machine or network owns, unused ready snapshots. Prints one
-    line per thing removed.
+    switch processes no machine or network owns, unused ready snapshots, and kernel
+    builds killed half-way in the host's kernel cache. Prints one line per thing removed.
 
     \b
     Example:
