@@ -221,13 +221,18 @@ class AsyncPool:
                    notify: Any = None) -> builtins.list[str]:
         """Start members until the pool of this shape has ``size`` (default: the setting,
         read again before each) live, current ones; remove stale, dead and surplus ones.
-        Returns the names started. One filler per shape works at a time; a second
-        returns at once (the first goes on until the pool is full)."""
+        Returns the names started. One filler per shape works at a time: without a
+        ``size``, a second returns at once (the first goes on until the pool is full);
+        with one, it waits for the first and then fills to its size."""
         fixed = None if size is None else _check_size(size, "pool size")
         shape, key, _ = await self.shape_of(image, cpus, memory, net, accel)
-        lock = self.store.try_locked("pool", _lock_name(key))
-        if lock is None:
-            return []  # another filler is at it
+        if fixed is None:  # a refill: if another filler is at it, it fills the pool
+            lock = self.store.try_locked("pool", _lock_name(key))
+            if lock is None:
+                return []
+        else:  # a size asked for: wait for another filler, then fill to that size
+            lock = self.store.lock("pool", _lock_name(key), timeout=DRAIN_WAIT)
+            await lock.acquire_async()
         started: builtins.list[str] = []
         try:
             while self.store.machines_dir.parent.is_dir():  # the store may be removed
@@ -296,18 +301,19 @@ class AsyncPool:
                     and (image_digest is None or cfg.get("image_digest") == image_digest))
 
         gone = []
-        for key in sorted({str(cfg["pool"]) for _, cfg in self._configs()}):
-            lock = None
-            if wait_for_fillers:
-                lock = self.store.lock("pool", _lock_name(key), timeout=DRAIN_WAIT)
-                await lock.acquire_async()
+        fillers = set(self.store.lock_names("pool")) if wait_for_fillers else set()
+        for lock_name in sorted(fillers):  # every pool's filler, even of an empty pool
+            lock = self.store.lock("pool", lock_name, timeout=DRAIN_WAIT)
+            await lock.acquire_async()
             try:
-                for name, _ in self._configs(key):
-                    if await self._remove(name, wanted):
-                        gone.append(name)
+                gone += [name for name, cfg in self._configs()
+                         if _lock_name(str(cfg["pool"])) == lock_name
+                         and await self._remove(name, wanted)]
             finally:
-                if lock is not None:
-                    lock.release()
+                lock.release()
+        for name, _ in self._configs():  # members of no filler's pool (made by hand)
+            if await self._remove(name, wanted):
+                gone.append(name)
         return gone
 
     # -- claiming ------------------------------------------------------------------------

@@ -662,6 +662,15 @@ class Store:
             for lk in reversed(held):
                 lk.release()
 
+    def lock_names(self, kind: str) -> list[str]:
+        """The names that locks of ``kind`` have been taken for (their files stay)."""
+        prefix = f"{kind}-"
+        try:
+            return sorted(p.name[len(prefix):-len(".lock")] for p in self.locks_dir.iterdir()
+                          if p.name.startswith(prefix) and p.name.endswith(".lock"))
+        except OSError:
+            return []
+
     def try_locked(self, kind: str, name: str) -> FileLock | None:
         """The lock of one object if nobody holds it (taken), else None. No waiting."""
         lk = self.lock(kind, name, 0.0)
