@@ -194,3 +194,21 @@ def test_drain_removes_members_only(pn):
         assert str((await m.status()).state) == "ready"
 
     arun(pn, main())
+
+
+def test_drain_waits_for_a_filler_at_work_even_of_an_empty_pool(pn):
+    import asyncio
+
+    async def main():
+        await pn.pool.fill(size=1)
+        [member] = await pn.pool.list()
+        lock_name = member.key.replace("/", "-")
+        filler = pn.store.lock("pool", lock_name, timeout=1)  # a filler at work
+        filler.acquire()
+        draining = asyncio.ensure_future(pn.pool.drain())
+        await asyncio.sleep(0.2)
+        assert not draining.done()  # waits: the filler would refill behind it
+        filler.release()
+        assert await draining == [member.name]
+
+    arun(pn, main())
