@@ -184,19 +184,25 @@ class AsyncPool:
             try:
                 if not cfg.get("pool"):
                     continue
-                if cfg.get("name") != name:
-                    out.append((name, f"half claimed as {name!r}"))
-                elif self._stale(cfg):
-                    out.append((name, "of an image or ready snapshot that was replaced"))
-                else:
-                    st = await self.machines.handle(name).status(holding_lock=True)
-                    if st.state not in LIVE:
-                        out.append((name, f"that is {st.state}"))
+                st = await self.machines.handle(name).status(holding_lock=True)
+                why = self._unusable(name, cfg, st.state)
+                if why is not None:
+                    out.append((name, why))
             except PinnaceError:
                 out.append((name, "that is damaged"))
             finally:
                 lock.release()
         return out
+
+    def _unusable(self, name: str, cfg: dict[str, Any], state: MachineState) -> str | None:
+        """Why a member (named ``name``, its folder) must go, or None if it may serve."""
+        if cfg.get("name") != name:
+            return f"half claimed as {name!r}"
+        if self._stale(cfg):
+            return "of an image or ready snapshot that was replaced"
+        if state not in LIVE:
+            return f"that is {state}"
+        return None
 
     async def shape_of(self, image: str = "default", cpus: int | None = None,
                        memory: str | int | None = None, net: str | None = None,
@@ -235,7 +241,7 @@ class AsyncPool:
             await lock.acquire_async()
         started: builtins.list[str] = []
         try:
-            while self.store.machines_dir.parent.is_dir():  # the store may be removed
+            while self.store.home.is_dir():  # the store may be removed meanwhile
                 want = self.size() if fixed is None else fixed
                 live = await self._prune(key, want)
                 if live >= want:
@@ -265,7 +271,7 @@ class AsyncPool:
                 st = await m.status()
             except PinnaceError:
                 continue
-            if self._stale(cfg) or st.state not in LIVE or live >= want:
+            if self._unusable(name, cfg, st.state) is not None or live >= want:
                 await self._remove(name, lambda c: True)
             elif st.state == MachineState.READY:
                 live += 1
