@@ -52,9 +52,10 @@ AGENT_SCRIPT = ("#!/usr/bin/python3 -IS\n"
                 "import sys\nsys.path.insert(0, '/usr/lib/pinnace')\nimport guest\n"
                 "guest.run_main()\n")
 # nftables and iptables (its nft backend): firewalls and NAT inside guests, for network
-# tests; mount: loop devices and the usual mount options.
+# tests; mount: loop devices and the usual mount options; sudo: commands as another user
+# (testinfra's host.sudo(), non-root test users).
 BASE_PACKAGES = ("python3", "iproute2", "iputils-ping", "procps", "ca-certificates", "kmod",
-                 "nftables", "iptables", "mount")
+                 "nftables", "iptables", "mount", "sudo")
 ROOTFS_MIN_SIZE = 2 << 30
 AGENT_DIR = "usr/lib/pinnace"
 # Bump when what this module writes into the root filesystem changes (images rebuild).
