@@ -6,7 +6,7 @@
      +-- ConfigError                  bad input: a name, size, path or option (field, value, hint)
      +-- NotFoundError                no such machine, image or snapshot (kind, name)
      +-- AlreadyExistsError           the name is taken (kind, name)
-     +-- StateError                   a call in the wrong lifecycle state (name, state, allowed)
+     +-- StateError                   a call in the wrong lifecycle state (name, state, allowed, hint)
      +-- LockTimeout                  another pinnace call holds the object (path, timeout)
      +-- HostError                    the host lacks something pinnace needs (what, hint)
      |    +-- ToolFailed              a host tool (qemu-img, mkfs.ext4) failed (command, exit_code, output)
@@ -79,15 +79,16 @@ class AlreadyExistsError(PinnaceError):
 class StateError(PinnaceError):
     """A call was made in a lifecycle state that does not allow it."""
 
-    def __init__(self, name: str, action: str, state: str, allowed: Sequence[str]) -> None:
+    def __init__(self, name: str, action: str, state: str, allowed: Sequence[str],
+                 hint: str = "") -> None:
         self.name = name
         self.action = action
         self.state = state
         self.allowed = tuple(allowed)
-        super().__init__(
-            f"cannot {action} machine {name!r}: it is {state}, "
-            f"and that needs it to be {' or '.join(self.allowed)}"
-        )
+        self.hint = hint
+        msg = (f"cannot {action} machine {name!r}: it is {state}, "
+               f"and that needs it to be {' or '.join(self.allowed)}")
+        super().__init__(f"{msg}; {hint}" if hint else msg)
 
 
 class LockTimeout(PinnaceError):
