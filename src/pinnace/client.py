@@ -26,7 +26,7 @@ from .network.networks import AsyncNetworks, Network
 from .pool import AsyncPool, Member
 from .snapshots import AsyncSnapshots, Snapshot
 from .snapshots.key import SnapshotLookup
-from .store import KernelCache, Store
+from .store import KernelCache, Store, this_process
 from .volumes import AsyncVolumes, Volume
 
 T = TypeVar("T")
@@ -62,11 +62,18 @@ class AsyncPinnace:
                                                                   wait_for_fillers=False)
         self.images.before_remove = lambda digest: self.pool.drain(image_digest=digest)
         self.collector = Collector(self.store, self.machines, self.snapshots, self.networks,
-                                   self.pool, KernelCache())
+                                   self.volumes, self.pool, KernelCache())
 
-    async def gc(self, *, dry_run: bool = False) -> list[Removed]:
-        """Remove what crashed commands left behind; see :mod:`pinnace.gc`."""
-        return await self.collector.collect(dry_run=dry_run)
+    async def gc(self, *, dry_run: bool = False, owned_only: bool = False) -> list[Removed]:
+        """Remove what crashed commands left behind; see :mod:`pinnace.gc`. ``owned_only``:
+        only the machines, networks and volumes of processes that are gone."""
+        return await self.collector.collect(dry_run=dry_run, owned_only=owned_only)
+
+    async def release(self, owner: str | None = None, *, dry_run: bool = False
+                      ) -> list[Removed]:
+        """Remove the machines, networks and volumes this process (or ``owner``, "PID
+        STARTTIME") made ephemeral: a test session's last step."""
+        return await self.collector.release(owner or this_process(), dry_run=dry_run)
 
 
 # --- the sync facade -------------------------------------------------------------------
@@ -249,6 +256,15 @@ class Machine:
     def serial_tail(self, lines: int = 30) -> str:
         return self._m.serial_tail(lines)
 
+    def history(self, limit: int = 20) -> list[dict[str, Any]]:
+        return self._m.history(limit)
+
+    def address(self, network: Any) -> str:
+        return self._m.address(network)
+
+    def keep(self) -> MachineConfig:
+        return self._loop.run(self._m.keep())
+
     def close(self) -> None:
         self._loop.run(self._m.close())
 
@@ -320,8 +336,12 @@ class Volumes:
         self._v = avols
         self._loop = loop
 
-    def create(self, name: str, size: str | int, *, journal: bool = True) -> Volume:
-        return self._loop.run(self._v.create(name, size, journal=journal))
+    def create(self, name: str, size: str | int, *, journal: bool = True,
+               ephemeral: bool = False) -> Volume:
+        return self._loop.run(self._v.create(name, size, journal=journal, ephemeral=ephemeral))
+
+    def keep(self, name: str) -> None:
+        self._v.keep(name)
 
     def get(self, name: str) -> Volume:
         return self._v.get(name)
@@ -340,8 +360,12 @@ class Networks:
         self._n = anets
         self._loop = loop
 
-    def create(self, name: str, subnet: str) -> Network:
-        return self._loop.run(self._n.create(name, subnet))
+    def create(self, name: str, subnet: str | None = None, *,
+               ephemeral: bool = False) -> Network:
+        return self._loop.run(self._n.create(name, subnet, ephemeral=ephemeral))
+
+    def keep(self, name: str) -> None:
+        self._n.keep(name)
 
     def get(self, name: str) -> Network:
         return self._n.get(name)
@@ -391,8 +415,11 @@ class Pinnace:
         self.networks = Networks(self.aio.networks, self._loop)
         self.pool = Pool(self.aio.pool, self._loop)
 
-    def gc(self, *, dry_run: bool = False) -> list[Removed]:
-        return self._loop.run(self.aio.gc(dry_run=dry_run))
+    def gc(self, *, dry_run: bool = False, owned_only: bool = False) -> list[Removed]:
+        return self._loop.run(self.aio.gc(dry_run=dry_run, owned_only=owned_only))
+
+    def release(self, owner: str | None = None, *, dry_run: bool = False) -> list[Removed]:
+        return self._loop.run(self.aio.release(owner, dry_run=dry_run))
 
     def close(self) -> None:
         self._loop.close()

@@ -79,14 +79,16 @@ class AlreadyExistsError(PinnaceError):
 class StateError(PinnaceError):
     """A call was made in a lifecycle state that does not allow it."""
 
-    def __init__(self, name: str, action: str, state: str, allowed: Sequence[str],
-                 hint: str = "") -> None:
+    def __init__(self, name: str, action: str, state: str, allowed: Sequence[str], *,
+                 reason: str = "", hint: str = "") -> None:
         self.name = name
         self.action = action
         self.state = state
         self.allowed = tuple(allowed)
+        self.reason = reason  # why it is in that state, if its status says
         self.hint = hint
-        msg = (f"cannot {action} machine {name!r}: it is {state}, "
+        msg = (f"cannot {action} machine {name!r}: it is {state}"
+               f"{f' ({reason})' if reason else ''}, "
                f"and that needs it to be {' or '.join(self.allowed)}")
         super().__init__(f"{msg}; {hint}" if hint else msg)
 
@@ -179,14 +181,17 @@ class BootTimeout(MachineError):
 
 
 class MachineCrashed(MachineError):
-    """QEMU exited while the machine should have been running."""
+    """QEMU exited while the machine should have been running. ``reason``: why, as the
+    machine's status says (a kernel panic, out of memory, QEMU killed by a signal)."""
 
-    def __init__(self, name: str, exit_code: int | None, *, during: str, log_tail: str = "") -> None:
+    def __init__(self, name: str, exit_code: int | None, *, during: str, log_tail: str = "",
+                 reason: str = "") -> None:
         self.exit_code = exit_code
         self.during = during
-        super().__init__(
-            name, f"QEMU exited during {during} ({describe_exit(exit_code)})", log_tail=log_tail
-        )
+        self.reason = reason or f"QEMU {describe_exit(exit_code)}"
+        text = (f"the machine died during {during}: {reason}" if reason
+                else f"QEMU exited during {during} ({describe_exit(exit_code)})")
+        super().__init__(name, text, log_tail=log_tail)
 
 
 def describe_exit(code: int | None) -> str:

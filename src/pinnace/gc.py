@@ -4,7 +4,8 @@ A command killed at any moment leaves the store telling the truth (see
 :mod:`pinnace.store` and :mod:`pinnace.machine`), but it may leave garbage:
 
 - staging and trash folders in tmp/ of a process that is gone;
-- machines made by ``run --rm`` whose command died before deleting them;
+- machines made by ``run --rm`` whose command died before deleting them, and machines,
+  networks and volumes a test session made for itself (``ephemeral``) whose session died;
 - VMM and switch processes that no machine or network owns any more (their
   folder is gone, or the machine's record names another process);
 - ready snapshots that no pointer names and no machine uses.
@@ -16,12 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import PinnaceError
+from .errors import NotFoundError, PinnaceError
 from .machine import LIVE, handle_of
 from .machines import AsyncMachines
 from .network.networks import AsyncNetworks
@@ -29,22 +31,26 @@ from .pool import AsyncPool
 from .snapshots import AsyncSnapshots
 from .store import (
     KernelCache,
+    Owned,
     Store,
     owner_alive,
+    owner_of,
     proc_argv,
     proc_cwd,
     proc_start_time,
     read_record,
 )
+from .volumes import AsyncVolumes
 
 SWITCH_MODULE = "pinnace.network.switch"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Removed:
     """One thing gc removed (or, in a dry run, would remove)."""
 
-    kind: str  # "staging", "machine", "process", "snapshot"
+    kind: str  # "staging", "machine", "network", "volume", "process", "snapshot"
     what: str
 
     def __str__(self) -> str:
@@ -81,20 +87,26 @@ class Collector:
     """Finds and removes a store's garbage."""
 
     def __init__(self, store: Store, machines: AsyncMachines, snapshots: AsyncSnapshots,
-                 networks: AsyncNetworks, pool: AsyncPool, kernels: KernelCache) -> None:
+                 networks: AsyncNetworks, volumes: AsyncVolumes, pool: AsyncPool,
+                 kernels: KernelCache) -> None:
         self.store = store
+        self.volumes = volumes
         self.kernels = kernels
         self.machines = machines
         self.snapshots = snapshots
         self.networks = networks
         self.pool = pool
 
-    async def collect(self, *, dry_run: bool = False) -> list[Removed]:
-        """Remove the garbage (unless ``dry_run``) and return what it was."""
+    async def collect(self, *, dry_run: bool = False, owned_only: bool = False
+                      ) -> list[Removed]:
+        """Remove the garbage (unless ``dry_run``) and return what it was. ``owned_only``:
+        only what dead processes made ephemeral (a test session's first step)."""
         out: list[Removed] = []
+        if owned_only:
+            return await self._owned(dry_run)
         # every machine looked at: moves left half-done are settled
         await self.machines.list(pool=True)
-        out += await self._ephemeral(dry_run)
+        out += await self._owned(dry_run)
         out += await self._pool(dry_run)
         out += await self._orphan_processes(dry_run)
         for path in await self.snapshots.collect_unused(dry_run=dry_run):
@@ -112,22 +124,52 @@ class Collector:
             pass
         return out
 
-    async def _ephemeral(self, dry_run: bool) -> list[Removed]:
-        """Machines of ``run --rm`` whose command is gone."""
+    async def release(self, owner: str, *, dry_run: bool = False) -> list[Removed]:
+        """Remove every machine, network and volume that process ``owner`` ("PID
+        STARTTIME") made for itself (see :class:`pinnace.store.Owned`), living or not:
+        what a test session does at its end."""
+        return await self._owned(dry_run, owner)
+
+    async def _owned(self, dry_run: bool, owner: str | None = None) -> list[Removed]:
+        """Machines of ``run --rm`` (and of test sessions), then networks and volumes made
+        for a process, whose process is gone; or, given ``owner``, all of that one's.
+        Machines go first: a network or volume is removed only once nothing uses it."""
+        def ours(recorded: str | None) -> bool:
+            if recorded is None:
+                return False
+            return recorded == owner if owner is not None else not owner_alive(recorded)
+
+        why = "its owner is done" if owner is not None else "its owner died"
         out = []
         for name, cfg in list(self.store.machine_configs()):
             if not cfg.get("ephemeral"):
                 continue
-            try:
-                owner = self.store.machine_files(name).owner.read_text()
-            except OSError:
-                owner = ""
-            if owner_alive(owner):
+            if not ours(owner_of(self.store.machine_files(name)) or ""):
                 continue
-            out.append(Removed("machine", f"{name} (made by 'run --rm', whose command died)"))
+            out.append(Removed("machine", f"{name} (made by 'run --rm' or a test session; "
+                                          f"{why})"))
             if not dry_run:
                 with contextlib.suppress(PinnaceError):
                     await self.machines.handle(name).delete(force=True)
+        for kind, folder, remove, users in (
+                ("network", self.store.networks_dir, self.networks.remove,
+                 self.networks.members),
+                ("volume", self.store.volumes_dir, self.volumes.remove, self.volumes.users)):
+            for path in sorted(folder.iterdir()) if folder.is_dir() else ():
+                if not path.is_dir() or not ours(owner_of(Owned.at(path))):
+                    continue
+                if dry_run:
+                    if not users(path.name):  # (a machine that is kept uses it, say)
+                        out.append(Removed(kind, f"{path.name} (made for a process; {why})"))
+                    continue
+                try:
+                    await remove(path.name)
+                except NotFoundError:
+                    continue  # removed by someone else meanwhile
+                except PinnaceError as exc:  # in use by a machine that was kept, say
+                    log.info("gc: leaving %s %s: %s", kind, path.name, exc)
+                    continue
+                out.append(Removed(kind, f"{path.name} (made for a process; {why})"))
         return out
 
     async def _pool(self, dry_run: bool) -> list[Removed]:

@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import socket
 import time
@@ -52,6 +53,7 @@ from .backends import base as B
 from .backends.base import AccelChoice, Backend, Handle, LaunchSpec, NatNic
 from .config import NAT_DNS, NAT_GATEWAY, NAT_GUEST, MachineConfig, Nic, PortForward, random_mac
 from .errors import (
+    AgentDisconnected,
     AgentError,
     AgentTimeout,
     AlreadyExistsError,
@@ -72,7 +74,15 @@ from .files import AsyncFiles
 from .images import Images
 from .network.networks import AsyncNetworks
 from .snapshots.key import Capture, SnapshotLookup, machine_key, verify
-from .store import MachineFiles, Store, read_record, tail, validate_name, write_json
+from .store import (
+    MachineFiles,
+    Store,
+    drop_owner,
+    read_record,
+    tail,
+    validate_name,
+    write_json,
+)
 from .volumes import AsyncVolumes
 
 log = logging.getLogger(__name__)
@@ -84,6 +94,8 @@ STOP_TIMEOUT = 10.0
 UNMOUNT_TIMEOUT = 3.0
 QUIT_TIMEOUT = 5.0
 SERIAL_TAIL_LINES = 30
+COMMAND_SHOWN = 200  # characters of a guest command kept in events.jsonl
+EVENTS_MAX = 1 << 20  # bytes of events.jsonl before it is rotated (one old one kept)
 LOCK_TIMEOUT = 120.0
 
 
@@ -219,6 +231,9 @@ class AsyncMachine:
     def event(self, event: str, **fields: Any) -> None:
         """Append one line to the machine's events.jsonl (a history for people, not state)."""
         line = json.dumps({"time": time.time(), "event": event, **fields})
+        with contextlib.suppress(OSError):
+            if self.paths.events.stat().st_size > EVENTS_MAX:  # (every command adds one)
+                os.replace(self.paths.events, self.paths.old_events)
         with contextlib.suppress(OSError), open(self.paths.events, "a") as f:
             f.write(line + "\n")
 
@@ -288,7 +303,7 @@ class AsyncMachine:
         elif was == S.STARTING and handle_of(record) is None:
             state, reason = S.FAILED, "the command starting it was interrupted; start it again"
         elif "Kernel panic" in serial:
-            state, reason = S.FAILED, "the guest kernel panicked"
+            state, reason = S.FAILED, panic_reason(serial)
         elif code == 0:
             state, reason = S.STOPPED, "the guest powered off"
         else:
@@ -732,7 +747,7 @@ class AsyncMachine:
         st = await self.status()
         if st.state not in (S.READY, S.RUNNING):
             raise StateError(self.name, "reach the guest agent of", str(st.state),
-                             ["ready", "running"])
+                             ["ready", "running"], reason=st.reason)
         return await self._connect_agent(timeout, alive=self._alive)
 
     async def _drop_agent(self) -> None:
@@ -1048,7 +1063,52 @@ class AsyncMachine:
             self.event("configured", changes={k: v for k, v in changes.items() if v is not None})
             return cfg
 
+    async def keep(self) -> MachineConfig:
+        """Make a machine of ``run --rm`` (or a test session) an ordinary one: nobody
+        deletes it when its owner ends, and ``gc`` leaves it alone."""
+        async with self._locked():
+            cfg = self.config
+            if cfg.ephemeral:  # config first: killed in between, it is kept all the same
+                cfg = cfg.with_changes(ephemeral=False)
+                write_json(self.paths.config, cfg.to_dict())
+            drop_owner(self.paths)
+            self.event("kept")
+            return cfg
+
     # -- the guest -----------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _guest_work(self, what: str) -> AsyncIterator[None]:
+        """Around a request to the guest: if its channel closes because the machine died,
+        raise MachineCrashed saying why (a kernel panic, out of memory, QEMU killed) and
+        at once, rather than the bare closed channel."""
+        try:
+            yield
+        except AgentDisconnected as exc:
+            st = await self._ended()
+            if st is None:
+                raise
+            raise MachineCrashed(self.name, st.exit_code, during=what, reason=st.reason,
+                                 log_tail=self.serial_tail()) from exc
+
+    async def _ended(self, wait: float = 3.0) -> MachineStatus | None:
+        """The status of a machine whose agent channel just closed, once its VMM has
+        exited (it closes the channel a moment before); None if it still runs."""
+        deadline = time.monotonic() + wait
+        while True:
+            st = await self.status()
+            if st.state not in LIVE:
+                return st
+            if time.monotonic() > deadline:
+                return None
+            await asyncio.sleep(0.05)
+
+    def _record_command(self, argv: list[str] | str, started: float, **outcome: Any) -> None:
+        """Note a guest command in events.jsonl: the machine's recent history, shown when
+        a test that used it fails."""
+        shown = argv if isinstance(argv, str) else shlex.join(str(a) for a in argv)
+        self.event("exec", command=shown[:COMMAND_SHOWN],
+                   seconds=round(time.monotonic() - started, 3), **outcome)
 
     async def exec(self, argv: list[str] | str, *, input: bytes | None = None,
                    timeout: float | None = 60.0, env: dict[str, str] | None = None,
@@ -1056,11 +1116,22 @@ class AsyncMachine:
         """Run a command in the guest and return its output and exit code.
 
         ``argv`` as a list runs that program; as a string it runs under ``/bin/sh -c``.
+        If the machine dies meanwhile, MachineCrashed says why.
         """
         agent = await self.agent()
         shell = argv if isinstance(argv, str) else None
-        return await agent.exec(None if shell is not None else list(argv), shell=shell,
-                                input=input, timeout=timeout, env=env, cwd=cwd, user=user)
+        started = time.monotonic()
+        try:
+            async with self._guest_work("a command"):
+                result = await agent.exec(None if shell is not None else list(argv),
+                                          shell=shell, input=input, timeout=timeout, env=env,
+                                          cwd=cwd, user=user)
+        except (AgentError, MachineError) as exc:
+            self._record_command(argv, started, error=str(exc)[:COMMAND_SHOWN])
+            raise
+        self._record_command(argv, started, exit_code=result.exit_code,
+                             **({"timed_out": True} if result.timed_out else {}))
+        return result
 
     async def start_process(self, argv: list[str] | str, *, stdin: bool = False,
                             pty: dict[str, Any] | None = None, timeout: float | None = None,
@@ -1069,16 +1140,46 @@ class AsyncMachine:
         """Start a command and stream its output: ``async for stream, data in proc``."""
         agent = await self.agent()
         shell = argv if isinstance(argv, str) else None
-        return agent.start_exec(None if shell is not None else list(argv), shell=shell,
-                                stdin=stdin, pty=pty, timeout=timeout, env=env, cwd=cwd, user=user)
+        started = time.monotonic()
+        proc = agent.start_exec(None if shell is not None else list(argv), shell=shell,
+                                stdin=stdin, pty=pty, timeout=timeout, env=env, cwd=cwd,
+                                user=user)
+        proc.on_exit = lambda result: self._record_command(argv, started,
+                                                            exit_code=result.exit_code)
+        return proc
 
     async def ping(self, timeout: float = 5.0) -> dict[str, Any]:
         agent = await self.agent(timeout)
-        return await agent.request("ping", timeout=timeout)
+        async with self._guest_work("a ping"):
+            return await agent.request("ping", timeout=timeout)
 
     async def info(self, timeout: float = 10.0) -> dict[str, Any]:
         agent = await self.agent(timeout)
-        return await agent.request("info", timeout=timeout)
+        async with self._guest_work("an info request"):
+            return await agent.request("info", timeout=timeout)
+
+    def address(self, network: str | Any) -> str:
+        """This machine's address on ``network`` (a name, or a Network), without its
+        prefix: "10.100.0.2"."""
+        name = str(getattr(network, "name", network))
+        for nic in self.config.nics:
+            if nic.network == name:
+                return nic.ip.partition("/")[0]
+        raise NotFoundError("address on network", name, f"machine {self.name!r} is not on it "
+                            f"(see 'pinnace ls --format json')")
+
+    def history(self, limit: int = 20) -> list[dict[str, Any]]:
+        """The machine's last ``limit`` events (starts, restores, commands with their exit
+        codes), oldest first, from events.jsonl; damaged lines are skipped."""
+        out: list[dict[str, Any]] = []
+        for line in tail(self.paths.events, limit).splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict):
+                out.append(event)
+        return out
 
     async def set_time(self, epoch: float | None = None) -> float:
         """Set the guest's clock (to the host's by default); return the guest's new time."""
@@ -1120,6 +1221,21 @@ class AsyncMachine:
     async def close(self) -> None:
         """Drop this handle's agent connection (the machine keeps running)."""
         await self._drop_agent()
+
+
+def panic_reason(serial: str) -> str:
+    """Why a guest whose console shows a kernel panic died, in one line: the panic's
+    own words (printable, cut short: they come from the guest), and whether it ran out
+    of memory first."""
+    # (the panic's own line, else the "---[ end Kernel panic - ... ]---" after the dump)
+    panics = [ln for ln in serial.splitlines() if "Kernel panic" in ln]
+    said = panics[-1].split("Kernel panic", 1)[1].lstrip(" -").removeprefix("not syncing:")
+    said = said.strip().removesuffix("]---").strip()
+    said = "".join(c if c.isprintable() else "?" for c in said)[:120]
+    oom = "Out of memory" in serial or "oom-kill" in serial
+    head = "the guest ran out of memory and its kernel panicked" if oom \
+        else "the guest kernel panicked"
+    return f"{head}: {said}" if said else head
 
 
 def _check_port_free(p: PortForward, store: Store, me: str) -> None:

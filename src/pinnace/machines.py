@@ -258,7 +258,8 @@ class AsyncMachines:
     async def run(self, *, image: str = DEFAULT_IMAGE, name: str | None = None, count: int = 1,
                   cpus: int | None = None, memory: str | int | None = None,
                   accel: str | None = None, notify: Any = None, rm: bool = False,
-                  pool: str = "", claim: bool = True, **devices: Any) -> list[AsyncMachine]:
+                  pool: str = "", claim: bool = True, timeout: float | None = None,
+                  **devices: Any) -> list[AsyncMachine]:
         """Start ``count`` machines from the image's ready snapshot, concurrently.
 
         The first run of an image and shape boots it once and saves the ready snapshot;
@@ -268,6 +269,8 @@ class AsyncMachines:
         shares are mounted once restored (the ready snapshot has empty slots for them).
         ``rm``: the caller deletes them when done (if it dies first, ``pinnace gc``
         does). ``pool``: make warm-pool members of that pool (its filler does).
+        ``timeout``: seconds each wait may take (the template's boot, a restore), instead
+        of pinnace's defaults.
         """
         if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 256:
             raise ConfigError("count", count, "give between 1 and 256 machines")
@@ -290,7 +293,7 @@ class AsyncMachines:
             "net": devices.get("net") or ("none" if nets else default_net())}))
         choice = await self.env.backend.choose_accel(cfg.accel)
         notice_accel(choice, cfg.accel)
-        snap = await self.snapshots.ready(shape, choice.accel, notify=notify)
+        snap = await self.snapshots.ready(shape, choice.accel, notify=notify, timeout=timeout)
         claimed: list[AsyncMachine] = []
         if self.pool is not None and claim and not pool and pool_eligible(devices):
             claimed = await self._claim(names, shape, snap, choice.accel, rm)
@@ -301,7 +304,8 @@ class AsyncMachines:
         machines = [m for m in made if isinstance(m, AsyncMachine)]
         errors = [e for e in made if isinstance(e, BaseException)]
         if not errors:
-            started = await asyncio.gather(*(m.start() for m in machines), return_exceptions=True)
+            started = await asyncio.gather(*(m.start(timeout=timeout) for m in machines),
+                                           return_exceptions=True)
             errors = [e for e in started if isinstance(e, BaseException)]
         if errors:
             await asyncio.gather(*(m.delete(force=True) for m in claimed + machines),

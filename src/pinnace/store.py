@@ -32,7 +32,7 @@ switch start-up, ``switch.lock``.) A command that needs several takes them all a
 taken in this order (LOCK_ORDER), so two commands can never wait for each other::
 
     pool filler < ready slot < image < snapshot < machine (by name) < network (by name)
-    < volume
+    < subnets (all networks' address plan, while one is made) < volume
 
 A lock is held by an open file; a command that dies drops its locks with it. So a
 machine whose state says a command is moving it (starting, stopping) while nobody
@@ -81,8 +81,30 @@ def default_home() -> Path:
     return base / "pinnace"
 
 
+class Owned:
+    """An object that may be made for a process (``run --rm``, a test session): its
+    folder's ``owner`` file holds that process's "PID STARTTIME"; once the process is
+    gone, ``gc`` removes the object. No owner file: it is kept until removed."""
+
+    dir: Path
+
+    @property
+    def owner(self) -> Path:
+        return self.dir / "owner"
+
+    @staticmethod
+    def at(folder: Path) -> Owned:
+        """The owner file of any object's folder."""
+        return _AnyOwned(folder)
+
+
 @dataclass(frozen=True)
-class MachineFiles:
+class _AnyOwned(Owned):
+    dir: Path
+
+
+@dataclass(frozen=True)
+class MachineFiles(Owned):
     """The files in one machine's directory."""
 
     dir: Path
@@ -151,10 +173,9 @@ class MachineFiles:
         return self.dir / "events.jsonl"
 
     @property
-    def owner(self) -> Path:
-        """Of an ephemeral machine (run --rm): "PID STARTTIME" of the command that will
-        delete it; once that process is gone, ``gc`` deletes the machine."""
-        return self.dir / "owner"
+    def old_events(self) -> Path:
+        """events.jsonl once it grew past its size: the one before it, kept."""
+        return self.dir / "events.1.jsonl"
 
     @property
     def resume(self) -> Path:
@@ -396,7 +417,7 @@ class SnapshotFiles:
 
 
 @dataclass(frozen=True)
-class VolumeFiles:
+class VolumeFiles(Owned):
     """The files in one volume's directory."""
 
     dir: Path
@@ -411,7 +432,7 @@ class VolumeFiles:
 
 
 @dataclass(frozen=True)
-class NetworkFiles:
+class NetworkFiles(Owned):
     """The files in one network's directory: its description and its switch's files."""
 
     dir: Path
@@ -766,7 +787,8 @@ def clean_leftovers(tmp_dir: Path) -> list[Path]:
 LOW_SPACE = 16 << 20  # bytes free below which a failed write is put down to a full disk
 LOCK_POLL = 0.02  # seconds between tries of a lock someone else holds
 # The order in which locks are taken (see the module's docstring).
-LOCK_ORDER = ("pool", "ready", "image", "snapshot", "machine", "network", "volume")
+LOCK_ORDER = ("pool", "ready", "image", "snapshot", "machine", "network", "subnets",
+              "volume")
 
 
 def proc_start_time(pid: int) -> int | None:
@@ -827,6 +849,24 @@ def this_process() -> str:
     """"PID STARTTIME" of this process, for an owner file."""
     pid = os.getpid()
     return f"{pid} {proc_start_time(pid)}"
+
+
+def owner_of(files: Owned) -> str | None:
+    """The owner an object's folder records ("PID STARTTIME"), or None if it has none."""
+    try:
+        return files.owner.read_text().strip()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return ""  # unreadable: an owner nobody can match, so gc takes it as gone
+
+
+def drop_owner(files: Owned) -> None:
+    """Make an object no process's: kept until it is removed."""
+    try:
+        files.owner.unlink(missing_ok=True)
+    except OSError as exc:
+        raise store_error(exc, "keeping it") from None
 
 
 def owner_alive(text: str) -> bool:

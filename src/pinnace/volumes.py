@@ -39,7 +39,17 @@ from .errors import (
     VolumeInUse,
     store_error,
 )
-from .store import NAME_RE, Store, VolumeFiles, read_record, validate_name, write_json
+from .store import (
+    NAME_RE,
+    Store,
+    VolumeFiles,
+    drop_owner,
+    read_record,
+    this_process,
+    validate_name,
+    write_atomic,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -227,17 +237,26 @@ class AsyncVolumes:
 
     # -- changes -------------------------------------------------------------------------
 
-    async def create(self, name: str, size: str | int, *, journal: bool = True) -> Volume:
+    async def create(self, name: str, size: str | int, *, journal: bool = True,
+                     ephemeral: bool = False) -> Volume:
         """Make volume ``name``: a sparse file of ``size`` ('10G'; a bare number is MiB)
-        formatted ext4, with or without a journal. An existing volume is never touched."""
+        formatted ext4, with or without a journal. An existing volume is never touched.
+        ``ephemeral``: it belongs to this process (a test session), and ``gc`` removes it
+        once the process is gone (see :class:`pinnace.store.Owned`)."""
         files = self.files(name)
         nbytes = volume_size(size)
         if files.dir.exists():
             raise AlreadyExistsError("volume", name)
         mkfs = mkfs_binary()
-        return await asyncio.to_thread(self._create, name, size, nbytes, journal, mkfs)
+        return await asyncio.to_thread(self._create, name, size, nbytes, journal, mkfs,
+                                       ephemeral)
 
-    def _create(self, name: str, asked: str | int, size: int, journal: bool, mkfs: str) -> Volume:
+    def keep(self, name: str) -> None:
+        """Make a volume made ``ephemeral`` an ordinary one, which ``gc`` leaves alone."""
+        drop_owner(self.files(name))
+
+    def _create(self, name: str, asked: str | int, size: int, journal: bool, mkfs: str,
+                ephemeral: bool) -> Volume:
         store = self.store
         final = self.files(name)
         try:
@@ -251,6 +270,8 @@ class AsyncVolumes:
             _mkfs(mkfs, staged.image, name=name, label=label, journal=journal)
             write_json(staged.meta, {"name": name, "size": size, "journal": journal,
                                      "created": time.time(), "label": label})
+            if ephemeral:
+                write_atomic(staged.owner, this_process() + "\n")
             with store.locked(("volume", name)):
                 try:
                     store.put_in_place(stage, final.dir, "the volume")

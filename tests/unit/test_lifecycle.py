@@ -384,7 +384,7 @@ def test_gc_deletes_run_rm_machines_whose_command_died(tmp_path):
         orphan.paths.owner.write_text("1 1\n")  # a process that is gone
         removed = await pn.gc()
         assert [str(r) for r in removed if r.kind == "machine"] == [
-            "removed machine orphan (made by 'run --rm', whose command died)"]
+            "removed machine orphan (made by 'run --rm' or a test session; its owner died)"]
         assert mine.paths.dir.exists() and not orphan.paths.dir.exists()
         assert await pn.gc() == []
 

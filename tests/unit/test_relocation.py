@@ -160,7 +160,9 @@ def test_rename_of_a_running_machine(tmp_path):
         assert str(st.state) == "ready" and st.pid == pid
         assert (await renamed.exec(["echo", "hi"])).stdout == b"hi\n"
         events = [json.loads(ln) for ln in renamed.paths.events.read_text().splitlines()]
-        assert events[-1]["event"] == "renamed" and events[-1]["was"] == "pool-1"
+        assert events[-2]["event"] == "renamed" and events[-2]["was"] == "pool-1"
+        assert events[-1]["event"] == "exec" and events[-1]["command"] == "echo hi"
+        assert events[-1]["exit_code"] == 0
         st = await renamed.stop()
         assert str(st.state) == "stopped" and st.exit_code == 0
         assert sorted(s.name for s in await pn.machines.list()) == ["taken", "user-1"]

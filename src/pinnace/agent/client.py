@@ -499,6 +499,8 @@ class Process:
         self._result: ExecResult | None = None
         self._consumed = {P.STDOUT: 0, P.STDERR: 0}
         self.stat: dict[str, Any] | None = None
+        # Called once with the result when the command's exit status arrives.
+        self.on_exit: Callable[[ExecResult], None] | None = None
 
     def _deadline_left(self) -> float | None:
         if self._timeout is None:
@@ -530,6 +532,8 @@ class Process:
             duration=time.monotonic() - self._start,
         )
         self._open_streams.clear()
+        if self.on_exit is not None:
+            self.on_exit(self._result)
 
     def _grant(self, stream: int, n: int) -> None:
         self._consumed[stream] += n

@@ -151,6 +151,7 @@ def mount_all() -> None:
 
 def set_hostname(name: str) -> None:
     socket.sethostname(name)
+    _name_in_hosts(name)
     if os.path.islink("/etc/hostname"):
         return  # pinnace images link it to /proc/sys/kernel/hostname: nothing to write
     try:
@@ -158,6 +159,58 @@ def set_hostname(name: str) -> None:
             f.write(name + "\n")
     except OSError:
         pass
+
+
+def _name_in_hosts(name: str) -> None:
+    """Make /etc/hosts's 127.0.1.1 line (Debian's for the host's own name) say ``name``,
+    so that the machine resolves its own name (sudo warns on every call otherwise).
+    Bytes in, bytes out (whatever else the file holds is kept as it is); a linked
+    /etc/hosts is someone else's to manage; a name that is not a hostname is left out."""
+    if not is_hostname(name) or os.path.islink("/etc/hosts"):
+        return
+    try:
+        with open("/etc/hosts", "rb") as f:
+            lines = f.read().splitlines()
+        wanted = b"127.0.1.1\t" + name.encode()
+        kept = [ln for ln in lines if ln.split()[:1] != [b"127.0.1.1"]]
+        if wanted in lines and len(kept) == len(lines) - 1:
+            return
+        with open("/etc/hosts.pinnace", "wb") as f:
+            f.write(b"\n".join([*kept[:1], wanted, *kept[1:]]) + b"\n")
+        os.rename("/etc/hosts.pinnace", "/etc/hosts")
+    except OSError:
+        pass
+
+
+def is_hostname(name: str) -> bool:
+    """1-64 letters, digits, '-' and '.' (RFC 1123, loosely): nothing a file or a shell
+    could take for something else."""
+    return 0 < len(name) <= 64 and name.isascii() and all(
+        c.isalnum() or c in "-." for c in name)
+
+
+def as_user(user: str | None, env: dict[str, str], asked: dict[str, str]) -> dict[str, Any]:
+    """Popen's keywords that run a command as ``user`` (a name or a uid): its uid, its
+    primary and supplementary groups (not root's), and HOME, USER and LOGNAME in ``env``
+    unless the request set them (``asked``)."""
+    if user is None:
+        return {}
+    import pwd
+
+    numeric = user.isascii() and user.isdigit()
+    try:
+        pw = pwd.getpwuid(int(user)) if numeric else pwd.getpwnam(user)
+        groups = os.getgrouplist(pw.pw_name, pw.pw_gid)
+    except (KeyError, ValueError, OverflowError, OSError):
+        if numeric and int(user) < 2**32 - 1:  # a uid with no name: its own group only
+            if "HOME" not in asked:
+                env["HOME"] = "/"
+            return {"user": int(user), "group": int(user), "extra_groups": []}
+        raise RequestFailed("bad-request", f"there is no user {user!r} in the guest") from None
+    for key, value in (("HOME", pw.pw_dir), ("USER", pw.pw_name), ("LOGNAME", pw.pw_name)):
+        if key not in asked:
+            env[key] = value
+    return {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": groups}
 
 
 def power(action: str) -> None:
@@ -269,15 +322,18 @@ class Exec:
         env.update(extra)
         cwd = req.get("cwd") or None
         user = req.get("user") or None
+        if user is not None and not isinstance(user, str):
+            raise RequestFailed("bad-request", "user must be a string")
+        ident = as_user(user, env, extra)
         timeout = req.get("timeout")
         self.deadline = time.monotonic() + float(timeout) if timeout else None
         pty = req.get("pty")
         want_stdin = bool(req.get("stdin"))
         try:
             if pty:
-                self._spawn_pty(argv, env, cwd, user, pty)
+                self._spawn_pty(argv, env, cwd, ident, pty)
             else:
-                self._spawn_pipes(argv, env, cwd, user, want_stdin)
+                self._spawn_pipes(argv, env, cwd, ident, want_stdin)
         except FileNotFoundError as exc:
             raise RequestFailed("not-found", f"{exc.filename or argv[0]}: no such file or directory") from None
         except PermissionError as exc:
@@ -287,8 +343,8 @@ class Exec:
         agent.procs[self.pid] = self
 
     def _spawn_pipes(self, argv: list[str], env: dict[str, str], cwd: str | None,
-                     user: str | None, want_stdin: bool) -> None:
-        if cwd is None and user is None:
+                     ident: dict[str, Any], want_stdin: bool) -> None:
+        if cwd is None and not ident:
             # posix_spawn (vfork): no Python fork, and no subprocess module to import (it
             # is ~0.2 s of a cold boot's first exec under TCG). Pipes are made
             # non-inheritable (PEP 446), so the child gets only the three dup2'ed here.
@@ -318,7 +374,7 @@ class Exec:
             subprocess = _subprocess()
             proc = subprocess.Popen(
                 argv, stdin=subprocess.PIPE if want_stdin else subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=cwd, user=user,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=cwd, **ident,
                 start_new_session=True, close_fds=True,
             )
             self.pid = proc.pid
@@ -338,7 +394,7 @@ class Exec:
             self.agent.sel.register(fd, EVENT_READ, ("out", self, fd))
 
     def _spawn_pty(self, argv: list[str], env: dict[str, str], cwd: str | None,
-                   user: str | None, pty: Any) -> None:
+                   ident: dict[str, Any], pty: Any) -> None:
         import pty as ptymod
         import termios
 
@@ -351,10 +407,15 @@ class Exec:
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
         try:
+            if ident:  # the terminal is the user's (programs that reopen ttyname() need it)
+                os.fchown(slave, ident["user"], ident["group"])
             proc = _subprocess().Popen(
-                argv, stdin=slave, stdout=slave, stderr=slave, env=env, cwd=cwd, user=user,
+                argv, stdin=slave, stdout=slave, stderr=slave, env=env, cwd=cwd, **ident,
                 start_new_session=True, close_fds=True, preexec_fn=child_setup,
             )
+        except BaseException:
+            os.close(master)
+            raise
         finally:
             os.close(slave)
         self.pid = proc.pid
@@ -946,8 +1007,9 @@ def op_clock(session: Session, chan: int, msg: dict[str, Any]) -> dict[str, Any]
 
 def op_set_hostname(session: Session, chan: int, msg: dict[str, Any]) -> dict[str, Any]:
     name = msg.get("hostname")
-    if not isinstance(name, str) or not 0 < len(name) <= 64:
-        raise RequestFailed("bad-request", "hostname must be 1-64 characters")
+    if not isinstance(name, str) or not is_hostname(name):
+        raise RequestFailed("bad-request", "hostname must be 1-64 letters, digits, '-' "
+                            "and '.'")
     set_hostname(name)
     return {"hostname": socket.gethostname()}
 

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     from typing import Any
 
 PROTOCOL_VERSION = 1
-AGENT_VERSION = "0.3.0"  # 0.2.0: mount.rescan; 0.3.0: unmount
+AGENT_VERSION = "0.3.1"  # 0.2.0: mount.rescan; 0.3.0: unmount; 0.3.1: exec as a user
+# takes its groups and HOME; set_hostname names it in /etc/hosts
 MAGIC = 0x504E
 HEADER = struct.Struct("!HBBII")
 MAX_FRAME = 1 << 20

@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 @click.pass_context
 def gc(ctx: click.Context, dry_run: bool) -> None:
     """Remove what commands that died left behind: staging folders, machines of a
-    'run --rm' whose command died, warm-pool members that are dead or stale, QEMU and
+    'run --rm' whose command died, machines, networks and volumes of pytest sessions
+    that died, warm-pool members that are dead or stale, QEMU and
     switch processes no machine or network owns, unused ready snapshots, and kernel
     builds killed half-way in the host's kernel cache. Prints one line per thing removed.
 

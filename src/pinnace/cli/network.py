@@ -20,9 +20,10 @@ def network() -> None:
 
 @network.command()
 @click.argument("name")
-@click.option("--subnet", required=True, metavar="CIDR", help="IPv4 subnet, e.g. 10.77.0.0/24.")
+@click.option("--subnet", metavar="CIDR", help="IPv4 subnet, e.g. 10.77.0.0/24 (default: "
+              "the first free /24 of 10.100.0.0/16).")
 @click.pass_context
-def create(ctx: click.Context, name: str, subnet: str) -> None:
+def create(ctx: click.Context, name: str, subnet: str | None) -> None:
     """Create network NAME; machines join it with --network NAME[:IP].
 
     \b
@@ -33,7 +34,7 @@ def create(ctx: click.Context, name: str, subnet: str) -> None:
 
     async def go(pn: AsyncPinnace) -> None:
         net = await pn.networks.create(name, subnet)
-        click.echo(net.name)
+        click.echo(f"{net.name} {net.subnet}")
 
     call(ctx, go)
 

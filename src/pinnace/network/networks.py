@@ -25,7 +25,17 @@ from ..errors import (
     StoreError,
     store_error,
 )
-from ..store import MachineFiles, NetworkFiles, Store, read_record, validate_name, write_json
+from ..store import (
+    MachineFiles,
+    NetworkFiles,
+    Store,
+    drop_owner,
+    read_record,
+    this_process,
+    validate_name,
+    write_atomic,
+    write_json,
+)
 
 
 @dataclass(frozen=True)
@@ -64,6 +74,20 @@ def check_subnet(subnet: str) -> str:
         raise ConfigError("subnet", subnet, f"it overlaps the NAT NIC's subnet {NAT_SUBNET}, "
                           "which machines on it also have; choose another")
     return str(net)
+
+
+# Where networks made without a subnet get theirs: one /24 each.
+AUTO_SUBNETS = ipaddress.IPv4Network("10.100.0.0/16")
+
+
+def free_subnet(taken: list[str]) -> str:
+    """The first /24 of AUTO_SUBNETS that overlaps none of ``taken``."""
+    used = [ipaddress.IPv4Network(t) for t in taken]
+    for candidate in AUTO_SUBNETS.subnets(new_prefix=24):
+        if not any(candidate.overlaps(u) for u in used):
+            return str(candidate)
+    raise ConfigError("subnet", "(none given)", f"every /24 of {AUTO_SUBNETS} is taken; "
+                      "remove networks you no longer need, or give a subnet")
 
 
 def port_id(machine: str, nic: int) -> str:
@@ -106,22 +130,35 @@ class AsyncNetworks:
                     continue
         return out
 
-    async def create(self, name: str, subnet: str) -> Network:
+    async def create(self, name: str, subnet: str | None = None, *,
+                     ephemeral: bool = False) -> Network:
+        """Make network ``name`` with ``subnet`` ("10.77.0.0/24"), or the first free /24
+        of 10.100.0.0/16 if none is given. ``ephemeral``: it belongs to this process
+        (a test session), and ``gc`` removes it once the process is gone (see
+        :class:`pinnace.store.Owned`)."""
         validate_name("network", name)
-        subnet = check_subnet(subnet)
-        net = ipaddress.IPv4Network(subnet)
+        if subnet is not None:
+            subnet = check_subnet(subnet)
         store = self.store
         store.ensure()
-        async with store.alocked(("network", name)):
+        # The address plan is checked and extended by one command at a time: two networks
+        # made at once (pytest-xdist workers, say) never get overlapping subnets.
+        async with store.alocked(("network", name), ("subnets", "all")):
             if self.files(name).dir.exists():
                 raise AlreadyExistsError("network", name)
-            for other in self.list():
+            others = self.list()
+            if subnet is None:
+                subnet = free_subnet([o.subnet for o in others])
+            net = ipaddress.IPv4Network(subnet)
+            for other in others:
                 if ipaddress.IPv4Network(other.subnet).overlaps(net):
                     raise ConfigError("subnet", subnet, f"it overlaps network {other.name!r} "
                                       f"({other.subnet}); choose another")
             with store.staging_dir("network-") as stage:
                 staged = NetworkFiles(stage)
                 write_json(staged.meta, {"name": name, "subnet": subnet, "created": time.time()})
+                if ephemeral:
+                    write_atomic(staged.owner, this_process() + "\n")
                 try:
                     staged.ports_dir.mkdir()
                 except OSError as exc:
@@ -189,6 +226,10 @@ class AsyncNetworks:
         switch.remove_port(path, port_id(machine, nic))
         switch.notify(path)
 
+    def keep(self, name: str) -> None:
+        """Make a network made ``ephemeral`` an ordinary one, which ``gc`` leaves alone."""
+        drop_owner(self.files(name))
+
     async def remove(self, name: str) -> None:
         """Stop the network's switch and remove it; refused while machines are on it."""
         from . import switch
@@ -204,4 +245,4 @@ class AsyncNetworks:
             await asyncio.to_thread(self.store.remove_tree, path)
 
 
-__all__ = ["AsyncNetworks", "Network", "check_subnet"]
+__all__ = ["AsyncNetworks", "Network", "check_subnet", "free_subnet"]

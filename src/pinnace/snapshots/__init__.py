@@ -158,9 +158,11 @@ class AsyncSnapshots:
                                       "nat": cfg.nat_mac, "nics": [n.mac for n in cfg.nics]})
 
     async def ready(self, cfg: MachineConfig, accel: str, *,
-                    notify: Callable[[str], Any] | None = None) -> Snapshot:
+                    notify: Callable[[str], Any] | None = None,
+                    timeout: float | None = None) -> Snapshot:
         """The ready snapshot for this image and shape, built (once, under a lock) if it is
-        missing, damaged or was made for anything else."""
+        missing, damaged or was made for anything else; ``timeout``: for the template's
+        boot (TEMPLATE_BOOT_TIMEOUT by default)."""
         key = machine_key(self.backend, cfg, accel)
         slot = self.ready_slot(cfg, accel)
         pointer = self.store.ready_pointer(slot)
@@ -187,7 +189,7 @@ class AsyncSnapshots:
                     reason = str(exc)
             say(f"building the ready snapshot of image {cfg.image!r} ({key.shape}): {reason}")
             t0 = time.monotonic()
-            snap = await self._build_ready(cfg, key, slot)
+            snap = await self._build_ready(cfg, key, slot, timeout or TEMPLATE_BOOT_TIMEOUT)
             write_json(pointer, {"ref": snap.ref, "layout": READY_LAYOUT})
             say(f"ready snapshot built in {time.monotonic() - t0:.1f} s")
             if old is not None:
@@ -283,7 +285,8 @@ class AsyncSnapshots:
                 building.release()
         return out
 
-    async def _build_ready(self, cfg: MachineConfig, key: SnapshotKey, slot: str) -> Snapshot:
+    async def _build_ready(self, cfg: MachineConfig, key: SnapshotKey, slot: str,
+                           boot_timeout: float) -> Snapshot:
         ident = f"{slot}-{int(time.time() * 1000):x}"
         final = self.store.ready_files(ident)
         try:
@@ -292,13 +295,15 @@ class AsyncSnapshots:
             raise store_error(exc, "making the ready-snapshot folder") from None
         with self.store.staging_dir("ready-") as stage:
             staged = SnapshotFiles(stage)
-            clock = await self._map(staged, cfg, key, final, from_stream=False)
+            clock = await self._map(staged, cfg, key, final, from_stream=False,
+                                    boot_timeout=boot_timeout)
             return await self._finish(staged, final, ident, cfg, key, source="", clock=clock,
                                       macs=template_macs(cfg))
 
     async def _map(self, files: SnapshotFiles, cfg: MachineConfig, key: SnapshotKey,
                    final: SnapshotFiles, *, from_stream: bool,
-                   clock: float | None = None) -> float | None:
+                   clock: float | None = None,
+                   boot_timeout: float = TEMPLATE_BOOT_TIMEOUT) -> float | None:
         """Run a VMM whose RAM is the shared file ``files.memory``: booted from the image,
         or loaded from ``files.stream`` (``from_stream``); then save its device state.
         Returns the guest's CLOCK_MONOTONIC when it stopped (``clock`` for a stream,
@@ -336,7 +341,7 @@ class AsyncSnapshots:
                               exit_code=launched)
         try:
             if not from_stream:
-                agent = await AgentClient.connect(run, timeout=TEMPLATE_BOOT_TIMEOUT,
+                agent = await AgentClient.connect(run, timeout=boot_timeout,
                                                   alive=lambda: backend.alive(launched))
                 try:
                     await _warm(agent, cfg)

@@ -1,0 +1,72 @@
+"""Pieces of the guest agent that run anywhere: who a command runs as, what a hostname
+may be; and how the host puts a guest's kernel panic into words."""
+
+from __future__ import annotations
+
+import os
+import pwd
+
+import pytest
+
+from pinnace.agent import guest
+from pinnace.machine import panic_reason
+
+
+def test_a_named_user_gets_its_groups_and_home():
+    env: dict[str, str] = {"HOME": "/root"}
+    ident = guest.as_user("nobody", env, {})
+    nobody = pwd.getpwnam("nobody")
+    assert ident == {"user": nobody.pw_uid, "group": nobody.pw_gid,
+                     "extra_groups": os.getgrouplist("nobody", nobody.pw_gid)}
+    assert env == {"HOME": nobody.pw_dir, "USER": "nobody", "LOGNAME": "nobody"}
+    asked = {"HOME": "/srv"}
+    env = dict(asked)
+    guest.as_user("nobody", env, asked)
+    assert env["HOME"] == "/srv"  # what the request set is kept
+
+
+def test_a_uid_without_a_name_gets_its_own_group_only():
+    env: dict[str, str] = {}
+    assert guest.as_user("4000123", env, {}) == {"user": 4000123, "group": 4000123,
+                                                 "extra_groups": []}
+    assert env == {"HOME": "/"}
+    assert guest.as_user("0", {}, {})["user"] == 0
+    assert guest.as_user(None, {}, {}) == {}
+
+
+@pytest.mark.parametrize("user", ["no-such-user", "²", "a\0b", "99999999999999999999"])
+def test_an_unknown_user_is_a_bad_request(user):
+    with pytest.raises(guest.RequestFailed, match="no user"):
+        guest.as_user(user, {}, {})
+
+
+@pytest.mark.parametrize(("name", "ok"), [
+    ("web-1", True), ("a.b.c", True), ("x" * 64, True), ("x" * 65, False), ("", False),
+    ("a b", False), ("a\nb", False), ("ünï", False), ("a/b", False), ("a_b", False),
+])
+def test_hostnames(name, ok):
+    assert guest.is_hostname(name) is ok
+
+
+CRASH = """[   12.3] sysrq: Trigger a crash
+[   12.3] Kernel panic - not syncing: sysrq triggered crash
+[   12.3] CPU: 0 PID: 77 Comm: sh Not tainted 6.1.0 #1
+[   12.3] Call Trace:
+[   12.4] ---[ end Kernel panic - not syncing: sysrq triggered crash ]---
+"""
+OOM = """[    5.0] tail invoked oom-killer: gfp_mask=0x140cca
+[    5.1] Out of memory: Killed process 90 (tail)
+[    5.2] Kernel panic - not syncing: System is deadlocked on memory
+[    5.2] ---[ end Kernel panic - not syncing: System is deadlocked on memory ]---
+"""
+
+
+def test_panic_reasons_in_one_line():
+    assert panic_reason(CRASH) == "the guest kernel panicked: sysrq triggered crash"
+    assert panic_reason(CRASH.splitlines()[-1]) == (
+        "the guest kernel panicked: sysrq triggered crash")  # only the end marker left
+    assert panic_reason(OOM) == ("the guest ran out of memory and its kernel panicked: "
+                                 "System is deadlocked on memory")
+    hostile = "Kernel panic - not syncing: \x1b[2J" + "A" * 500
+    said = panic_reason(hostile)
+    assert "\x1b" not in said and len(said) < 200
