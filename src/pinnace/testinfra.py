@@ -155,6 +155,7 @@ class PinnaceBackend(BaseBackend):
             raise self._not_found() from None
         except StateError as exc:
             raise StateError(self.name, "run testinfra commands in", exc.state, exc.allowed,
+                             reason=exc.reason,
                              hint=_not_running_hint(self.name, exc.state)) from None
 
     def run(self, command: str, *args: str, **kwargs: Any) -> CommandResult:

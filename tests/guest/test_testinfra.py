@@ -41,9 +41,9 @@ esac
 
 
 @pytest.fixture
-def vm_host(machine, pn):
-    """A fresh testinfra Host on a machine of this test's own."""
-    return pt.host_for(machine, pinnace=pn)
+def machine(vm):
+    """The plugin's per-test machine, which its vm_host fixture (used here) is a Host on."""
+    return vm
 
 
 def wait_for(predicate, timeout=20.0):
@@ -210,12 +210,12 @@ def test_sudo(vm_host):
     assert vm_host.check_output("whoami") == "root"
 
 
-@pytest.mark.xfail(strict=True, reason="/etc/hosts keeps the image's name (127.0.1.1 "
-                   "pinnace) when the agent sets the machine's hostname: sudo warns "
-                   "'unable to resolve host' on stderr")
 def test_sudo_stderr_is_clean(vm_host):
+    """The agent names the machine in /etc/hosts (else sudo warns 'unable to resolve host'
+    on every call)."""
     with vm_host.sudo():
         assert vm_host.run("true").stderr == ""
+    assert vm_host.file("/etc/hosts").contains(f"^127.0.1.1\t{vm_host.check_output('hostname')}$")
 
 
 def test_specs_through_get_host(machine, pn, monkeypatch, pinnace_home):
@@ -243,12 +243,16 @@ def test_specs_through_get_host(machine, pn, monkeypatch, pinnace_home):
     assert short.check_output("echo still here") == "still here"
 
 
-@pytest.mark.xfail(strict=True, reason="the agent's exec user= sets the uid only: the "
-                   "command keeps root's group (gid 0) and supplementary groups")
 def test_user_spec_gets_the_users_groups(machine, pn):
+    """A command run as a user gets that user's groups (not root's) and home."""
     nobody = pt.host_for(machine, pinnace=pn, user="nobody")
     assert nobody.check_output("id -g") == "65534"
     assert nobody.check_output("id -G") == "65534"
+    assert nobody.check_output("echo $HOME $USER") == "/nonexistent nobody"
+    machine.exec("useradd -m -G adm,sudo carol")
+    carol = pt.host_for(machine, pinnace=pn, user="carol")
+    assert set(carol.check_output("id -Gn").split()) == {"carol", "adm", "sudo"}
+    assert carol.check_output("echo $HOME") == "/home/carol"
 
 
 def test_stopped_and_deleted_machines(make_machine, pn):
