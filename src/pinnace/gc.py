@@ -141,11 +141,13 @@ class Collector:
 
         why = "its owner is done" if owner is not None else "its owner died"
         out = []
+        going: set[str] = set()  # machines removed here (in a dry run: that would be)
         for name, cfg in list(self.store.machine_configs()):
             if not cfg.get("ephemeral"):
                 continue
             if not ours(owner_of(self.store.machine_files(name)) or ""):
                 continue
+            going.add(name)
             out.append(Removed("machine", f"{name} (made by 'run --rm' or a test session; "
                                           f"{why})"))
             if not dry_run:
@@ -159,7 +161,7 @@ class Collector:
                 if not path.is_dir() or not ours(owner_of(Owned.at(path))):
                     continue
                 if dry_run:
-                    if not users(path.name):  # (a machine that is kept uses it, say)
+                    if set(users(path.name)) <= going:  # (else a kept machine uses it, say)
                         out.append(Removed(kind, f"{path.name} (made for a process; {why})"))
                     continue
                 try:

@@ -34,6 +34,7 @@ import asyncio
 import base64
 import contextlib
 import enum
+import fcntl
 import ipaddress
 import json
 import logging
@@ -233,9 +234,19 @@ class AsyncMachine:
         line = json.dumps({"time": time.time(), "event": event, **fields})
         with contextlib.suppress(OSError):
             if self.paths.events.stat().st_size > EVENTS_MAX:  # (every command adds one)
-                os.replace(self.paths.events, self.paths.old_events)
+                self._rotate_events()
         with contextlib.suppress(OSError), open(self.paths.events, "a") as f:
             f.write(line + "\n")
+
+    def _rotate_events(self) -> None:
+        """Keep events.jsonl short: the full one becomes events.1.jsonl. Under a lock on
+        the file, and only if it is still the full one: two processes never both rotate
+        (the second would put a one-line file over the history)."""
+        with open(self.paths.events, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            st = os.fstat(f.fileno())
+            if st.st_size > EVENTS_MAX and os.stat(self.paths.events).st_ino == st.st_ino:
+                os.replace(self.paths.events, self.paths.old_events)
 
     def _alive(self) -> bool:
         handle = handle_of(self._record())
@@ -1172,7 +1183,10 @@ class AsyncMachine:
         """The machine's last ``limit`` events (starts, restores, commands with their exit
         codes), oldest first, from events.jsonl; damaged lines are skipped."""
         out: list[dict[str, Any]] = []
-        for line in tail(self.paths.events, limit).splitlines():
+        lines = tail(self.paths.events, limit).splitlines()
+        if len(lines) < limit:  # rotated a moment ago: the rest is in the old one
+            lines = tail(self.paths.old_events, limit - len(lines)).splitlines() + lines
+        for line in lines:
             try:
                 event = json.loads(line)
             except ValueError:

@@ -125,6 +125,7 @@ def pytest_configure(config: pytest.Config) -> None:
         "marked `pinnace` (so -m 'not pinnace' skips them).")
     session = PinnaceSession(config, Settings.from_config(config))
     config.stash[SESSION] = session
+    config.pluginmanager.register(Summary(config), "pinnace-summary")
     if "testinfra" in sys.modules:  # its plugin is loaded: `--hosts=pinnace://NAME` works
         from .testinfra import register
 
@@ -165,28 +166,32 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
     return report
 
 
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    # (called in the controller for every worker's report, too)
-    for key, value in report.user_properties:
-        if key == "pinnace_kept":
-            _kept_lines.append(f"{report.nodeid}: kept {value}")
-        elif key == "pinnace_note" and os.environ.get("PYTEST_XDIST_WORKER") is None:
-            _notes.append(str(value))
+class Summary:
+    """What the end of the run says (in the controller, under xdist): machines kept, and
+    what workers said. One per session (a plugin object, registered at configure)."""
 
+    def __init__(self, config: pytest.Config) -> None:
+        self.in_worker = hasattr(config, "workerinput")
+        self.kept: list[str] = []
+        self.notes: list[str] = []
 
-_kept_lines: list[str] = []
-_notes: list[str] = []  # what xdist workers said (see PinnaceSession.say)
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        # (in the controller, for every worker's report too)
+        for key, value in report.user_properties:
+            if key == "pinnace_kept":
+                self.kept.append(f"{report.nodeid}: kept {value}")
+            elif key == "pinnace_note" and not self.in_worker:
+                self.notes.append(str(value))
 
-
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if _notes:
-        terminalreporter.section("pinnace: what the workers said")
-        for line in _notes:
-            terminalreporter.write_line(f"pinnace: {line}")
-    if _kept_lines:
-        terminalreporter.section("pinnace: machines kept running")
-        for line in _kept_lines:
-            terminalreporter.write_line(line)
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if self.notes:
+            terminalreporter.section("pinnace: what the workers said")
+            for line in self.notes:
+                terminalreporter.write_line(f"pinnace: {line}")
+        if self.kept:
+            terminalreporter.section("pinnace: machines kept running")
+            for line in self.kept:
+                terminalreporter.write_line(line)
 
 
 # --- the session: one client, names, cleanup -----------------------------------------
@@ -199,7 +204,10 @@ class PinnaceSession:
     def __init__(self, config: pytest.Config, settings: Settings) -> None:
         self.config = config
         self.settings = settings
-        self.worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+        # (its own worker id: an inner pytest started from a worker inherits the
+        # environment variable, not the worker's input)
+        workerinput = getattr(config, "workerinput", None)
+        self.worker = str(workerinput.get("workerid", "")) if workerinput else ""
         self.notes: list[str] = []  # a worker's lines for the controller
         self._client: Pinnace | None = None
         self._old_sigterm: Any = None
@@ -224,6 +232,7 @@ class PinnaceSession:
         """The client; the first call also removes what dead test sessions owned."""
         if self._client is None:
             from .client import Pinnace
+            from .errors import PinnaceError
 
             pn = Pinnace(self.settings.home)
             try:
@@ -236,7 +245,7 @@ class PinnaceSession:
             self._catch_sigterm()
             try:
                 reaper.spawn(pn.store)
-            except OSError as exc:  # the next session, and gc, are there all the same
+            except (OSError, PinnaceError) as exc:  # the next session, and gc, remain
                 self.say(f"no reaper for this session ({exc}): if it is killed, the next "
                          "session removes its machines")
         return self._client
@@ -424,8 +433,8 @@ def save_logs(m: Machine, folder: Path) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     files = m.aio.paths
-    for src in (files.serial_log, files.prev_serial_log, files.events, files.qemu_log,
-                files.config, files.state):
+    for src in (files.serial_log, files.prev_serial_log, files.events, files.old_events,
+                files.qemu_log, files.config, files.state):
         copy_tail(src, folder / src.name)
     with contextlib.suppress(PinnaceError):
         if str(m.status().state) == "ready":

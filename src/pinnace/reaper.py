@@ -30,8 +30,8 @@ DONE = b"done\n"  # what an owner that cleaned up after itself writes before it 
 
 def spawn(store: Store) -> int:
     """Start a reaper for this process on ``store``; returns its pid."""
-    read, write = os.pipe()  # (not inherited by anything else this process starts)
     store.ensure()
+    read, write = os.pipe()  # (not inherited by anything else this process starts)
     try:
         with open(store.cache_dir / "reaper.log", "ab") as log:
             proc = subprocess.Popen(

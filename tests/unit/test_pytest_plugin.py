@@ -195,3 +195,19 @@ def test_the_reaper_releases_what_its_owner_left_when_it_dies(tmp_path, disarmed
         owner_proc.kill()
         reaper_proc.kill()
         reaper_proc.wait()
+
+
+def test_a_worker_is_known_by_its_config_not_the_environment(monkeypatch):
+    """A pytest started inside an xdist worker inherits PYTEST_XDIST_WORKER, but is a
+    plain session: it prints its own lines."""
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw3")
+    settings = plugin.Settings(home=None, image="default", keep="never", artifacts=None,
+                               timeout=None)
+
+    class Config:
+        pass
+
+    assert plugin.PinnaceSession(Config(), settings).worker == ""  # type: ignore[arg-type]
+    worker = Config()
+    worker.workerinput = {"workerid": "gw1"}  # type: ignore[attr-defined]
+    assert plugin.PinnaceSession(worker, settings).worker == "gw1"  # type: ignore[arg-type]

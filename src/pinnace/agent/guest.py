@@ -398,8 +398,10 @@ class Exec:
         import pty as ptymod
         import termios
 
-        master, slave = ptymod.openpty()
         rows, cols = (pty.get("rows", 24), pty.get("cols", 80)) if isinstance(pty, dict) else (24, 80)
+        if not all(isinstance(n, int) and 0 < n < 65536 for n in (rows, cols)):
+            raise RequestFailed("bad-request", "pty rows and cols must be 1-65535")
+        master, slave = ptymod.openpty()
         fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
         env.setdefault("TERM", (pty.get("term") if isinstance(pty, dict) else None) or "xterm")
 
