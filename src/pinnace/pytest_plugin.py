@@ -456,14 +456,18 @@ def copy_tail(src: Path, dst: Path) -> None:
 # --- fixtures ------------------------------------------------------------------------
 
 
-class MachineFactory:
-    """``vm_factory``: makes machines for one test, restored from the ready snapshot of
-    their image and shape; the test's teardown deletes them."""
+class _Factory:
+    """What the factory fixtures share: the session, the test and its record."""
 
     def __init__(self, session: PinnaceSession, item: pytest.Item, record: TestRecord) -> None:
         self._session = session
         self._item = item
         self._record = record
+
+
+class MachineFactory(_Factory):
+    """``vm_factory``: makes machines for one test, restored from the ready snapshot of
+    their image and shape; the test's teardown deletes them."""
 
     def __call__(self, image: str | None = None, *, cpus: int | None = None,
                  memory: str | int | None = None, net: str | None = None,
@@ -506,13 +510,8 @@ def _mount(spec: Any) -> str:
     return str(spec)
 
 
-class NetworkFactory:
+class NetworkFactory(_Factory):
     """``network_factory``: virtual networks for one test, removed after it."""
-
-    def __init__(self, session: PinnaceSession, item: pytest.Item, record: TestRecord) -> None:
-        self._session = session
-        self._item = item
-        self._record = record
 
     def __call__(self, subnet: str | None = None, *, name: str | None = None) -> Network:
         """A new network; ``subnet`` ("10.77.0.0/24") or the first free /24 of
@@ -523,13 +522,8 @@ class NetworkFactory:
         return net
 
 
-class VolumeFactory:
+class VolumeFactory(_Factory):
     """``volume_factory``: volumes for one test, removed after it."""
-
-    def __init__(self, session: PinnaceSession, item: pytest.Item, record: TestRecord) -> None:
-        self._session = session
-        self._item = item
-        self._record = record
 
     def __call__(self, size: str | int = "256M", *, name: str | None = None) -> Volume:
         """A new, empty ext4 volume of ``size``; attach it with
