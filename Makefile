@@ -6,11 +6,12 @@ BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # What pinnace needs from Debian: QEMU, qcow2 tools, the image builder's tools, the
 # kernel source and what compiles it (pinnace's guest kernel, built once per host), tmux
-# for the PTY tests, squashfs-tools and dosfstools for kernel tests, and venv support for the Python
-# that runs pinnace.
+# for the PTY tests, squashfs-tools and dosfstools for kernel tests, tcpdump to read network
+# captures back, and venv support for the Python that runs pinnace.
 APT_PACKAGES := qemu-system-x86 qemu-utils busybox-static mmdebstrap e2fsprogs kmod \
 	dpkg tar python3 python3-venv tmux \
-	linux-source-6.1 build-essential bison flex bc libelf-dev xz-utils squashfs-tools dosfstools
+	linux-source-6.1 build-essential bison flex bc libelf-dev xz-utils squashfs-tools dosfstools \
+	tcpdump
 # Tests keep their own store (images cached between runs) inside the checkout.
 TEST_HOME ?= $(CURDIR)/.cache/test-home
 

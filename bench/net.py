@@ -1,5 +1,7 @@
 """Networks: TCP throughput and round-trip latency between two machines on one
-pinnace network, and from the host to a guest through a port forward.
+pinnace network, and from the host to a guest through a port forward; the lab's
+accuracy (delay added to a round trip, loss over 1000 pings); and frames per second
+through the switch itself, in process, on its plain and its lab path.
 
     python bench/net.py [--mb 50] [--rounds 200]
 
@@ -10,7 +12,9 @@ loopback into a guest: both machines use --net restricted (no way off the host).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import re
 import socket
 import statistics
 import time
@@ -94,12 +98,79 @@ def host_client(port: int, mb: int, rounds: int) -> dict[str, object]:
     return {"rtts": rtts, "mbps": got / (time.perf_counter() - t) / 1e6}
 
 
+def retransmitted(m: object) -> int:
+    """TCP segments the guest has sent again (RetransSegs of /proc/net/snmp)."""
+    text = m.exec(["cat", "/proc/net/snmp"]).stdout_text  # type: ignore[attr-defined]
+    names, values = (ln.split()[1:] for ln in text.splitlines() if ln.startswith("Tcp:"))
+    return int(values[names.index("RetransSegs")])
+
+
+def switch_pps(frames: int, impair: dict[str, object] | None) -> float:
+    """Frames per second through one network's switch process (no guests): a paced
+    sender's unicast frames to a learned MAC, as a receiver counts them; with ``impair``
+    set on the network (the lab's path), or none (the plain path)."""
+    import json
+    import shutil
+    import tempfile
+    import threading
+    from pathlib import Path
+
+    from pinnace.network.switch import PortSpec, ensure_running, stop, write_port
+
+    root = Path(tempfile.mkdtemp(prefix="pbsw", dir="/tmp"))
+    try:
+        net = root / "net"
+        net.mkdir()
+        if impair:
+            (net / "network.json").write_text(json.dumps({"impair": impair, "seed": 1}))
+        ends = {}
+        for i, name in enumerate("ab", start=1):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            sock.bind(str(root / f"{name}.q"))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+            ends[name] = (sock, bytes([2, 0, 0, 0, 0, i]))
+            write_port(net, name, PortSpec(str(root / f"{name}.p"), str(root / f"{name}.q"),
+                                           name, ""))
+        ensure_running(net)  # its own process, as on a real network
+        (a, amac), (b, bmac) = ends["a"], ends["b"]
+        b.sendto(b"\xff" * 6 + bmac + b"\x88\xb5" + bytes(46), str(root / "b.p"))  # learn b
+        a.settimeout(5)
+        a.recv(2048)
+        frame = bmac + amac + b"\x08\x00" + bytes(1000)
+        got, last = [0], [0.0]
+
+        def count() -> None:
+            b.settimeout(1.0)
+            with contextlib.suppress(TimeoutError):
+                while True:
+                    b.recv(2048)
+                    got[0] += 1
+                    last[0] = time.perf_counter()
+
+        counter = threading.Thread(target=count)
+        counter.start()
+        t0 = time.perf_counter()
+        for i in range(frames):
+            a.sendto(frame, str(root / "a.p"))
+            if i % 64 == 63:  # a paced sender, as a guest's NIC is: queues stay short
+                waited = time.perf_counter()
+                while got[0] < i - 128 and time.perf_counter() - waited < 0.05:
+                    time.sleep(0.0002)
+        counter.join()
+        took = last[0] - t0
+        stop(net)
+        return got[0] / took
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def main() -> None:
     import json
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--mb", type=int, default=50, help="MiB per throughput run")
     ap.add_argument("--rounds", type=int, default=200, help="round trips per latency run")
+    ap.add_argument("--frames", type=int, default=100_000, help="frames through the switch")
     args = ap.parse_args()
     tag = os.getpid() % 10000
     with socket.socket() as s:
@@ -115,21 +186,52 @@ def main() -> None:
             a.start()
             b.start()
             b.start_process(["python3", "-c", SERVER, "7001"])
+            before = retransmitted(a)
             r = a.exec(["python3", "-c", CLIENT, "10.99.77.9", "7001", str(args.mb),
                         str(args.rounds)], timeout=600).check()
             guest = json.loads(r.stdout_text)
+            retrans = retransmitted(a) - before
             host = host_client(fwd, args.mb, args.rounds)
+            # The lab's accuracy: 50 ms on every link (a round trip crosses two), then
+            # 10 % loss on b's link only (one crossing per ping), 1000 pings.
+            pn.networks.set(net, {"delay": 0.05})
+            r = a.exec(["python3", "-c", CLIENT, "10.99.77.9", "7001", "1",
+                        str(args.rounds // 4)], timeout=600).check()
+            delayed = json.loads(r.stdout_text)
+            pn.networks.set(net, {"delay": 0.0})
+            pn.networks.set(net, {"loss": 0.1}, machine=b.name, seed=1)
+            out = a.exec(["ping", "-q", "-n", "-c", "1000", "-i", "0.01", "-W", "1",
+                          "10.99.77.9"], timeout=600).stdout_text
+            m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
+            assert m, out
+            sent, received = int(m.group(1)), int(m.group(2))
         finally:
             for m in (a, b):
                 m.delete(force=True)
             pn.networks.remove(net)
+    plain_pps = switch_pps(args.frames, None)
+    lab_pps = switch_pps(args.frames, {"delay": 0.001, "loss": 0.001})
     print(f"\nnetworks, {os.cpu_count()} CPUs, TCG guests, {args.mb} MiB, {args.rounds} round trips")
-    print(f"{'measure':40} {'value':>12}")
+    print(f"{'measure':52} {'value':>12}")
     for label, res in (("guest -> guest (one network)", guest), ("host -> guest (port forward)", host)):
         rtts = [x * 1000 for x in res["rtts"]]  # type: ignore[union-attr]
-        print(f"{label + ' TCP':40} {res['mbps']:9.1f} MB/s")
-        print(f"{label + ' RTT p50':40} {statistics.median(rtts):9.2f} ms")
-        print(f"{label + ' RTT p95':40} {pct(rtts, 95):9.2f} ms")
+        print(f"{label + ' TCP':52} {res['mbps']:9.1f} MB/s")
+        if res is guest:
+            print(f"{label + ' TCP segments sent again':52} {retrans:9d}")
+        print(f"{label + ' RTT p50':52} {statistics.median(rtts):9.2f} ms")
+        print(f"{label + ' RTT p95':52} {pct(rtts, 95):9.2f} ms")
+    base = statistics.median(guest["rtts"]) * 1000  # type: ignore[arg-type]
+    lagged = statistics.median(delayed["rtts"]) * 1000
+    print(f"{'guest -> guest RTT p50, --delay 50ms (expect +100)':52} {lagged:9.2f} ms"
+          f"  (+{lagged - base:.1f})")
+    lost = (sent - received) / sent
+    band = 4 * (0.1 * 0.9 / sent) ** 0.5
+    print(f"{'pings lost, 10% loss on one link (expect 10%)':52} {lost:9.1%}"
+          f"  (of {sent}; 4 sigma: {0.1 - band:.1%}-{0.1 + band:.1%})")
+    print(f"{'switch process, 1014-byte frames delivered, plain':52} {plain_pps:9.0f} /s"
+          f"  ({1e6 / plain_pps:.1f} us each)")
+    print(f"{'switch process, same, lab path (1ms, 0.1% loss)':52} {lab_pps:9.0f} /s"
+          f"  ({1e6 / lab_pps:.1f} us each)")
 
 
 if __name__ == "__main__":

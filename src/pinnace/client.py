@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import os
 import threading
 from collections.abc import Coroutine, Iterator
@@ -360,9 +361,30 @@ class Networks:
         self._n = anets
         self._loop = loop
 
-    def create(self, name: str, subnet: str | None = None, *,
-               ephemeral: bool = False) -> Network:
-        return self._loop.run(self._n.create(name, subnet, ephemeral=ephemeral))
+    def create(self, name: str, subnet: str | None = None, *, ephemeral: bool = False,
+               impair: dict[str, Any] | None = None, seed: int | None = None) -> Network:
+        return self._loop.run(self._n.create(name, subnet, ephemeral=ephemeral, impair=impair,
+                                             seed=seed))
+
+    def set(self, name: str, impair: dict[str, Any] | None = None, **options: Any) -> Network:
+        return self._loop.run(self._n.set(name, impair, **options))
+
+    def partition(self, name: str, groups: builtins.list[builtins.list[str]], *,
+                  oneway: bool = False) -> Network:
+        return self._loop.run(self._n.partition(name, groups, oneway=oneway))
+
+    def heal(self, name: str) -> Network:
+        return self._loop.run(self._n.heal(name))
+
+    @contextlib.contextmanager
+    def capture(self, name: str, path: str | os.PathLike[str]) -> Iterator[Path]:
+        """Write what crosses network ``name`` into pcap file ``path`` in the block."""
+        cm = self._n.capture(name, path)
+        target = self._loop.run(cm.__aenter__())
+        try:
+            yield target
+        finally:
+            self._loop.run(cm.__aexit__(None, None, None))
 
     def keep(self, name: str) -> None:
         self._n.keep(name)

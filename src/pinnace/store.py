@@ -446,6 +446,11 @@ class NetworkFiles(Owned):
         """One ``<port-id>.json`` per NIC on the network, written by pinnace."""
         return self.dir / "ports"
 
+    @property
+    def captures_dir(self) -> Path:
+        """One ``<id>.json`` per running capture ({"path": a pcap file}), by pinnace."""
+        return self.dir / "captures"
+
     def port_file(self, port_id: str) -> Path:
         return self.ports_dir / f"{port_id}.json"
 

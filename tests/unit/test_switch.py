@@ -9,11 +9,9 @@ so if the marker is the next thing a socket receives, the frame before it never 
 import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import stat
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -33,91 +31,8 @@ from pinnace.network.switch import (
     stop,
     write_port,
 )
-from pinnace.store import NetworkFiles
-
-BROADCAST = b"\xff" * 6
-UNKNOWN = bytes.fromhex("525400ffffff")
-
-
-class FakeQemu:
-    """The QEMU end of a dgram netdev: bound at ``qemu``, sending to the switch at ``peer``."""
-
-    def __init__(self, root: Path, name: str, index: int) -> None:
-        self.name = name
-        self.mac = bytes([0x52, 0x54, 0, 0, 0, index])
-        self.qemu = str(root / f"{name}.q")
-        self.peer = str(root / "peers" / f"{name}.p")
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.qemu)
-
-    def attach(self, netdir: Path) -> None:
-        mac = ":".join(f"{b:02x}" for b in self.mac)
-        write_port(netdir, self.name, PortSpec(self.peer, self.qemu, f"vm-{self.name}", mac))
-
-    def send(self, dst: bytes, payload: bytes, src: bytes | None = None) -> bytes:
-        frame = dst + (src or self.mac) + b"\x88\xb5" + payload.ljust(46, b".")
-        self.sock.sendto(frame, self.peer)
-        return frame
-
-    def recv(self, timeout: float = 2.0) -> bytes | None:
-        self.sock.settimeout(timeout)
-        try:
-            return self.sock.recv(70000)
-        except TimeoutError:
-            return None
-
-    def drain(self) -> None:
-        while self.recv(0.1) is not None:
-            pass
-
-
-@pytest.fixture
-def root():
-    # tmp_path can be longer than the 107 bytes a unix socket path may have.
-    path = Path(tempfile.mkdtemp(prefix="psw", dir="/tmp"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def make_net(root):
-    """Make network directories; any switch started in one is stopped at teardown."""
-    made = []
-
-    def make(name="net"):
-        path = root / name
-        path.mkdir()
-        made.append(path)
-        return path
-
-    yield make
-    for path in made:
-        stop(path)
-
-
-@pytest.fixture
-def make_qemu(root):
-    fakes = []
-
-    def make(name, index):
-        fakes.append(FakeQemu(root, name, index))
-        return fakes[-1]
-
-    yield make
-    for fake in fakes:
-        fake.sock.close()
-
-
-@pytest.fixture
-def lan(make_net, make_qemu):
-    """A network directory with three ports attached: a, b, c."""
-    net = make_net()
-    fakes = [make_qemu(name, i) for i, name in enumerate("abc", start=1)]
-    for fake in fakes:
-        fake.attach(net)
-    return net, *fakes
+from pinnace.store import NetworkFiles, this_process
+from tests.unit.conftest import BROADCAST, UNKNOWN
 
 
 @contextlib.contextmanager
@@ -484,3 +399,95 @@ def test_the_supervisor_imports_the_same_pinnace_from_its_own_working_directory(
         [str(tmp_path / "src"), "/abs/lib", ""])
     monkeypatch.delenv("PYTHONPATH")
     assert "PYTHONPATH" not in _supervisor_env()
+
+
+def test_frames_wait_for_a_full_qemu_queue_instead_of_being_dropped(lan):
+    """A QEMU's socket queue holds net.unix.max_dgram_qlen frames (10 by default): a
+    burst beyond it waits in the port's backlog, in order, and nothing is lost."""
+    net, a, b, c = lan
+    sw = Switch(net)
+    try:
+        learn = b.send(BROADCAST, b"learn b")
+        sw.poll(0.5)
+        assert a.recv() == learn and c.recv() == learn
+        burst = []
+        for i in range(60):  # b reads nothing meanwhile: its queue fills after 10
+            burst.append(a.send(b.mac, f"frame {i}".encode()))
+            if i % 5 == 4:
+                sw.poll(0.05)  # (the switch's own queue is a socket's too)
+        deadline = time.monotonic() + 5
+        got = []
+        while len(got) < 60 and time.monotonic() < deadline:
+            sw.poll(0.05)
+            frame = b.recv(0.01)
+            if frame is not None:
+                got.append(frame)
+        assert got == burst
+        stats = sw.stats()["ports"]["b"]
+        assert stats["tx_dropped"] == 0 and stats["waited"] > 0 and stats["backlog"] == 0
+    finally:
+        sw.close()
+
+
+def test_a_restarted_qemu_is_heard_and_reached(lan, root):
+    """QEMU binds a new socket at the same path when its machine starts again: the
+    switch takes its frames and reaches it, without a rescan."""
+    net, a, b, c = lan
+    sw = Switch(net)
+    try:
+        first = b.send(BROADCAST, b"before")
+        sw.poll(0.5)
+        assert a.recv() == first and c.recv() == first
+        reply = a.send(b.mac, b"to the old b")
+        sw.poll(0.5)
+        assert b.recv() == reply
+        b.sock.close()  # QEMU stops; a new one binds the same path
+        os.unlink(b.qemu)
+        b.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        b.sock.bind(b.qemu)
+        again = b.send(BROADCAST, b"after")
+        sw.poll(0.5)
+        assert a.recv() == again
+        for _ in range(3):  # the first send may find the old socket gone: it reconnects
+            to_b = a.send(b.mac, b"to the new b")
+            sw.poll(0.2)
+            got = b.recv(0.2)
+            if got is not None:
+                break
+        assert got == to_b
+    finally:
+        sw.close()
+
+
+@pytest.mark.parametrize("meta", [
+    '{"links": {"a": null}}', '{"impair": {"ge": 5}}', '[' * 100000 + ']' * 100000,
+    '{"partition": {"groups": "a,b"}}', '{"impair": {"loss": "all"}}', '"x"',
+])
+def test_a_hostile_network_json_does_not_stop_the_switch(lan, meta, caplog):
+    net, a, b, _c = lan
+    (net / "network.json").write_text(meta)
+    sw = Switch(net)
+    try:
+        frame = a.send(BROADCAST, b"still forwarding")
+        sw.poll(0.5)
+        assert b.recv() == frame
+        assert "impairments unchanged" in caplog.text
+    finally:
+        sw.close()
+
+
+def test_a_capture_into_a_fifo_is_refused_and_the_switch_runs_on(lan, root, caplog):
+    net, a, b, _c = lan
+    fifo = root / "fifo"
+    os.mkfifo(fifo)
+    (net / "captures").mkdir()
+    (net / "captures" / "c1.json").write_text(json.dumps(
+        {"path": str(fifo), "owner": this_process()}))
+    sw = Switch(net)
+    try:
+        frame = a.send(BROADCAST, b"x")
+        sw.poll(0.5)
+        assert b.recv() == frame
+        assert f"capture c1: cannot write {fifo}" in caplog.text
+    finally:
+        sw.close()

@@ -1,9 +1,11 @@
-"""Network verbs: create, ls, inspect, rm, connect, disconnect."""
+"""Network verbs: create, set, partition, heal, capture, ls, inspect, rm, connect,
+disconnect."""
 
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -18,23 +20,189 @@ def network() -> None:
     """Virtual L2 networks between machines (one switch each, no way off the host)."""
 
 
+IMPAIRMENTS = ("delay", "jitter", "delay_corr", "loss", "duplicate", "reorder", "corrupt",
+               "rate", "limit")
+
+
+def impairment_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The impairment options (netem's words), shared by create and set."""
+    for flag, meta, text in reversed((
+            ("--delay", "TIME", "delay every frame delivered to a machine (50ms)"),
+            ("--jitter", "TIME", "vary the delay by up to this much, either way (5ms)"),
+            ("--delay-corr", "PCT", "how much each delay follows the last (25%)"),
+            ("--loss", "PCT", "lose frames: '1%', '1% 25%' (correlated) or "
+             "'gemodel P R [1-H [1-K]]' (bursts)"),
+            ("--duplicate", "PCT", "deliver frames twice"),
+            ("--reorder", "PCT", "send frames ahead of delayed ones (needs --delay)"),
+            ("--corrupt", "PCT", "flip one bit of frames"),
+            ("--rate", "RATE", "limit each machine's link (10mbit, 512kbit)"),
+            ("--limit", "FRAMES", "frames a rate-limited link queues (1000)"))):
+        f = click.option(flag, metavar=meta, help=text)(f)
+    return f
+
+
+def given(options: dict[str, Any]) -> dict[str, Any]:
+    from ..network.impair import from_options
+
+    return from_options(**{k: options.get(k) for k in IMPAIRMENTS})
+
+
 @network.command()
 @click.argument("name")
 @click.option("--subnet", metavar="CIDR", help="IPv4 subnet, e.g. 10.77.0.0/24 (default: "
               "the first free /24 of 10.100.0.0/16).")
+@impairment_options
+@click.option("--seed", type=int, help="Repeat a run's random losses and delays exactly.")
 @click.pass_context
-def create(ctx: click.Context, name: str, subnet: str | None) -> None:
+def create(ctx: click.Context, /, name: str, subnet: str | None, seed: int | None,
+           **options: Any) -> None:
     """Create network NAME; machines join it with --network NAME[:IP].
+
+    Impairments act on every frame the network delivers to a machine, so a round
+    trip crosses two: --delay 50ms makes about 100 ms, --loss 20% loses about 36%.
 
     \b
     Example:
       pinnace network create lan --subnet 10.77.0.0/24
       pinnace create a --network lan && pinnace create b --network lan:10.77.0.9
+      pinnace network create wan --delay 50ms --jitter 5ms --loss 1%
     """
 
     async def go(pn: AsyncPinnace) -> None:
-        net = await pn.networks.create(name, subnet)
+        net = await pn.networks.create(name, subnet, impair=given(options), seed=seed)
         click.echo(f"{net.name} {net.subnet}")
+
+    call(ctx, go)
+
+
+@network.command(name="set")
+@click.argument("name")
+@click.option("--machine", "-m", metavar="MACHINE",
+              help="Change only this machine's link (over the network's impairment).")
+@impairment_options
+@click.option("--down", "link", flag_value="down", help="Take the link(s) down.")
+@click.option("--up", "link", flag_value="up", help="Bring the link(s) up again.")
+@click.option("--clear", is_flag=True, help="Drop the impairments set so far first.")
+@click.option("--seed", type=int, help="A new seed for the random losses and delays.")
+@click.pass_context
+def set_(ctx: click.Context, /, name: str, machine: str | None, link: str | None, clear: bool,
+         seed: int | None, **options: Any) -> None:
+    """Change a network's impairments while it runs (or one machine's link).
+
+    \b
+    Example:
+      pinnace network set lan --loss 10%
+      pinnace network set lan -m b --delay 200ms --rate 1mbit
+      pinnace network set lan -m b --down
+      pinnace network set lan --clear
+    """
+
+    async def go(pn: AsyncPinnace) -> None:
+        imp = given(options)
+        if link is not None:
+            imp["down"] = link == "down"
+        net = await pn.networks.set(name, imp, machine=machine, clear=clear, seed=seed)
+        from ..network.impair import describe
+
+        what = describe(net.lab.link(machine)) if machine else describe(net.impairment)
+        click.echo(f"{name}{f' {machine}' if machine else ''}: {what}")
+
+    call(ctx, go)
+
+
+@network.command()
+@click.argument("name")
+@click.argument("groups", nargs=-1, required=True)
+@click.option("--oneway", is_flag=True, help="Drop only frames from the first group to the "
+              "second (the second still reaches the first).")
+@click.pass_context
+def partition(ctx: click.Context, name: str, groups: tuple[str, ...], oneway: bool) -> None:
+    """Split network NAME: machines in different GROUPS (comma-separated names) stop
+    reaching each other; machines in no group reach everyone. 'heal' ends it.
+
+    \b
+    Example:
+      pinnace network partition lan a,b c,d
+      pinnace network partition lan a b --oneway
+    """
+
+    async def go(pn: AsyncPinnace) -> None:
+        await pn.networks.partition(name, [[m for m in g.split(",") if m] for g in groups],
+                                    oneway=oneway)
+
+    call(ctx, go)
+
+
+@network.command()
+@click.argument("name")
+@click.option("--write", "-w", "path", required=True, metavar="FILE",
+              help="The pcap file to write (replaced if it exists).")
+@click.option("--duration", "-d", type=click.FloatRange(min=0, min_open=True),
+              metavar="SECONDS", help="Stop after this long (default: at Ctrl-C).")
+@click.option("--count", "-c", type=click.IntRange(min=1), metavar="N",
+              help="Stop after N frames.")
+@click.pass_context
+def capture(ctx: click.Context, name: str, path: str, duration: float | None,
+            count: int | None) -> None:
+    """Write every frame that crosses network NAME into a pcap file (tcpdump -r FILE,
+    Wireshark), until Ctrl-C, --duration or --count.
+
+    \b
+    Example:
+      pinnace network capture lan -w lan.pcap --duration 10
+    """
+    import asyncio
+    import contextlib
+    import time
+
+    seen = [24, 0]  # (where the next record starts, records counted)
+
+    def frames() -> int:
+        """Records in the file so far: read on from the last one counted."""
+        with contextlib.suppress(OSError), open(path, "rb") as f:
+            while True:
+                f.seek(seen[0])
+                head = f.read(16)
+                if len(head) < 16:
+                    break
+                size = int.from_bytes(head[8:12], "little")
+                if len(f.read(size)) < size:
+                    break
+                seen[0] += 16 + size
+                seen[1] += 1
+        return seen[1]
+
+    async def go(pn: AsyncPinnace) -> int:
+        async with pn.networks.capture(name, path):
+            start, before = time.monotonic(), frames()
+            click.echo(f"capturing {name} into {path}"
+                       f"{'' if duration or count else ' (Ctrl-C ends it)'}", err=True)
+            try:
+                while duration is None or time.monotonic() - start < duration:
+                    if count is not None and frames() - before >= count:
+                        break
+                    await asyncio.sleep(0.1)
+            except asyncio.CancelledError:
+                pass  # Ctrl-C: end the capture and say what it wrote
+        return frames() - before
+
+    n = call(ctx, go)
+    click.echo(f"{n} frames written to {path}", err=True)
+
+
+@network.command()
+@click.argument("name")
+@click.pass_context
+def heal(ctx: click.Context, name: str) -> None:
+    """End network NAME's partition.
+
+    \b
+    Example:
+      pinnace network heal lan
+    """
+
+    async def go(pn: AsyncPinnace) -> None:
+        await pn.networks.heal(name)
 
     call(ctx, go)
 
@@ -61,8 +229,9 @@ def ls(ctx: click.Context, fmt: str) -> None:
         if fmt == "json":
             click.echo(json.dumps(rows, indent=2))
             return
-        table = [("NAME", "SUBNET", "SWITCH", "MACHINES")]
-        table += [(r["name"], r["subnet"], r["switch"], ",".join(r["machines"]) or "-")
+        table = [("NAME", "SUBNET", "SWITCH", "MACHINES", "IMPAIRED")]
+        table += [(r["name"], r["subnet"], r["switch"], ",".join(r["machines"]) or "-",
+                   r["impair"] if r["impair"] != "none" or not r["links"] else "per machine")
                   for r in rows]
         echo_table(table)
 

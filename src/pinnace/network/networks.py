@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import ipaddress
+import os
+import secrets
 import time
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +40,7 @@ from ..store import (
     write_atomic,
     write_json,
 )
+from .impair import Impairment, Lab, describe
 
 
 @dataclass(frozen=True)
@@ -44,14 +49,24 @@ class Network:
     path: Path
     subnet: str
     created: float
+    lab: Lab = field(default_factory=Lab)  # impairments, partition, seed
 
     @property
     def prefixlen(self) -> int:
         return ipaddress.IPv4Network(self.subnet).prefixlen
 
+    @property
+    def impairment(self) -> Impairment:
+        """What every link of the network does to frames (machines may override it)."""
+        return self.lab.impair
+
     def to_dict(self) -> dict[str, Any]:
+        lab = self.lab
         return {"name": self.name, "subnet": self.subnet, "created": self.created,
-                "path": str(self.path)}
+                "path": str(self.path), "impair": describe(lab.impair),
+                "links": {m: describe(lab.link(m)) for m, _ in lab.links},
+                "partition": {"groups": [list(g) for g in lab.groups], "oneway": lab.oneway}
+                if lab.groups else None, "seed": lab.seed}
 
 
 # The subnet of every machine's NAT NIC (QEMU's user-mode network).
@@ -90,6 +105,13 @@ def free_subnet(taken: list[str]) -> str:
                       "remove networks you no longer need, or give a subnet")
 
 
+def _seed(seed: object) -> int | None:
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                             or not 0 <= seed < 2**63):
+        raise ConfigError("seed", str(seed), "give a whole number, 0 or more")
+    return seed
+
+
 def port_id(machine: str, nic: int) -> str:
     return f"{machine}.n{nic}"
 
@@ -112,7 +134,7 @@ class AsyncNetworks:
         try:
             meta = read_record(files.meta, "")
             return Network(name, files.dir, check_subnet(str(meta["subnet"])),
-                           float(meta["created"]))
+                           float(meta["created"]), Lab.from_meta(meta))
         except FileNotFoundError:
             raise NotFoundError("network", name, "see 'pinnace network ls', or create it with "
                                 "'pinnace network create NAME --subnet 10.77.0.0/24'") from None
@@ -131,14 +153,18 @@ class AsyncNetworks:
         return out
 
     async def create(self, name: str, subnet: str | None = None, *,
-                     ephemeral: bool = False) -> Network:
+                     ephemeral: bool = False, impair: dict[str, Any] | None = None,
+                     seed: int | None = None) -> Network:
         """Make network ``name`` with ``subnet`` ("10.77.0.0/24"), or the first free /24
         of 10.100.0.0/16 if none is given. ``ephemeral``: it belongs to this process
         (a test session), and ``gc`` removes it once the process is gone (see
-        :class:`pinnace.store.Owned`)."""
+        :class:`pinnace.store.Owned`). ``impair``: Impairment fields for every link
+        (``{"delay": 0.05, "loss": 0.01}``; see :mod:`.impair`); ``seed``: repeat a run's
+        random losses and delays exactly."""
         validate_name("network", name)
         if subnet is not None:
             subnet = check_subnet(subnet)
+        lab = {"impair": Impairment.from_dict(impair or {}).to_dict(), "seed": _seed(seed)}
         store = self.store
         store.ensure()
         # The address plan is checked and extended by one command at a time: two networks
@@ -156,7 +182,8 @@ class AsyncNetworks:
                                       f"({other.subnet}); choose another")
             with store.staging_dir("network-") as stage:
                 staged = NetworkFiles(stage)
-                write_json(staged.meta, {"name": name, "subnet": subnet, "created": time.time()})
+                write_json(staged.meta, {"name": name, "subnet": subnet,
+                                         "created": time.time(), **lab})
                 if ephemeral:
                     write_atomic(staged.owner, this_process() + "\n")
                 try:
@@ -225,6 +252,106 @@ class AsyncNetworks:
             return
         switch.remove_port(path, port_id(machine, nic))
         switch.notify(path)
+
+    async def _change_lab(self, name: str, change: Callable[[dict[str, Any]], None]
+                          ) -> Network:
+        """Rewrite network.json with ``change`` applied (under the network's lock), then
+        have its switch read it (at once, if it runs)."""
+        from . import switch
+
+        files = self.files(name)
+        async with self.store.alocked(("network", name)):
+            self.get(name)  # it exists and is readable
+            meta = read_record(files.meta, "")
+            change(meta)
+            Lab.from_meta(meta)  # what is written must read back
+            write_json(files.meta, meta)
+        switch.notify(files.dir)
+        return self.get(name)
+
+    async def set(self, name: str, impair: dict[str, Any] | None = None, *,
+                  machine: str | None = None, clear: bool = False,
+                  seed: int | None = None) -> Network:
+        """Change impairments while the network runs: ``impair`` (Impairment fields) over
+        the network's (or, with ``machine``, over that machine's link; its other fields
+        stay the network's). ``clear``: start from none (the network's, or the
+        machine's own). ``seed``: a new seed for the random streams."""
+        given = dict(impair or {})  # (checked merged, before anything is written)
+        if machine is not None:
+            validate_name("machine", machine)
+
+        def change(meta: dict[str, Any]) -> None:
+            if machine is None:
+                base = {} if clear else dict(meta.get("impair") or {})
+                meta["impair"] = Impairment.from_dict({**base, **given}).to_dict()
+            else:
+                links = dict(meta.get("links") or {})
+                base = {} if clear else dict(links.get(machine) or {})
+                mine = {**base, **given}
+                if mine:
+                    links[machine] = mine
+                else:
+                    links.pop(machine, None)
+                meta["links"] = links
+            if seed is not None:
+                meta["seed"] = _seed(seed)
+
+        return await self._change_lab(name, change)
+
+    async def partition(self, name: str, groups: builtins.list[builtins.list[str]], *,
+                        oneway: bool = False) -> Network:
+        """Split the network: machines in different ``groups`` stop reaching each other
+        (``oneway``: only frames from the first group to the second are dropped).
+        Machines in no group reach everyone."""
+        groups = [[validate_name("machine", m) for m in g] for g in groups]
+        if len(groups) < 2 or any(not g for g in groups):
+            raise ConfigError("partition", " ".join(",".join(g) for g in groups),
+                              "give two or more groups of machines, e.g. a,b c,d")
+        seen = [m for g in groups for m in g]
+        if len(seen) != len(set(seen)):
+            raise ConfigError("partition", " ".join(",".join(g) for g in groups),
+                              "a machine can be in one group only")
+        if oneway and len(groups) != 2:
+            raise ConfigError("partition", "one way", "give exactly two groups: FROM TO")
+
+        def change(meta: dict[str, Any]) -> None:
+            meta["partition"] = {"groups": groups, "oneway": oneway}
+
+        return await self._change_lab(name, change)
+
+    @contextlib.asynccontextmanager
+    async def capture(self, name: str, path: str | os.PathLike[str]) -> AsyncIterator[Path]:
+        """Write every frame that crosses network ``name`` into the pcap file ``path``
+        (replaced, if it exists) while the block runs; tcpdump and Wireshark read it.
+        Frames are caught as they arrive at the switch, before any impairment or
+        partition. If this process dies first, the switch ends the capture itself."""
+        from . import switch
+
+        network = self.get(name)
+        files = self.files(name)
+        target = Path(path).absolute()
+        if target.is_dir() or not target.parent.is_dir():
+            raise ConfigError("capture file", str(path), "give a file in a folder that exists")
+        cap_id = f"c{os.getpid()}-{secrets.token_hex(3)}"
+        request = files.captures_dir / f"{cap_id}.json"
+        try:
+            files.captures_dir.mkdir(exist_ok=True)
+            write_json(request, {"path": str(target), "owner": this_process()})
+        except OSError as exc:
+            raise store_error(exc, "asking for a capture") from None
+        try:
+            await asyncio.to_thread(switch.ensure_running, network.path)
+            await asyncio.to_thread(switch.notify, network.path)
+            await asyncio.to_thread(switch.await_capture, network.path, cap_id, True)
+            yield target
+        finally:
+            request.unlink(missing_ok=True)
+            if await asyncio.to_thread(switch.notify, network.path):
+                await asyncio.to_thread(switch.await_capture, network.path, cap_id, False)
+
+    async def heal(self, name: str) -> Network:
+        """End the network's partition."""
+        return await self._change_lab(name, lambda meta: meta.pop("partition", None))
 
     def keep(self, name: str) -> None:
         """Make a network made ``ephemeral`` an ordinary one, which ``gc`` leaves alone."""

@@ -21,8 +21,13 @@ directory's mtime in case a signal is lost. One directory per network::
     DIR/switch.lock            held while the supervisor is started or stopped
     DIR/switch.stats.json      per-port counters, written on SIGUSR1
 
+It is also the network lab's data path: every frame it delivers to a machine passes
+that machine's link impairment (delay, loss, rate: :mod:`.impair`) and the network's
+partition, both read from ``network.json`` at every rescan. A network with neither
+takes the plain path, as before.
+
 The switch process imports nothing beyond the standard library, pinnace's error
-tree and its store module, so a restart takes a few tens of milliseconds. :func:`ensure_running`,
+tree, its store module and :mod:`.impair`, so a restart takes a few tens of milliseconds. :func:`ensure_running`,
 :func:`notify`, :func:`stop` and :func:`running` are what the rest of pinnace calls.
 """
 
@@ -31,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import heapq
 import json
 import logging
 import os
@@ -39,10 +45,11 @@ import selectors
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +57,16 @@ from types import FrameType
 from typing import TypedDict
 
 from ..errors import ConfigError, SwitchError
-from ..store import FileLock, NetworkFiles, detached_env, proc_start_time, tail, write_atomic
+from ..store import (
+    FileLock,
+    NetworkFiles,
+    detached_env,
+    owner_alive,
+    proc_start_time,
+    tail,
+    write_atomic,
+)
+from .impair import Lab, Link
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +84,8 @@ _RACY_MTIME_NS = 2_000_000_000  # an mtime this recent may hide a second change:
 _REFRESH = 1.0  # move a MAC to the young end of the table at most this often
 _BATCH = 64  # datagrams taken from one socket before the others get a turn
 _SNDBUF = 1 << 20  # frames queued at slow receivers are charged to our send buffer
+_BACKLOG_BYTES = 4 << 20  # a port keeps this much while its QEMU's queue is full, then drops
+_RECONNECT = 0.2  # seconds between tries to connect to a QEMU that is not there
 _PORT_FILE_MAX = 65536
 _QUIET_ERRNOS = frozenset({errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN, errno.ENOBUFS})
 _ZERO_MAC = bytes(6)
@@ -206,14 +224,29 @@ def remove_port(dir: Path, port_id: str) -> None:
 class _Port:
     """A bound port: its socket, where its QEMU listens, and its counters."""
 
-    __slots__ = ("errors", "id", "node", "rx", "rx_dropped", "sock", "spec", "tx", "tx_dropped")
+    __slots__ = ("backlog", "backlog_bytes", "closed", "errors", "id", "link", "node", "out",
+                 "partitioned", "retry_at", "rx", "rx_dropped", "sock", "spec", "tx",
+                 "tx_dropped", "waited")
 
     def __init__(self, port_id: str, spec: PortSpec) -> None:
         self.id = port_id
         self.spec = spec
         self.sock, self.node = _bind(spec.peer)
-        self.rx = self.tx = self.rx_dropped = self.tx_dropped = 0
+        self.rx = self.tx = self.rx_dropped = self.tx_dropped = self.partitioned = 0
+        self.waited = 0  # frames that had to wait in the backlog
         self.errors: set[int] = set()  # send errnos logged already
+        self.link: Link | None = None  # its impairment, if the network has one for it
+        self.closed = False
+        # Frames go out through a second socket, connected to QEMU's: on a connected
+        # socket the kernel says when the peer's queue has room (a unix datagram queue
+        # holds net.unix.max_dgram_qlen frames: 10 by default), and frames wait in the
+        # backlog for it rather than being dropped. (``sock`` itself stays unconnected:
+        # a connected socket takes frames only from its peer, and QEMU's socket is new
+        # each time it starts.)
+        self.out: socket.socket | None = None
+        self.retry_at = 0.0
+        self.backlog: deque[bytes] = deque()
+        self.backlog_bytes = 0
 
     def owns_peer(self) -> bool:
         """True if the file at the peer path is still the socket this port bound."""
@@ -279,6 +312,12 @@ class Switch:
         self._scanned_mtime: int | None = None
         self._next_tick = 0.0
         self._state: dict[str, object] | None = None
+        # The lab (network.json): impairments, per machine, and a partition.
+        self._lab: Lab = Lab()
+        self._groups: dict[str, int] = {}  # machine -> its side of the partition
+        self._timers: list[tuple[float, int, _Port, bytes]] = []  # frames held back
+        self._seq = 0
+        self._captures: dict[str, Capture] = {}  # capture id -> its open pcap file
         self.files.ports_dir.mkdir(parents=True, exist_ok=True)
         self.rescan()
 
@@ -317,15 +356,22 @@ class Switch:
         now = self._clock()
         if timeout is None:
             timeout = max(0.0, self._next_tick - now)
+        if self._timers:
+            timeout = max(0.0, min(timeout, self._timers[0][0] - now))
         events = self._selector.select(timeout)
         now = self._clock()
+        self._send_due(now)
         for key, _ in events:
             port: _Port | None = key.data
             if port is None:
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._wake_r, 4096)
-            else:
+            elif key.fileobj is port.sock:
                 self._receive(port, now)
+            elif not port.closed:
+                self._flush(port)  # its QEMU's queue has room again
+        for cap in self._captures.values():
+            cap.flush()
         if self._rescan_wanted:
             self.rescan()
         if self._stats_wanted:
@@ -335,6 +381,9 @@ class Switch:
             self._next_tick = now + _POLL_INTERVAL
             if self._retry_binds or self._ports_changed():
                 self.rescan()
+            elif self._captures:  # (a capture whose command died ends)
+                self._read_captures()
+                self._write_state()
             self._expire(now)
 
     def _receive(self, port: _Port, now: float) -> None:
@@ -359,17 +408,56 @@ class Switch:
             if learned is None or learned[0] is not port or now - learned[1] > _REFRESH:
                 self._learn(src, port, now)
             frame = view[:n]
+            if self._captures:
+                for cap_id, cap in list(self._captures.items()):
+                    if not cap.write(frame):  # (a full disk, say: that capture ends)
+                        log.warning("capture %s: %s; ended", cap_id, cap.error)
+                        self._captures.pop(cap_id).close()
             if not buf[0] & 1:
                 learned = macs.get(bytes(view[0:6]))
                 if learned is not None and now - learned[1] <= MAC_AGE:
                     if learned[0] is port:
                         port.rx_dropped += 1  # the destination is on the port it came from
-                    else:
+                    elif self._lab.plain:
                         self._send(learned[0], frame)
+                    else:
+                        self._deliver(port, learned[0], frame, now)
                     continue
             for other in self._flood:
                 if other is not port:
-                    self._send(other, frame)
+                    if self._lab.plain:
+                        self._send(other, frame)
+                    else:
+                        self._deliver(port, other, frame, now)
+
+    def _deliver(self, src: _Port, dst: _Port, frame: memoryview, now: float) -> None:
+        """Send ``frame`` from ``src`` to ``dst`` through the lab: dropped across a
+        partition, else through ``dst``'s impaired link (now, later, twice or never)."""
+        groups = self._groups
+        if groups:
+            a, b = groups.get(src.spec.machine), groups.get(dst.spec.machine)
+            if a is not None and b is not None and a != b and (
+                    not self._lab.oneway or (a, b) == (0, 1)):
+                dst.partitioned += 1
+                return
+        link = dst.link
+        if link is None:
+            self._send(dst, frame)
+            return
+        for when, data in link.deliveries(bytes(frame), now):
+            if when <= now:
+                self._send(dst, memoryview(data))
+            else:
+                self._seq += 1
+                heapq.heappush(self._timers, (when, self._seq, dst, data))
+
+    def _send_due(self, now: float) -> None:
+        """Send the held-back frames whose time has come (to ports still bound)."""
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _, _, port, data = heapq.heappop(timers)
+            if not port.closed:
+                self._send(port, memoryview(data))
 
     def _learn(self, mac: bytes, port: _Port, now: float) -> None:
         # Every (re)learned MAC goes to the young end, so the table stays in age order
@@ -386,16 +474,88 @@ class Switch:
             macs.popitem(last=False)
 
     def _send(self, port: _Port, frame: memoryview) -> None:
+        if port.backlog:  # (frames keep their order)
+            self._wait(port, frame)
+            return
+        out = port.out or self._connect(port)
+        if out is None:
+            self._dropped(port, None)  # QEMU is not there (yet, or any more)
+            return
         try:
-            port.sock.sendto(frame, port.spec.qemu)
+            out.send(frame)
+        except BlockingIOError:
+            self._wait(port, frame)
         except OSError as exc:
-            # QEMU not running yet, or its queue full: a link that drops, not an error.
-            port.tx_dropped += 1
-            if exc.errno not in _QUIET_ERRNOS and exc.errno not in port.errors:
-                port.errors.add(exc.errno or 0)
-                log.warning("port %s: cannot send to %s: %s", port.id, port.spec.qemu, exc)
+            self._disconnect(port)  # QEMU went (or started again): connect anew
+            self._dropped(port, exc)
         else:
             port.tx += 1
+
+    def _connect(self, port: _Port) -> socket.socket | None:
+        """A socket connected to the port's QEMU (tried again at most every _RECONNECT s
+        while QEMU is not there)."""
+        now = self._clock()
+        if now < port.retry_at:
+            return None
+        out = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            out.setblocking(False)
+            out.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SNDBUF)
+            out.connect(port.spec.qemu)
+        except OSError:
+            out.close()
+            port.retry_at = now + _RECONNECT
+            return None
+        port.out = out
+        return out
+
+    def _disconnect(self, port: _Port) -> None:
+        out, port.out = port.out, None
+        if out is not None:
+            if port.backlog:
+                self._selector.unregister(out)
+            for _ in port.backlog:
+                self._dropped(port, None)
+            port.backlog.clear()
+            port.backlog_bytes = 0
+            out.close()
+        port.retry_at = 0.0
+
+    def _wait(self, port: _Port, frame: memoryview) -> None:
+        """Keep ``frame`` until QEMU's queue has room (the loop is told when)."""
+        if port.backlog_bytes + len(frame) > _BACKLOG_BYTES or port.out is None:
+            self._dropped(port, None)
+            return
+        if not port.backlog:
+            self._selector.register(port.out, selectors.EVENT_WRITE, port)
+        port.backlog.append(bytes(frame))
+        port.backlog_bytes += len(frame)
+        port.waited += 1
+
+    def _flush(self, port: _Port) -> None:
+        """Send what waits for QEMU's queue, as far as it has room."""
+        backlog, out = port.backlog, port.out
+        assert out is not None
+        while backlog:
+            try:
+                out.send(backlog[0])
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._dropped(port, exc)
+                self._disconnect(port)
+                return
+            port.backlog_bytes -= len(backlog.popleft())
+            port.tx += 1
+        self._selector.unregister(out)
+
+    def _dropped(self, port: _Port, exc: OSError | None) -> None:
+        # QEMU not running yet, or gone, or its queue full too long: a link that drops,
+        # not an error (unusual errors are logged once per port).
+        port.tx_dropped += 1
+        if exc is not None and exc.errno not in _QUIET_ERRNOS and exc.errno not in port.errors:
+            port.errors.add(exc.errno or 0)
+            log.warning("port %s: cannot send to %s: %s", port.id, port.spec.qemu, exc)
 
     # --- ports ---
 
@@ -431,6 +591,8 @@ class Switch:
         for port_id, port in list(self._ports.items()):
             new = wanted.get(port_id)
             if new is not None and new.peer == port.spec.peer and port.owns_peer():
+                if new.qemu != port.spec.qemu:
+                    self._disconnect(port)  # (connect to the new path when it is there)
                 port.spec = new  # the QEMU path or the labels may have changed
             else:
                 self._close_port(port)
@@ -451,13 +613,71 @@ class Switch:
                 self._selector.register(port.sock, selectors.EVENT_READ, port)
                 log.info("port %s: bound %s (machine %s)", port_id, spec.peer, spec.machine or "?")
         self._flood = tuple(self._ports.values())
+        self._read_lab()
+        self._read_captures()
         for name, reason in rejected.items():
             if self.rejected.get(name) != reason:
                 log.warning("ignoring ports/%s: %s", name, reason)
         self.rejected = rejected
         self._write_state()
 
+    def _read_lab(self) -> None:
+        """Take the impairments and partition from network.json (read at every rescan:
+        pinnace rewrites it and sends SIGHUP). A link whose impairment is unchanged keeps
+        its state (its random stream, its queue); a damaged file changes nothing."""
+        try:
+            lab = Lab.from_meta(json.loads(self.files.meta.read_bytes()))
+        except FileNotFoundError:
+            lab = Lab()
+        except Exception as exc:  # whatever is in it, the switch runs on
+            log.warning("network.json: %s; impairments unchanged", exc)
+            return
+        seeds_changed = lab.seed != self._lab.seed
+        self._lab = lab
+        self._groups = {m: i for i, group in enumerate(lab.groups) for m in group}
+        for port in self._ports.values():
+            imp = lab.link(port.spec.machine)
+            if imp.none:
+                port.link = None
+            elif port.link is None or port.link.imp != imp or seeds_changed:
+                port.link = Link(imp, lab.rng(port.id))
+
+    def _read_captures(self) -> None:
+        """Open and close pcap files to match ``captures/`` (pinnace adds a request and
+        sends SIGHUP; removing it ends the capture)."""
+        wanted: dict[str, str] = {}
+        with contextlib.suppress(FileNotFoundError):
+            for entry in self.files.captures_dir.iterdir():
+                if entry.suffix != ".json" or not PORT_ID_RE.match(entry.stem):
+                    continue
+                try:
+                    request = json.loads(entry.read_bytes())
+                    path, owner = request["path"], request["owner"]
+                    alive = isinstance(owner, str) and owner_alive(owner)
+                except Exception:  # (a damaged request is not ours to act on)
+                    continue
+                if not alive:
+                    with contextlib.suppress(OSError):  # its command died: it ends here
+                        entry.unlink()
+                    continue
+                if isinstance(path, str) and os.path.isabs(path):
+                    wanted[entry.stem] = path
+        for cap_id in list(self._captures):
+            if self._captures[cap_id].path != wanted.get(cap_id):
+                self._captures.pop(cap_id).close()
+                log.info("capture %s: ended", cap_id)
+        for cap_id, path in wanted.items():
+            if cap_id not in self._captures:
+                try:
+                    self._captures[cap_id] = Capture(path)
+                except (OSError, ValueError) as exc:
+                    log.warning("capture %s: cannot write %s: %s", cap_id, path, exc)
+                else:
+                    log.info("capture %s: writing %s", cap_id, path)
+
     def _close_port(self, port: _Port) -> None:
+        self._disconnect(port)
+        port.closed = True
         self._selector.unregister(port.sock)
         port.sock.close()
         if port.owns_peer():
@@ -472,6 +692,7 @@ class Switch:
             "pid": os.getpid(),
             "bound": {i: {"peer": p.spec.peer, "qemu": p.spec.qemu} for i, p in self._ports.items()},
             "rejected": self.rejected,
+            "captures": sorted(self._captures),
         }
         if state != self._state:
             write_atomic(self.files.state, json.dumps(state, indent=2, sort_keys=True) + "\n")
@@ -486,6 +707,9 @@ class Switch:
                 port_id: {
                     "machine": p.spec.machine, "mac": p.spec.mac, "rx": p.rx, "tx": p.tx,
                     "rx_dropped": p.rx_dropped, "tx_dropped": p.tx_dropped,
+                    "waited": p.waited, "backlog": len(p.backlog),
+                    "impaired_dropped": p.link.dropped if p.link is not None else 0,
+                    "partitioned": p.partitioned,
                 }
                 for port_id, p in self._ports.items()
             },
@@ -497,6 +721,9 @@ class Switch:
             return
         self._closed = True
         self._macs.clear()
+        for cap in self._captures.values():
+            cap.close()
+        self._captures.clear()
         for port in list(self._ports.values()):
             self._close_port(port)
         self._flood = ()
@@ -506,6 +733,77 @@ class Switch:
         self._selector.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
+
+
+# --- captures ---------------------------------------------------------------------------
+
+PCAP_MAGIC = 0xA1B2C3D4  # microsecond timestamps
+PCAP_LINKTYPE_ETHERNET = 1
+
+
+def pcap_header(snaplen: int = MAX_FRAME) -> bytes:
+    """The 24-byte global header of a pcap file of Ethernet frames (little-endian)."""
+    return struct.pack("<IHHiIII", PCAP_MAGIC, 2, 4, 0, 0, snaplen, PCAP_LINKTYPE_ETHERNET)
+
+
+class Capture:
+    """A pcap file the switch writes every frame it receives to, as it arrives (before
+    any loss, delay or partition; whole frames, with their time); replaced if it was
+    there, as tcpdump -w does; readable by tcpdump and Wireshark while it grows."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.error = ""
+        # Never a link, never a FIFO or a device (which could block the switch).
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ValueError("not a regular file")
+            os.ftruncate(fd, 0)
+            self._f = os.fdopen(fd, "wb", buffering=1 << 16)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._f.write(pcap_header())
+
+    def write(self, frame: memoryview) -> bool:
+        """Add a frame; False (and ``error``) if the file cannot take it."""
+        t = time.time()
+        n = len(frame)
+        try:
+            self._f.write(struct.pack("<IIII", int(t), int(t % 1 * 1e6), n, n))
+            self._f.write(frame)
+        except OSError as exc:
+            self.error = str(exc)
+            return False
+        return True
+
+    def flush(self) -> None:
+        with contextlib.suppress(OSError):
+            self._f.flush()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._f.close()
+
+
+def read_pcap(data: bytes) -> list[tuple[float, bytes]]:
+    """(time, frame) of each record of a pcap file's bytes (ours, or any little-endian
+    microsecond one); ValueError if it is not one. A record cut short at the end (the
+    file is still being written) is left out."""
+    if len(data) < 24:
+        raise ValueError("shorter than a pcap header")
+    magic, _, _, _, _, _, linktype = struct.unpack_from("<IHHiIII", data)
+    if magic != PCAP_MAGIC or linktype != PCAP_LINKTYPE_ETHERNET:
+        raise ValueError("not a little-endian pcap file of Ethernet frames")
+    out, at = [], 24
+    while at + 16 <= len(data):
+        sec, usec, incl, _ = struct.unpack_from("<IIII", data, at)
+        if at + 16 + incl > len(data):
+            break
+        out.append((sec + usec / 1e6, data[at + 16:at + 16 + incl]))
+        at += 16 + incl
+    return out
 
 
 # --- processes -------------------------------------------------------------------------
@@ -830,6 +1128,23 @@ def _await_in_sync(files: NetworkFiles, sup: _Proc | None, timeout: float) -> No
 
     if not _await(settled, timeout):
         raise _error(files, f"the switch did not take up its ports within {timeout:g} s")
+
+
+def await_capture(dir: Path, cap_id: str, running: bool, timeout: float = 5.0) -> None:
+    """Wait until the network's switch has started (or ended) capture ``cap_id``."""
+    files = NetworkFiles(Path(dir).absolute())
+
+    def done() -> bool:
+        try:
+            state = json.loads(files.state.read_bytes())
+        except (OSError, ValueError):
+            return not running
+        caps = state.get("captures", []) if isinstance(state, dict) else []
+        return (cap_id in caps) == running
+
+    if not _await(done, timeout):
+        raise _error(files, f"the switch did not {'start' if running else 'end'} the "
+                     f"capture within {timeout:g} s (see switch.log)")
 
 
 def _error(files: NetworkFiles, problem: str) -> SwitchError:
