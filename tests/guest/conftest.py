@@ -14,6 +14,9 @@ _counter = itertools.count()
 @pytest.fixture(scope="session")
 def pn(pinnace_home):
     with Pinnace(pinnace_home) as p:
+        # What an earlier run that was killed left (its machines, networks and volumes
+        # are its own: see the factories below) goes first.
+        p.gc(owned_only=True)
         p.images.build()
         yield p
 
@@ -22,20 +25,23 @@ def pn(pinnace_home):
 def make_machine(pn, request):
     """A factory for machines that are killed and deleted after the test.
 
-    When the test fails, the serial log of each machine is printed first.
+    When the test fails, the serial log of each machine is printed first. The machines
+    (and the networks and volumes below) belong to this test run: if it is killed, the
+    next run (or 'pinnace gc') removes them.
     """
     made = []
 
     def make(**options):
         name = f"t{os.getpid() % 10000}-{next(_counter)}"
-        m = pn.machines.create(name, **options)
+        m = pn.machines.create(name, **{"ephemeral": True, **options})
         made.append(m)
         return m
 
     def restored(**devices):
         """A machine restored from the image's ready snapshot of its shape (a fraction of
         a second, where a cold boot takes several under TCG); ``devices`` are run's."""
-        [m] = pn.machines.run(name=f"t{os.getpid() % 10000}-{next(_counter)}", **devices)
+        [m] = pn.machines.run(name=f"t{os.getpid() % 10000}-{next(_counter)}", rm=True,
+                              **devices)
         made.append(m)
         return m
 
@@ -78,7 +84,7 @@ def network(pn):
 
     def make(subnet):
         name = f"tn{os.getpid() % 10000}-{len(made)}"
-        pn.networks.create(name, subnet)
+        pn.networks.create(name, subnet, ephemeral=True)
         made.append(name)
         return name
 
@@ -94,7 +100,7 @@ def volume(pn):
 
     def make(size="64M", journal=True):
         name = f"tv{os.getpid() % 10000}-{len(made)}"
-        pn.volumes.create(name, size, journal=journal)
+        pn.volumes.create(name, size, journal=journal, ephemeral=True)
         made.append(name)
         return name
 
