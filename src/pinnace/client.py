@@ -362,9 +362,16 @@ class Networks:
         self._loop = loop
 
     def create(self, name: str, subnet: str | None = None, *, ephemeral: bool = False,
-               impair: dict[str, Any] | None = None, seed: int | None = None) -> Network:
+               impair: dict[str, Any] | None = None, seed: int | None = None,
+               nat: str | None = None, nat_options: dict[str, Any] | None = None,
+               wan_ip: str | None = None, upstream: str = "internet") -> Network:
         return self._loop.run(self._n.create(name, subnet, ephemeral=ephemeral, impair=impair,
-                                             seed=seed))
+                                             seed=seed, nat=nat, nat_options=nat_options,
+                                             wan_ip=wan_ip, upstream=upstream))
+
+    def internet(self) -> Network:
+        """The simulated internet (made if need be)."""
+        return self._loop.run(self._n.ensure_internet())
 
     def set(self, name: str, impair: dict[str, Any] | None = None, **options: Any) -> Network:
         return self._loop.run(self._n.set(name, impair, **options))
@@ -377,9 +384,11 @@ class Networks:
         return self._loop.run(self._n.heal(name))
 
     @contextlib.contextmanager
-    def capture(self, name: str, path: str | os.PathLike[str]) -> Iterator[Path]:
-        """Write what crosses network ``name`` into pcap file ``path`` in the block."""
-        cm = self._n.capture(name, path)
+    def capture(self, name: str, path: str | os.PathLike[str], *,
+                side: str = "lan") -> Iterator[Path]:
+        """Write what crosses network ``name`` (``side="wan"``: the outside of its
+        router) into pcap file ``path`` in the block."""
+        cm = self._n.capture(name, path, side=side)
         target = self._loop.run(cm.__aenter__())
         try:
             yield target

@@ -308,14 +308,15 @@ def store_error(exc: OSError, doing: str) -> StoreError:
 class InUseError(PinnaceError):
     """An object cannot be removed while other objects depend on it."""
 
-    def __init__(self, kind: str, name: str, users: Sequence[str], hint: str) -> None:
+    def __init__(self, kind: str, name: str, users: Sequence[str], hint: str, *,
+                 what: str = "machine") -> None:
         self.kind = kind
         self.name = name
         self.users = tuple(users)
         self.machines = self.users
         who = ", ".join(repr(u) for u in self.users)
         verb = "use" if len(self.users) > 1 else "uses"
-        noun = "machines" if len(self.users) > 1 else "machine"
+        noun = f"{what}s" if len(self.users) > 1 else what
         super().__init__(f"{kind} {name!r}: {noun} {who} {verb} it; {hint}")
 
 
@@ -343,9 +344,10 @@ class VolumeInUse(InUseError):
 class NetworkInUse(InUseError):
     """A network cannot be removed while machines have a NIC on it."""
 
-    def __init__(self, name: str, machines: Sequence[str]) -> None:
-        super().__init__("network", name, machines, "delete them or 'pinnace network "
-                         "disconnect' them first")
+    def __init__(self, name: str, machines: Sequence[str], *, what: str = "",
+                 fix: str = "") -> None:
+        super().__init__("network", name, machines, fix or "delete them or 'pinnace network "
+                         "disconnect' them first", what=what or "machine")
 
 
 class VolumeError(PinnaceError):

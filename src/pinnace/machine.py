@@ -538,7 +538,7 @@ class AsyncMachine:
         for i, nic in enumerate(cfg.nics):
             if nic.network:
                 await asyncio.to_thread(self.env.networks.register, nic.network, self.name,
-                                        self.paths, i, nic.mac)
+                                        self.paths, i, nic.mac, nic.ip)
         nat = None
         if cfg.net != "none":
             nat = NatNic(cfg.nat_mac, restrict=cfg.net == "restricted", forwards=tuple(
@@ -561,8 +561,12 @@ class AsyncMachine:
                 await self.env.backend.set_link(self.paths, i, False)
         known = bool((macs or {}).get("template"))
         requests = []
+        # The first NIC on a network with a router (or on the internet) has the default
+        # route and name servers, over the NAT NIC's.
+        routes = next(((i, r) for i, r in ((i, self._routes(n.network)) for i, n
+                                            in enumerate(cfg.nics) if n.network) if r), None)
         if cfg.net != "none":
-            nat = cfg.net == "nat"
+            nat = cfg.net == "nat" and routes is None
             requests.append(self._nic_request(
                 agent, (macs or {}).get("nat"), cfg.nat_mac,
                 None if known else [NAT_GUEST], up=None if known else True,
@@ -573,13 +577,25 @@ class AsyncMachine:
             requests.append(self._nic_request(
                 agent, old[i] if i < len(old) else None, nic.mac,
                 None if bare else [nic.ip] if nic.network else [],
-                up=None if bare else bool(nic.network)))
+                up=None if bare else bool(nic.network),
+                **(routes[1] if routes is not None and routes[0] == i else {})))
         if mounts:
             requests += [agent.mount("ext4", B.volume_serial(i), v.path, ro=v.ro, rescan=known)
                          for i, v in enumerate(cfg.volumes)]
             requests += [agent.mount("9p", B.share_tag(i), sh.path, ro=sh.ro)
                          for i, sh in enumerate(cfg.shares)]
         await asyncio.gather(*requests)
+
+    def _routes(self, network: str) -> dict[str, Any]:
+        """The default route and name servers a NIC on ``network`` brings: its router's
+        (or on the internet, its core's), else none."""
+        try:
+            net = self.env.networks.get(network)
+        except PinnaceError:
+            return {}
+        if net.gateway is None:
+            return {}
+        return {"gateway": net.gateway, "nameservers": net.nameservers}
 
     @staticmethod
     def _nic_request(agent: AgentClient, now: str | None, mac: str, addresses: list[str] | None,
@@ -603,7 +619,7 @@ class AsyncMachine:
     async def connect(self, network: str, ip: str | None = None) -> str:
         """Plug a NIC into ``network`` and give it an address; return the address. A running
         machine uses a spare NIC (create it with spare_nics); one at rest gets a new NIC."""
-        self.env.networks.get(network)  # it must exist (and the name be valid)
+        await self.env.networks.named(network)  # it must exist (and the name be valid)
         async with self._locked(LOCK_TIMEOUT, ("network", network)):
             st = await self._status(holding=True)
             live = st.state in (S.READY, S.RUNNING)
@@ -630,10 +646,11 @@ class AsyncMachine:
             write_json(self.paths.config, cfg.with_changes(nics=tuple(nics)).to_dict())
             if live:
                 await asyncio.to_thread(self.env.networks.register, network, self.name,
-                                        self.paths, index, mac)
+                                        self.paths, index, mac, addr)
                 await self.env.backend.set_link(self.paths, index, True)
                 agent = await self.agent()
-                await self._nic_request(agent, None, mac, [addr], up=True)
+                await self._nic_request(agent, None, mac, [addr], up=True,
+                                        **self._routes(network))
             self.event("connected", network=network, address=addr)
             return addr
 
@@ -1043,7 +1060,7 @@ class AsyncMachine:
             if live:
                 for i, nic in ports:
                     await asyncio.to_thread(networks.register, nic.network, self.name,
-                                            self.paths, i, nic.mac)
+                                            self.paths, i, nic.mac, nic.ip)
             if isinstance(exc, FileExistsError):
                 raise AlreadyExistsError("machine", new) from None
             raise
@@ -1053,7 +1070,7 @@ class AsyncMachine:
         if live:
             for i, nic in ports:
                 await asyncio.to_thread(networks.register, nic.network, new, target, i,
-                                        nic.mac)
+                                        nic.mac, nic.ip)
         return renamed
 
     async def configure(self, **changes: Any) -> MachineConfig:

@@ -190,6 +190,8 @@ class AsyncMachines:
         store.ensure()  # only now: a command refused for bad input leaves no folders
         nets = sorted({str(n).partition(":")[0] for n in (devices or {}).get("networks") or ()})
         locks = [("network", validate_name("network", n)) for n in nets]
+        for n in nets:
+            await self.env.networks.named(n)  # (the internet is made when first named)
         # What it is made from must not be removed meanwhile: held shared with other
         # machines being made from the same things; removal takes them exclusively.
         used = [("image", cfg.image_digest)]

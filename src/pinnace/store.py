@@ -454,6 +454,15 @@ class NetworkFiles(Owned):
     def port_file(self, port_id: str) -> Path:
         return self.ports_dir / f"{port_id}.json"
 
+    def host_sock(self, nic: str) -> Path:
+        """Where a simulated host of the network's switch (its router's "lan" and "wan"
+        NICs, the internet's "core") binds its end of a port."""
+        return self.dir / "hosts" / f"{nic}.sock"
+
+    def host_peer(self, nic: str) -> Path:
+        """The switch's end of that port (bound by the switch of the network it is on)."""
+        return self.dir / "hosts" / f"{nic}.peer"
+
     @property
     def switch_pid(self) -> Path:
         return self.dir / "switch.pid"

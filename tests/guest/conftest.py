@@ -82,14 +82,15 @@ def network(pn):
     """A factory for virtual networks that are removed after the test."""
     made = []
 
-    def make(subnet):
-        name = f"tn{os.getpid() % 10000}-{len(made)}"
-        pn.networks.create(name, subnet, ephemeral=True)
+    def make(subnet=None, **options):
+        """``options``: create's (nat=, wan_ip=, impair=, ...)."""
+        name = f"tn{os.getpid() % 10000}-{next(_counter)}"
+        pn.networks.create(name, subnet, ephemeral=True, **options)
         made.append(name)
         return name
 
     yield make
-    for name in made:
+    for name in reversed(made):  # (a network behind another goes first)
         pn.networks.remove(name)
 
 

@@ -53,9 +53,27 @@ def given(options: dict[str, Any]) -> dict[str, Any]:
               "the first free /24 of 10.100.0.0/16).")
 @impairment_options
 @click.option("--seed", type=int, help="Repeat a run's random losses and delays exactly.")
+@click.option("--nat", metavar="PRESET", help="Put it behind a NAT router to the simulated "
+              "internet: none (routed), one2one, fullcone, easy, restricted or hard.")
+@click.option("--wan-ip", metavar="ADDRESS", help="The router's outside address (default: "
+              "the next free one on the internet, 203.0.113.0/24).")
+@click.option("--upstream", metavar="NETWORK", default="internet", show_default=True,
+              help="Where the router's outside is: another NAT'd network makes a "
+              "carrier-grade NAT.")
+@click.option("--nat-mapping", metavar="KIND", help="endpoint-independent, address-dependent "
+              "or address-and-port-dependent (eim, adm, apdm).")
+@click.option("--nat-filtering", metavar="KIND", help="endpoint-independent, address-dependent "
+              "or address-and-port-dependent (eif, adf, apdf).")
+@click.option("--nat-hairpin/--no-nat-hairpin", default=None,
+              help="Let inside machines reach each other at their outside addresses.")
+@click.option("--nat-timeout", metavar="TIME", help="Forget a mapping idle this long (30s, 5m).")
+@click.option("--nat-port-preserve/--no-nat-port-preserve", default=None,
+              help="Keep a flow's inside port outside when it is free.")
 @click.pass_context
 def create(ctx: click.Context, /, name: str, subnet: str | None, seed: int | None,
-           **options: Any) -> None:
+           nat: str | None, wan_ip: str | None, upstream: str, nat_mapping: str | None,
+           nat_filtering: str | None, nat_hairpin: bool | None, nat_timeout: str | None,
+           nat_port_preserve: bool | None, **options: Any) -> None:
     """Create network NAME; machines join it with --network NAME[:IP].
 
     Impairments act on every frame the network delivers to a machine, so a round
@@ -66,11 +84,22 @@ def create(ctx: click.Context, /, name: str, subnet: str | None, seed: int | Non
       pinnace network create lan --subnet 10.77.0.0/24
       pinnace create a --network lan && pinnace create b --network lan:10.77.0.9
       pinnace network create wan --delay 50ms --jitter 5ms --loss 1%
+      pinnace network create home --subnet 192.168.1.0/24 --nat easy --wan-ip 203.0.113.10
+
+    With --nat, the network's .1 is its router (the machines' default route) and the
+    internet's DNS (203.0.113.1) resolves the names of machines with public addresses
+    (--network internet[:IP]); STUN listens there on 3478 and 3479.
     """
+    from ..network.nat import options as nat_options
 
     async def go(pn: AsyncPinnace) -> None:
-        net = await pn.networks.create(name, subnet, impair=given(options), seed=seed)
-        click.echo(f"{net.name} {net.subnet}")
+        fields = nat_options(mapping=nat_mapping, filtering=nat_filtering, hairpin=nat_hairpin,
+                             timeout=nat_timeout, port_preserve=nat_port_preserve)
+        net = await pn.networks.create(name, subnet, impair=given(options), seed=seed,
+                                       nat=nat, nat_options=fields, wan_ip=wan_ip,
+                                       upstream=upstream)
+        router = f" behind {net.router.preset} NAT at {net.router.wan_ip}" if net.router else ""
+        click.echo(f"{net.name} {net.subnet}{router}")
 
     call(ctx, go)
 
@@ -141,15 +170,18 @@ def partition(ctx: click.Context, name: str, groups: tuple[str, ...], oneway: bo
               metavar="SECONDS", help="Stop after this long (default: at Ctrl-C).")
 @click.option("--count", "-c", type=click.IntRange(min=1), metavar="N",
               help="Stop after N frames.")
+@click.option("--side", type=click.Choice(["lan", "wan"]), default="lan", show_default=True,
+              help="wan: what crosses the outside of NAME's router (translated).")
 @click.pass_context
 def capture(ctx: click.Context, name: str, path: str, duration: float | None,
-            count: int | None) -> None:
+            count: int | None, side: str) -> None:
     """Write every frame that crosses network NAME into a pcap file (tcpdump -r FILE,
     Wireshark), until Ctrl-C, --duration or --count.
 
     \b
     Example:
       pinnace network capture lan -w lan.pcap --duration 10
+      pinnace network capture home --side wan -w outside.pcap
     """
     import asyncio
     import contextlib
@@ -173,7 +205,7 @@ def capture(ctx: click.Context, name: str, path: str, duration: float | None,
         return seen[1]
 
     async def go(pn: AsyncPinnace) -> int:
-        async with pn.networks.capture(name, path):
+        async with pn.networks.capture(name, path, side=side):
             start, before = time.monotonic(), frames()
             click.echo(f"capturing {name} into {path}"
                        f"{'' if duration or count else ' (Ctrl-C ends it)'}", err=True)
@@ -229,9 +261,12 @@ def ls(ctx: click.Context, fmt: str) -> None:
         if fmt == "json":
             click.echo(json.dumps(rows, indent=2))
             return
-        table = [("NAME", "SUBNET", "SWITCH", "MACHINES", "IMPAIRED")]
+        table = [("NAME", "SUBNET", "SWITCH", "MACHINES", "IMPAIRED", "ROUTER")]
         table += [(r["name"], r["subnet"], r["switch"], ",".join(r["machines"]) or "-",
-                   r["impair"] if r["impair"] != "none" or not r["links"] else "per machine")
+                   r["impair"] if r["impair"] != "none" or not r["links"] else "per machine",
+                   f"{r['router']['preset']} NAT, {r['router']['wan_ip']} on "
+                   f"{r['router']['upstream']}" if r["router"] else
+                   "internet core" if r["internet"] else "-")
                   for r in rows]
         echo_table(table)
 
@@ -292,7 +327,7 @@ def connect(ctx: click.Context, name: str, machine: str, ip: str | None) -> None
     """
 
     async def go(pn: AsyncPinnace) -> None:
-        pn.networks.get(name)
+        await pn.networks.named(name)
         addr = await (await pn.machines.get(machine)).connect(name, ip)
         click.echo(addr)
 

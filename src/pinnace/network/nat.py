@@ -74,6 +74,48 @@ def preset(name: str, **overrides: object) -> NatConfig:
     return replace(base, **overrides).check()  # type: ignore[arg-type]
 
 
+_KINDS = {"endpoint-independent": 0, "address-dependent": 1, "address-and-port-dependent": 2}
+_TIMEOUT_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600}
+
+
+def options(*, mapping: str | None = None, filtering: str | None = None,
+            hairpin: bool | None = None, timeout: str | float | None = None,
+            port_preserve: bool | None = None) -> dict[str, object]:
+    """NatConfig fields from a user's words (those left None are not set): mapping and
+    filtering as RFC 4787 names them ("endpoint-independent", "address-dependent",
+    "address-and-port-dependent") or short (eim/adm/apdm, eif/adf/apdf); a timeout in
+    seconds, or with a unit ("30s", "5m", "2h")."""
+    out: dict[str, object] = {}
+    for key, text, names in (("mapping", mapping, MAPPINGS), ("filtering", filtering,
+                                                               FILTERINGS)):
+        if text is None:
+            continue
+        word = text.strip().lower()
+        if word in _KINDS:
+            word = names[_KINDS[word]]
+        if word not in names:
+            raise ConfigError(f"NAT {key}", text, "give endpoint-independent, "
+                              "address-dependent or address-and-port-dependent "
+                              f"(or {', '.join(names)})")
+        out[key] = word
+    if timeout is not None:
+        if isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
+            out["timeout"] = float(timeout)
+        else:
+            text = str(timeout).strip().lower()
+            unit = text[-1] if text[-1:] in ("s", "m", "h") else ""
+            try:
+                out["timeout"] = float(text.removesuffix(unit)) * _TIMEOUT_UNITS[unit]
+            except ValueError:
+                raise ConfigError("NAT timeout", str(timeout), "give seconds, or a time "
+                                  "such as 30s, 5m or 2h") from None
+    if hairpin is not None:
+        out["hairpin"] = bool(hairpin)
+    if port_preserve is not None:
+        out["port_preserve"] = bool(port_preserve)
+    return out
+
+
 # --- packets -------------------------------------------------------------------------
 
 
@@ -262,7 +304,10 @@ class Nat:
             self.dropped += 1
             return None
         if self.config.one2one:
-            if self._one2one_host is None:
+            # The first inside host to send owns the outside address, until its last
+            # mapping expires (so the next machine on the network can have it then).
+            if self._one2one_host is None or not any(
+                    m.int_ip == self._one2one_host for m in self._by_key.values()):
                 self._one2one_host = f.src
             if f.src != self._one2one_host:
                 self.dropped += 1
@@ -322,4 +367,5 @@ class Nat:
                 for m in self._by_key.values()]
 
 
-__all__ = ["PRESETS", "Flow", "Nat", "NatConfig", "checksum", "parse", "preset", "rewrite"]
+__all__ = ["PRESETS", "Flow", "Nat", "NatConfig", "checksum", "options", "parse", "preset",
+           "rewrite"]

@@ -41,6 +41,14 @@ from ..store import (
     write_json,
 )
 from .impair import Impairment, Lab, describe
+from .router import RouterSpec, mac_for
+
+# The simulated internet: one network, made when first needed, never the host's own.
+# Its .1 is its gateway and services (DNS, STUN, echo), .2 STUN's other address; .1-.9
+# are kept for such services, and machines and NAT routers get addresses from .10.
+INTERNET = "internet"
+INTERNET_SUBNET = "203.0.113.0/24"  # TEST-NET-3 (RFC 5737): never a real host's
+INTERNET_RESERVED = 10
 
 
 @dataclass(frozen=True)
@@ -50,10 +58,27 @@ class Network:
     subnet: str
     created: float
     lab: Lab = field(default_factory=Lab)  # impairments, partition, seed
+    router: RouterSpec | None = None  # a NAT (or a plain router) to an upstream network
+    internet: bool = False  # the simulated internet
 
     @property
     def prefixlen(self) -> int:
         return ipaddress.IPv4Network(self.subnet).prefixlen
+
+    @property
+    def gateway(self) -> str | None:
+        """Where its machines send what is not on the network: its router, or on the
+        internet its core (both the subnet's .1); None on a network with neither."""
+        if self.router is None and not self.internet:
+            return None
+        return str(ipaddress.IPv4Network(self.subnet).network_address + 1)
+
+    @property
+    def nameservers(self) -> list[str]:
+        """The internet's DNS, for machines that can reach it."""
+        if self.gateway is None:
+            return []
+        return [str(ipaddress.IPv4Network(INTERNET_SUBNET).network_address + 1)]
 
     @property
     def impairment(self) -> Impairment:
@@ -66,14 +91,18 @@ class Network:
                 "path": str(self.path), "impair": describe(lab.impair),
                 "links": {m: describe(lab.link(m)) for m, _ in lab.links},
                 "partition": {"groups": [list(g) for g in lab.groups], "oneway": lab.oneway}
-                if lab.groups else None, "seed": lab.seed}
+                if lab.groups else None, "seed": lab.seed,
+                "router": self.router.to_dict() if self.router else None,
+                "internet": self.internet}
 
 
 # The subnet of every machine's NAT NIC (QEMU's user-mode network).
 NAT_SUBNET = ipaddress.IPv4Network("10.0.2.0/24")
 
 
-def check_subnet(subnet: str) -> str:
+def check_subnet(subnet: str, *, public: bool = False) -> str:
+    """``subnet`` as a network's subnet, or ConfigError. ``public``: the internet's
+    (a documentation range) is one too."""
     try:
         net = ipaddress.IPv4Network(subnet, strict=True)
     except ValueError as exc:
@@ -85,6 +114,10 @@ def check_subnet(subnet: str) -> str:
             or net.overlaps(ipaddress.IPv4Network("0.0.0.0/8"))):
         raise ConfigError("subnet", subnet, "it is a loopback, multicast, link-local or "
                           "reserved range; use a private one such as 10.77.0.0/24")
+    if net.overlaps(ipaddress.IPv4Network(INTERNET_SUBNET)) and not (
+            public and str(net) == INTERNET_SUBNET):
+        raise ConfigError("subnet", subnet, f"it overlaps {INTERNET_SUBNET}, the simulated "
+                          "internet's; choose another")
     if net.overlaps(NAT_SUBNET):
         raise ConfigError("subnet", subnet, f"it overlaps the NAT NIC's subnet {NAT_SUBNET}, "
                           "which machines on it also have; choose another")
@@ -116,6 +149,11 @@ def port_id(machine: str, nic: int) -> str:
     return f"{machine}.n{nic}"
 
 
+def wan_port(network: str) -> str:
+    """The port id of a network's router on its upstream network."""
+    return f"{network}.wan"
+
+
 class AsyncNetworks:
     """The virtual networks in a store."""
 
@@ -133,8 +171,11 @@ class AsyncNetworks:
         files = self.files(name)
         try:
             meta = read_record(files.meta, "")
-            return Network(name, files.dir, check_subnet(str(meta["subnet"])),
-                           float(meta["created"]), Lab.from_meta(meta))
+            router = meta.get("router")
+            return Network(name, files.dir, check_subnet(str(meta["subnet"]), public=True),
+                           float(meta["created"]), Lab.from_meta(meta),
+                           RouterSpec.from_dict(router) if router is not None else None,
+                           meta.get("internet") is True)
         except FileNotFoundError:
             raise NotFoundError("network", name, "see 'pinnace network ls', or create it with "
                                 "'pinnace network create NAME --subnet 10.77.0.0/24'") from None
@@ -154,47 +195,157 @@ class AsyncNetworks:
 
     async def create(self, name: str, subnet: str | None = None, *,
                      ephemeral: bool = False, impair: dict[str, Any] | None = None,
-                     seed: int | None = None) -> Network:
+                     seed: int | None = None, nat: str | None = None,
+                     nat_options: dict[str, Any] | None = None, wan_ip: str | None = None,
+                     upstream: str = INTERNET) -> Network:
         """Make network ``name`` with ``subnet`` ("10.77.0.0/24"), or the first free /24
         of 10.100.0.0/16 if none is given. ``ephemeral``: it belongs to this process
         (a test session), and ``gc`` removes it once the process is gone (see
         :class:`pinnace.store.Owned`). ``impair``: Impairment fields for every link
         (``{"delay": 0.05, "loss": 0.01}``; see :mod:`.impair`); ``seed``: repeat a run's
-        random losses and delays exactly."""
+        random losses and delays exactly.
+
+        ``nat``: put the network behind a router (its subnet's .1, the machines' default
+        route) with this NAT preset (see :data:`.nat.PRESETS`; "none" routes without
+        translating), ``nat_options`` overriding its fields (mapping, filtering, hairpin,
+        timeout, port_preserve). Its outside is ``wan_ip`` (default: the next free
+        address) on ``upstream``: the simulated internet (made now if need be), or
+        another network behind a NAT (a carrier-grade NAT)."""
+        from .nat import preset
+
         validate_name("network", name)
+        if name == INTERNET:
+            raise ConfigError("network name", name, "the simulated internet is made when "
+                              "first needed (a NAT, or a machine with --network internet)")
         if subnet is not None:
             subnet = check_subnet(subnet)
         lab = {"impair": Impairment.from_dict(impair or {}).to_dict(), "seed": _seed(seed)}
+        config = None
+        if nat is not None:
+            config = preset(nat, **(nat_options or {}))
+            validate_name("network", upstream)
+            if upstream == name:
+                raise ConfigError("upstream network", upstream, "give another network")
+            if upstream == INTERNET:
+                await self.ensure_internet()
+            up = self.get(upstream)
+            if up.gateway is None:
+                raise ConfigError("upstream network", upstream, "it is neither the internet "
+                                  "nor behind a NAT, so it leads nowhere; give one that is")
+        elif nat_options or wan_ip:
+            raise ConfigError("NAT", "options without --nat", "give --nat PRESET as well")
+        await self._make(name, subnet, ephemeral=ephemeral, meta=lab, config=config,
+                         wan_ip=wan_ip, upstream=upstream, preset_name=nat)
+        return self.get(name)
+
+    async def named(self, name: str) -> Network:
+        """Network ``name`` (NotFoundError if there is none), the internet made if need be."""
+        if name == INTERNET:
+            return await self.ensure_internet()
+        return self.get(name)
+
+    async def ensure_internet(self) -> Network:
+        """The simulated internet, made if it does not exist yet (with its switch, so
+        its core answers)."""
+        from . import switch
+
+        try:
+            net = self.get(INTERNET)
+        except NotFoundError:
+            try:
+                await self._make(INTERNET, INTERNET_SUBNET, meta={"internet": True})
+            except AlreadyExistsError:
+                pass  # made by another command meanwhile
+            net = self.get(INTERNET)
+        if not net.internet:
+            raise ConfigError("network", INTERNET, "a network of that name exists and is not "
+                              "pinnace's simulated internet; rename or remove it")
+        await asyncio.to_thread(switch.ensure_running, net.path)
+        return net
+
+    async def _make(self, name: str, subnet: str | None, *, ephemeral: bool = False,
+                    meta: dict[str, Any], config: Any = None, wan_ip: str | None = None,
+                    upstream: str = INTERNET, preset_name: str | None = None) -> None:
+        from . import switch
+
         store = self.store
         store.ensure()
+        internet = meta.get("internet") is True
+        files = self.files(name)
         # The address plan is checked and extended by one command at a time: two networks
         # made at once (pytest-xdist workers, say) never get overlapping subnets.
-        async with store.alocked(("network", name), ("subnets", "all")):
-            if self.files(name).dir.exists():
+        locks = [("network", name), ("subnets", "all")]
+        if config is not None:
+            locks.append(("network", upstream))
+        async with store.alocked(*locks):
+            if files.dir.exists():
                 raise AlreadyExistsError("network", name)
             others = self.list()
             if subnet is None:
                 subnet = free_subnet([o.subnet for o in others])
             net = ipaddress.IPv4Network(subnet)
+            translated = config is not None and config.translate
             for other in others:
-                if ipaddress.IPv4Network(other.subnet).overlaps(net):
+                # Networks behind NATs may share a subnet, as homes do; none other may.
+                if ipaddress.IPv4Network(other.subnet).overlaps(net) and not (
+                        translated and other.router is not None and other.router.nat.translate):
                     raise ConfigError("subnet", subnet, f"it overlaps network {other.name!r} "
                                       f"({other.subnet}); choose another")
+            record: dict[str, Any] = {"name": name, "subnet": subnet, "created": time.time(),
+                                      **meta}
+            router = None
+            if config is not None:
+                up = self.get(upstream)
+                wan = self.allocate(upstream, wan_ip, set()).split("/")[0]
+                router = RouterSpec(config, preset_name or "custom", upstream, wan,
+                                    up.subnet, up.gateway)
+                record["router"] = router.to_dict()
             with store.staging_dir("network-") as stage:
                 staged = NetworkFiles(stage)
-                write_json(staged.meta, {"name": name, "subnet": subnet,
-                                         "created": time.time(), **lab})
+                write_json(staged.meta, record)
                 if ephemeral:
                     write_atomic(staged.owner, this_process() + "\n")
                 try:
                     staged.ports_dir.mkdir()
                 except OSError as exc:
                     raise store_error(exc, "making the network") from None
+                first = str(net.network_address + 1)
+                if router is not None:  # the router's inside port, on this network
+                    switch.write_port(stage, "router", switch.PortSpec(
+                        peer=str(files.host_peer("lan")), qemu=str(files.host_sock("lan")),
+                        machine="router", mac=mac_for(name, "lan").hex(":"), ip=first))
+                if internet:
+                    switch.write_port(stage, "core", switch.PortSpec(
+                        peer=str(files.host_peer("core")), qemu=str(files.host_sock("core")),
+                        machine=INTERNET, mac=mac_for(INTERNET, "core").hex(":"), ip=first))
                 try:
-                    store.put_in_place(stage, self.files(name).dir, "the network")
+                    store.put_in_place(stage, files.dir, "the network")
                 except FileExistsError:
                     raise AlreadyExistsError("network", name) from None
-        return self.get(name)
+            if router is not None:
+                self._plug_router(name, router)
+        if router is not None:
+            await asyncio.to_thread(switch.ensure_running, files.dir)
+
+    def _plug_router(self, name: str, router: RouterSpec) -> None:
+        """Write (again: it is idempotent) the router's outside port on its upstream
+        network, and have that switch bind it."""
+        from . import switch
+
+        files = self.files(name)
+        up = self.files(router.upstream)
+        routes = () if router.nat.translate else (self.get(name).subnet,)
+        switch.write_port(up.dir, wan_port(name), switch.PortSpec(
+            peer=str(files.host_peer("wan")), qemu=str(files.host_sock("wan")), machine=name,
+            mac=mac_for(name, "wan").hex(":"), ip=router.wan_ip, routes=routes))
+        if not switch.notify(up.dir):
+            switch.ensure_running(up.dir)
+
+    def routers(self, upstream: str) -> dict[str, str]:
+        """Network -> its router's outside address, for the networks behind a router on
+        ``upstream``."""
+        return {n.name: n.router.wan_ip for n in self.list()
+                if n.router is not None and n.router.upstream == upstream}
 
     def members(self, name: str) -> dict[str, builtins.list[tuple[int, str]]]:
         """Machine -> [(NIC index, address)] for every machine with a NIC on ``name``."""
@@ -213,6 +364,9 @@ class AsyncNetworks:
         network = self.get(name)
         net = ipaddress.IPv4Network(network.subnet)
         used = {ip.split("/")[0] for nics in self.members(name).values() for _, ip in nics} | taken
+        used |= set(self.routers(name).values())
+        # Kept: a router's or the internet core's own .1, and the internet's services.
+        kept = INTERNET_RESERVED if network.internet else 2 if network.gateway else 0
         if want is not None:
             try:
                 addr = ipaddress.IPv4Address(want.split("/")[0])
@@ -221,16 +375,20 @@ class AsyncNetworks:
             if addr not in net or addr in (net.network_address, net.broadcast_address):
                 raise ConfigError("network address", want, f"it is not a host address of "
                                   f"{name!r} ({network.subnet})")
+            if int(addr) - int(net.network_address) < kept:
+                raise ConfigError("network address", want, f"the first {kept - 1} addresses "
+                                  f"of {name!r} are its router's or services'; choose another")
             if str(addr) in used:
                 raise ConfigError("network address", want, f"another machine on {name!r} has "
                                   "it; choose another or leave it out")
             return f"{addr}/{net.prefixlen}"
         for addr in net.hosts():
-            if int(addr) - int(net.network_address) >= 2 and str(addr) not in used:
+            if int(addr) - int(net.network_address) >= max(kept, 2) and str(addr) not in used:
                 return f"{addr}/{net.prefixlen}"
         raise ConfigError("network", name, f"its subnet {network.subnet} has no free address")
 
-    def register(self, name: str, machine: str, files: MachineFiles, nic: int, mac: str) -> None:
+    def register(self, name: str, machine: str, files: MachineFiles, nic: int, mac: str,
+                 ip: str = "") -> None:
         """Plug a machine's NIC into the network's switch (started if it is not running)."""
         from . import switch
 
@@ -240,7 +398,9 @@ class AsyncNetworks:
         sock = files.nic_sock(nic)
         switch.write_port(network.path, port_id(machine, nic), switch.PortSpec(
             peer=str(files.nic_peer(nic)), qemu=str(sock), machine=machine, mac=mac,
-            sender=files.cwd_path(sock)))
+            sender=files.cwd_path(sock), ip=ip.split("/")[0]))
+        if network.router is not None:  # (a create killed half-way may have left it out)
+            self._plug_router(name, network.router)
         if not switch.notify(network.path):  # a running switch rescans now; else start one
             switch.ensure_running(network.path)
 
@@ -320,13 +480,25 @@ class AsyncNetworks:
         return await self._change_lab(name, change)
 
     @contextlib.asynccontextmanager
-    async def capture(self, name: str, path: str | os.PathLike[str]) -> AsyncIterator[Path]:
+    async def capture(self, name: str, path: str | os.PathLike[str], *,
+                      side: str = "lan") -> AsyncIterator[Path]:
         """Write every frame that crosses network ``name`` into the pcap file ``path``
         (replaced, if it exists) while the block runs; tcpdump and Wireshark read it.
         Frames are caught as they arrive at the switch, before any impairment or
-        partition. If this process dies first, the switch ends the capture itself."""
+        partition. If this process dies first, the switch ends the capture itself.
+        ``side="wan"``: what crosses the outside of the network's router instead (on its
+        upstream network: the packets as translated)."""
         from . import switch
 
+        only = ""
+        if side == "wan":
+            router = self.get(name).router
+            if router is None:
+                raise ConfigError("capture side", side, f"network {name!r} has no router; "
+                                  "capture its own side (lan)")
+            only, name = wan_port(name), router.upstream
+        elif side != "lan":
+            raise ConfigError("capture side", side, "give lan or wan")
         network = self.get(name)
         files = self.files(name)
         target = Path(path).absolute()
@@ -336,7 +508,7 @@ class AsyncNetworks:
         request = files.captures_dir / f"{cap_id}.json"
         try:
             files.captures_dir.mkdir(exist_ok=True)
-            write_json(request, {"path": str(target), "owner": this_process()})
+            write_json(request, {"path": str(target), "owner": this_process(), "port": only})
         except OSError as exc:
             raise store_error(exc, "asking for a capture") from None
         try:
@@ -368,6 +540,16 @@ class AsyncNetworks:
             users = tuple(self.members(name))
             if users:
                 raise NetworkInUse(name, users)
+            behind = tuple(self.routers(name))
+            if behind:
+                raise NetworkInUse(name, behind, what="network", fix=f"remove "
+                                   f"{'it' if len(behind) == 1 else 'them'} first")
+            with contextlib.suppress(PinnaceError, OSError):
+                router = self.get(name).router
+                if router is not None:  # its outside port goes first: nothing binds it again
+                    up = self.files(router.upstream).dir
+                    switch.remove_port(up, wan_port(name))
+                    switch.notify(up)
             await asyncio.to_thread(switch.stop, path)
             await asyncio.to_thread(self.store.remove_tree, path)
 

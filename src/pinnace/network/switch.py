@@ -37,6 +37,7 @@ import argparse
 import contextlib
 import errno
 import heapq
+import ipaddress
 import json
 import logging
 import os
@@ -67,6 +68,7 @@ from ..store import (
     write_atomic,
 )
 from .impair import Lab, Link
+from .router import Core, Nic, Router, RouterSpec, mac_for
 
 log = logging.getLogger(__name__)
 
@@ -118,16 +120,22 @@ class PortSpec:
     machine: str = ""
     mac: str = ""
     sender: str = ""
+    ip: str = ""  # its IPv4 address, if it has one (the internet's DNS answers with it)
+    routes: tuple[str, ...] = ()  # subnets behind it (a routed network's router)
 
     @property
     def accepted(self) -> str:
         """The sender address the port accepts frames from."""
         return self.sender or self.qemu
 
-    def to_json(self) -> dict[str, str]:
-        out = {"peer": self.peer, "qemu": self.qemu, "machine": self.machine, "mac": self.mac}
+    def to_json(self) -> dict[str, object]:
+        out: dict[str, object] = {"peer": self.peer, "qemu": self.qemu, "machine": self.machine, "mac": self.mac}
         if self.sender:
             out["sender"] = self.sender
+        if self.ip:
+            out["ip"] = self.ip
+        if self.routes:
+            out["routes"] = list(self.routes)
         return out
 
 
@@ -164,7 +172,18 @@ def parse_port(data: bytes) -> PortSpec:
     if len(os.fsencode(sender)) > SUN_PATH_MAX:
         raise ValueError(f"sender {sender!r} is longer than {SUN_PATH_MAX} bytes, "
                          "the limit for unix sockets")
-    return PortSpec(paths[0], paths[1], labels[0], labels[1], sender)
+    ip = obj.get("ip", "")
+    routes = obj.get("routes", [])
+    try:
+        if not isinstance(ip, str) or (ip and str(ipaddress.IPv4Address(ip)) != ip):
+            raise ValueError
+        if not isinstance(routes, list) or len(routes) > 16 or not all(
+                isinstance(r, str) and ipaddress.IPv4Network(r) for r in routes):
+            raise ValueError
+    except ValueError:
+        raise ValueError("'ip' must be an IPv4 address and 'routes' at most 16 IPv4 "
+                         "networks") from None
+    return PortSpec(paths[0], paths[1], labels[0], labels[1], sender, ip, tuple(routes))
 
 
 def read_ports(files: NetworkFiles) -> tuple[dict[str, PortSpec], dict[str, str]]:
@@ -318,6 +337,10 @@ class Switch:
         self._timers: list[tuple[float, int, _Port, bytes]] = []  # frames held back
         self._seq = 0
         self._captures: dict[str, Capture] = {}  # capture id -> its open pcap file
+        # Simulated hosts this switch runs (network.json says which): the network's
+        # router, or the internet's core; each is a port of some switch, like a QEMU.
+        self._hosts: dict[str, Router | Core] = {}
+        self._host_specs: dict[str, object] = {}
         self.files.ports_dir.mkdir(parents=True, exist_ok=True)
         self.rescan()
 
@@ -362,10 +385,12 @@ class Switch:
         now = self._clock()
         self._send_due(now)
         for key, _ in events:
-            port: _Port | None = key.data
+            port: _Port | Callable[[float], None] | None = key.data
             if port is None:
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._wake_r, 4096)
+            elif not isinstance(port, _Port):
+                port(now)  # a simulated host's socket: its handler
             elif key.fileobj is port.sock:
                 self._receive(port, now)
             elif not port.closed:
@@ -385,6 +410,8 @@ class Switch:
                 self._read_captures()
                 self._write_state()
             self._expire(now)
+            for host in self._hosts.values():
+                host.expire(now)
 
     def _receive(self, port: _Port, now: float) -> None:
         """Forward the datagrams waiting on ``port``, up to a batch of them."""
@@ -410,6 +437,8 @@ class Switch:
             frame = view[:n]
             if self._captures:
                 for cap_id, cap in list(self._captures.items()):
+                    if cap.port and cap.port != port.id and not self._to_port(frame, cap.port):
+                        continue
                     if not cap.write(frame):  # (a full disk, say: that capture ends)
                         log.warning("capture %s: %s; ended", cap_id, cap.error)
                         self._captures.pop(cap_id).close()
@@ -429,6 +458,11 @@ class Switch:
                         self._send(other, frame)
                     else:
                         self._deliver(port, other, frame, now)
+
+    def _to_port(self, frame: memoryview, port_id: str) -> bool:
+        """True if ``frame`` is sent to the MAC of port ``port_id``."""
+        port = self._ports.get(port_id)
+        return port is not None and bytes(frame[0:6]).hex(":") == port.spec.mac
 
     def _deliver(self, src: _Port, dst: _Port, frame: memoryview, now: float) -> None:
         """Send ``frame`` from ``src`` to ``dst`` through the lab: dropped across a
@@ -626,12 +660,14 @@ class Switch:
         pinnace rewrites it and sends SIGHUP). A link whose impairment is unchanged keeps
         its state (its random stream, its queue); a damaged file changes nothing."""
         try:
-            lab = Lab.from_meta(json.loads(self.files.meta.read_bytes()))
+            meta = json.loads(self.files.meta.read_bytes())
+            lab = Lab.from_meta(meta)
         except FileNotFoundError:
-            lab = Lab()
+            meta, lab = {}, Lab()
         except Exception as exc:  # whatever is in it, the switch runs on
             log.warning("network.json: %s; impairments unchanged", exc)
             return
+        self._read_hosts(meta)
         seeds_changed = lab.seed != self._lab.seed
         self._lab = lab
         self._groups = {m: i for i, group in enumerate(lab.groups) for m in group}
@@ -642,10 +678,84 @@ class Switch:
             elif port.link is None or port.link.imp != imp or seeds_changed:
                 port.link = Link(imp, lab.rng(port.id))
 
+    def _read_hosts(self, meta: dict[str, object]) -> None:
+        """Start, rebuild or stop the simulated hosts to match network.json: a router
+        (``"router"``: see :class:`.router.RouterSpec`) or the internet's core
+        (``"internet": true``). A host whose description is unchanged keeps its state
+        (its NAT mappings); one that cannot start is logged and left out."""
+        wanted: dict[str, object] = {}
+        try:
+            subnet = str(ipaddress.IPv4Network(str(meta.get("subnet"))))
+            if meta.get("router") is not None:
+                wanted["router"] = (RouterSpec.from_dict(meta["router"]), subnet,
+                                    meta.get("seed"))
+            if meta.get("internet") is True:
+                wanted["core"] = subnet
+        except Exception as exc:  # (a damaged router description: the hosts stay)
+            if meta:
+                log.warning("network.json: %s; its router is unchanged", exc)
+            return
+        for key in list(self._hosts):
+            if self._host_specs.get(key) != wanted.get(key):
+                self._stop_host(key)
+        for key, spec in wanted.items():
+            if key not in self._hosts:
+                try:
+                    host = self._make_host(key, spec)
+                except (OSError, ValueError) as exc:
+                    log.warning("%s: cannot start: %s", key, exc)
+                    self._retry_binds = True
+                    continue
+                self._hosts[key], self._host_specs[key] = host, spec
+                for sock, handler in host.sockets():
+                    self._selector.register(sock, selectors.EVENT_READ, handler)
+                log.info("%s: started", key)
+        core = self._hosts.get("core")
+        if isinstance(core, Core):
+            specs = [p.spec for p in self._ports.values()]
+            core.update({s.machine: int(ipaddress.IPv4Address(s.ip))
+                         for s in specs if s.ip and s.machine},
+                        [(r, s.ip) for s in specs if s.ip for r in s.routes])
+
+    def _make_host(self, key: str, spec: object) -> Router | Core:
+        files = self.files
+        if key == "router":
+            assert isinstance(spec, tuple)
+            rspec, subnet, seed = spec
+            net = ipaddress.IPv4Network(subnet)
+            wan_net = ipaddress.IPv4Network(rspec.wan_subnet)
+            name = files.dir.name
+            lan = Nic(str(files.host_sock("lan")), str(files.host_peer("lan")),
+                      mac_for(name, "lan"), int(net.network_address) + 1, net,
+                      clock=self._clock)
+            try:
+                wan = Nic(str(files.host_sock("wan")), str(files.host_peer("wan")),
+                          mac_for(name, "wan"), int(ipaddress.IPv4Address(rspec.wan_ip)),
+                          wan_net, clock=self._clock, gateway=int(ipaddress.IPv4Address(
+                              rspec.wan_gateway)) if rspec.wan_gateway else None)
+            except BaseException:
+                lan.close()
+                raise
+            return Router(rspec, lan, wan, lan_subnet=subnet,
+                          seed=seed if isinstance(seed, int) else None, clock=self._clock)
+        net = ipaddress.IPv4Network(str(spec))
+        first = int(net.network_address) + 1
+        return Core(Nic(str(files.host_sock("core")), str(files.host_peer("core")),
+                        mac_for("internet", "core"), first, net,
+                        answers=frozenset({first + 1}), clock=self._clock), first + 1)
+
+    def _stop_host(self, key: str) -> None:
+        host = self._hosts.pop(key)
+        self._host_specs.pop(key, None)
+        for sock, _ in host.sockets():
+            self._selector.unregister(sock)
+        host.close()
+        log.info("%s: stopped", key)
+
     def _read_captures(self) -> None:
         """Open and close pcap files to match ``captures/`` (pinnace adds a request and
         sends SIGHUP; removing it ends the capture)."""
-        wanted: dict[str, str] = {}
+        wanted: dict[str, tuple[str, str]] = {}
         with contextlib.suppress(FileNotFoundError):
             for entry in self.files.captures_dir.iterdir():
                 if entry.suffix != ".json" or not PORT_ID_RE.match(entry.stem):
@@ -653,6 +763,7 @@ class Switch:
                 try:
                     request = json.loads(entry.read_bytes())
                     path, owner = request["path"], request["owner"]
+                    only = request.get("port", "")
                     alive = isinstance(owner, str) and owner_alive(owner)
                 except Exception:  # (a damaged request is not ours to act on)
                     continue
@@ -660,16 +771,18 @@ class Switch:
                     with contextlib.suppress(OSError):  # its command died: it ends here
                         entry.unlink()
                     continue
-                if isinstance(path, str) and os.path.isabs(path):
-                    wanted[entry.stem] = path
+                if isinstance(path, str) and os.path.isabs(path) and isinstance(only, str) \
+                        and (not only or PORT_ID_RE.match(only)):
+                    wanted[entry.stem] = (path, only)
         for cap_id in list(self._captures):
-            if self._captures[cap_id].path != wanted.get(cap_id):
+            cap = self._captures[cap_id]
+            if (cap.path, cap.port) != wanted.get(cap_id):
                 self._captures.pop(cap_id).close()
                 log.info("capture %s: ended", cap_id)
-        for cap_id, path in wanted.items():
+        for cap_id, (path, only) in wanted.items():
             if cap_id not in self._captures:
                 try:
-                    self._captures[cap_id] = Capture(path)
+                    self._captures[cap_id] = Capture(path, only)
                 except (OSError, ValueError) as exc:
                     log.warning("capture %s: cannot write %s: %s", cap_id, path, exc)
                 else:
@@ -713,6 +826,7 @@ class Switch:
                 }
                 for port_id, p in self._ports.items()
             },
+            "hosts": {key: host.stats() for key, host in self._hosts.items()},
         }
 
     def close(self) -> None:
@@ -724,6 +838,8 @@ class Switch:
         for cap in self._captures.values():
             cap.close()
         self._captures.clear()
+        for key in list(self._hosts):
+            self._stop_host(key)
         for port in list(self._ports.values()):
             self._close_port(port)
         self._flood = ()
@@ -751,8 +867,9 @@ class Capture:
     any loss, delay or partition; whole frames, with their time); replaced if it was
     there, as tcpdump -w does; readable by tcpdump and Wireshark while it grows."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, port: str = "") -> None:
         self.path = path
+        self.port = port  # only frames from or to this port (a router's outside), if given
         self.error = ""
         # Never a link, never a FIFO or a device (which could block the switch).
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)

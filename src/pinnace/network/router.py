@@ -1,0 +1,430 @@
+"""Simulated hosts on pinnace's networks: NAT routers, and the internet's core.
+
+A simulated host plugs into a network's switch exactly as a QEMU NIC does: it binds a
+datagram socket at its own path, a port file in the network's ``ports/`` names that path
+and the peer path the switch binds, and frames travel as one datagram each. So the
+switch needs nothing new for them, captures see them, and impairments and partitions
+apply to them as to any machine (a router's port is labelled ``router`` on its network;
+its outside port carries the network's name on the upstream one).
+
+The hosts run inside a switch process, their sockets in its selector: a network's
+router in that network's switch, the internet's core in the internet's switch. Each
+speaks just enough Ethernet and ARP (RFC 826) to be a neighbour: it answers ARP for its
+addresses, learns its neighbours', and holds a few packets while it asks.
+
+- :class:`Router`: a network's gateway (the subnet's ``.1``) with a NAT (:mod:`.nat`)
+  between it and its upstream network (the internet, or another NAT'd network for a
+  carrier-grade NAT). It decrements TTLs, answers ping on both of its addresses, and
+  translates TCP, UDP and ICMP echo.
+- :class:`Core`: the simulated internet's ``.1`` and ``.2``: the gateway of machines on
+  the internet (it routes a routed network's subnet to its router) and the services
+  of :mod:`.services` (STUN, echo, DNS for the names of hosts with public addresses).
+
+The standard library only, and nothing of a packet is trusted: whatever arrives, the
+switch process runs on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import ipaddress
+import logging
+import os
+import random
+import socket
+import stat
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .nat import ICMP, Nat, NatConfig
+from .services import Services, icmp_echo_reply
+
+log = logging.getLogger(__name__)
+
+ETH_IPV4, ETH_ARP = 0x0800, 0x0806
+BROADCAST = b"\xff" * 6
+_ARP_FMT = struct.Struct("!HHBBH6s4s6s4s")  # htype ptype hlen plen op sha spa tha tpa
+_ARP_REQUEST, _ARP_REPLY = 1, 2
+_ARP_FRESH = 60.0  # seconds a neighbour's MAC is used without asking again
+_ARP_FORGET = 600.0
+_ARP_RETRY = 1.0
+_ARP_GIVE_UP = 3.0  # packets held for a neighbour that does not answer are dropped
+_PENDING_MAX = 16  # packets held per neighbour being asked for
+_NEIGHBOURS_MAX = 4096
+_BATCH = 64
+_MAX_FRAME = 65550
+_SNDBUF = 1 << 20
+
+
+def mac_for(*parts: str) -> bytes:
+    """A stable, locally administered unicast MAC for a simulated host's interface."""
+    digest = hashlib.sha256("/".join(parts).encode()).digest()
+    return bytes([0x02 | (digest[0] & 0xFC)]) + digest[1:6]
+
+
+def _ip(text: str) -> int:
+    return int(ipaddress.IPv4Address(text))
+
+
+# --- one interface -------------------------------------------------------------------
+
+
+class Nic:
+    """One interface of a simulated host on a switch: a datagram socket bound at
+    ``path`` that takes the switch's frames, sending its own to ``peer``.
+
+    :meth:`receive` handles ARP itself and returns the IPv4 packets sent to this MAC;
+    :meth:`send` frames a packet for its next hop (on the subnet, else ``gateway``),
+    asking ARP for it first if need be."""
+
+    def __init__(self, path: str, peer: str, mac: bytes, ip: int,
+                 net: ipaddress.IPv4Network, *, gateway: int | None = None,
+                 answers: frozenset[int] = frozenset(),
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.path, self.peer, self.mac, self.ip = path, peer, mac, ip
+        self.answers = answers | {ip}  # the addresses it answers ARP for
+        self.gateway = gateway
+        self._net, self._mask = int(net.network_address), int(net.netmask)
+        self._clock = clock
+        self._neighbours: dict[int, tuple[bytes, float]] = {}  # ip -> (mac, when learned)
+        self._asking: dict[int, tuple[float, float, list[bytes]]] = {}  # first, last, held
+        self.rx = self.tx = self.dropped = 0
+        self.sock = _bind(path)
+
+    def close(self) -> None:
+        self.sock.close()
+        with contextlib.suppress(OSError):
+            if stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                os.unlink(self.path)
+
+    def on_link(self, ip: int) -> bool:
+        return ip & self._mask == self._net
+
+    # --- in ---
+
+    def receive(self) -> list[bytes]:
+        """The IPv4 packets waiting, sent to this interface's MAC (ARP is answered)."""
+        out: list[bytes] = []
+        for _ in range(_BATCH):
+            try:
+                frame = self.sock.recv(_MAX_FRAME + 1)
+            except BlockingIOError:
+                break
+            except OSError:
+                break
+            self.rx += 1
+            if len(frame) < 14 or len(frame) > _MAX_FRAME:
+                continue
+            kind = int.from_bytes(frame[12:14], "big")
+            if kind == ETH_ARP:
+                self._arp(frame)
+            elif kind == ETH_IPV4 and frame[0:6] == self.mac and len(frame) >= 34:
+                out.append(frame[14:])
+        return out
+
+    def _arp(self, frame: bytes) -> None:
+        if len(frame) < 14 + _ARP_FMT.size:
+            return
+        htype, ptype, hlen, plen, op, sha, spa_b, _tha, tpa_b = _ARP_FMT.unpack_from(frame, 14)
+        if (htype, ptype, hlen, plen) != (1, ETH_IPV4, 6, 4) or sha[0] & 1:
+            return
+        spa, tpa = int.from_bytes(spa_b, "big"), int.from_bytes(tpa_b, "big")
+        if self.on_link(spa) and spa not in self.answers and (
+                tpa in self.answers or spa in self._neighbours or spa in self._asking):
+            self._learn(spa, sha)
+        if op == _ARP_REQUEST and tpa in self.answers:
+            self._frame(sha, ETH_ARP, _ARP_FMT.pack(1, ETH_IPV4, 6, 4, _ARP_REPLY, self.mac,
+                                                     tpa_b, sha, spa_b))
+
+    def _learn(self, ip: int, mac: bytes) -> None:
+        if len(self._neighbours) >= _NEIGHBOURS_MAX and ip not in self._neighbours:
+            self._neighbours.clear()  # (a flood of made-up neighbours: start again)
+        self._neighbours[ip] = (mac, self._clock())
+        held = self._asking.pop(ip, None)
+        if held is not None:
+            for pkt in held[2]:
+                self._frame(mac, ETH_IPV4, pkt)
+
+    # --- out ---
+
+    def next_hop(self, dst: int) -> int | None:
+        return dst if self.on_link(dst) else self.gateway
+
+    def send(self, pkt: bytes, via: int | None = None) -> None:
+        """Send IPv4 ``pkt`` to ``via`` (default: its destination's next hop)."""
+        hop = self.next_hop(int.from_bytes(pkt[16:20], "big")) if via is None else via
+        if hop is None:
+            self.dropped += 1  # no route
+            return
+        now = self._clock()
+        known = self._neighbours.get(hop)
+        if known is not None and now - known[1] < _ARP_FORGET:
+            if now - known[1] > _ARP_FRESH:
+                self._ask(hop, now)  # (still used meanwhile)
+            self._frame(known[0], ETH_IPV4, pkt)
+            return
+        first, last, held = self._asking.get(hop, (now, 0.0, []))
+        if now - first > _ARP_GIVE_UP:
+            self.dropped += len(held) + 1
+            self._asking.pop(hop, None)
+            return
+        if len(held) < _PENDING_MAX:
+            held.append(pkt)
+        else:
+            self.dropped += 1
+        self._asking[hop] = (first, last, held)
+        self._ask(hop, now)
+
+    def _ask(self, ip: int, now: float) -> None:
+        first, last, held = self._asking.get(ip, (now, 0.0, []))
+        if now - last < _ARP_RETRY:
+            return
+        self._asking[ip] = (first, now, held)
+        self._frame(BROADCAST, ETH_ARP, _ARP_FMT.pack(
+            1, ETH_IPV4, 6, 4, _ARP_REQUEST, self.mac, self.ip.to_bytes(4, "big"),
+            bytes(6), ip.to_bytes(4, "big")))
+
+    def expire(self, now: float) -> None:
+        for ip in [ip for ip, (first, _, _) in self._asking.items() if now - first > _ARP_GIVE_UP]:
+            self.dropped += len(self._asking.pop(ip)[2])
+
+    def _frame(self, dst: bytes, kind: int, payload: bytes) -> None:
+        try:
+            self.sock.sendto(dst + self.mac + kind.to_bytes(2, "big") + payload, self.peer)
+        except OSError:
+            self.dropped += 1  # the switch is not there yet, or its queue is full
+        else:
+            self.tx += 1
+
+
+def _bind(path: str) -> socket.socket:
+    """A non-blocking datagram socket at ``path`` (a stale socket there is replaced;
+    anything else is left alone: ValueError)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ValueError(f"{path} exists and is not a socket; leaving it alone")
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SNDBUF)
+        sock.bind(path)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def forwarded(pkt: bytes) -> bytes | None:
+    """``pkt`` with its TTL one less (and its header checksum kept right), or None if
+    its time is up or it is not a whole IPv4 header."""
+    if len(pkt) < 20 or pkt[0] >> 4 != 4 or pkt[8] <= 1:
+        return None
+    out = bytearray(pkt)
+    out[8] -= 1
+    # RFC 1624: the 16-bit word holding TTL and protocol went down by 0x0100.
+    old = int.from_bytes(pkt[10:12], "big")
+    total = (~old & 0xFFFF) + (~((pkt[8] << 8) | pkt[9]) & 0xFFFF) + ((out[8] << 8) | out[9])
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    out[10:12] = (~total & 0xFFFF).to_bytes(2, "big")
+    return bytes(out)
+
+
+# --- what network.json says ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """A network's router, as its ``network.json`` has it under ``"router"``: the NAT,
+    and where its outside is (``upstream`` network, ``wan_ip`` on it, that network's
+    subnet and gateway). The paths are filled in by whoever runs it."""
+
+    nat: NatConfig
+    preset: str
+    upstream: str
+    wan_ip: str
+    wan_subnet: str
+    wan_gateway: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"nat": {"translate": self.nat.translate, "mapping": self.nat.mapping,
+                        "filtering": self.nat.filtering, "hairpin": self.nat.hairpin,
+                        "port_preserve": self.nat.port_preserve, "timeout": self.nat.timeout,
+                        "one2one": self.nat.one2one},
+                "preset": self.preset, "upstream": self.upstream, "wan_ip": self.wan_ip,
+                "wan_subnet": self.wan_subnet, "wan_gateway": self.wan_gateway}
+
+    @classmethod
+    def from_dict(cls, data: object) -> RouterSpec:
+        """ValueError or ConfigError if ``data`` is not a router's description."""
+        if not isinstance(data, dict) or not isinstance(data.get("nat"), dict):
+            raise ValueError("the router must be an object with a 'nat' object")
+        n = data["nat"]
+        fields: dict[str, Any] = {}
+        for key, kind in (("translate", bool), ("hairpin", bool), ("port_preserve", bool),
+                          ("one2one", bool), ("mapping", str), ("filtering", str)):
+            if key in n:
+                if not isinstance(n[key], kind):
+                    raise ValueError(f"router nat.{key} must be a {kind.__name__}")
+                fields[key] = n[key]
+        if "timeout" in n:
+            if isinstance(n["timeout"], bool) or not isinstance(n["timeout"], (int, float)):
+                raise ValueError("router nat.timeout must be a number")
+            fields["timeout"] = float(n["timeout"])
+        nat = NatConfig(**fields).check()
+        strings = []
+        for key in ("preset", "upstream", "wan_ip", "wan_subnet"):
+            if not isinstance(data.get(key), str):
+                raise ValueError(f"router {key} must be a string")
+            strings.append(data[key])
+        gateway = data.get("wan_gateway")
+        if gateway is not None and not isinstance(gateway, str):
+            raise ValueError("router wan_gateway must be a string or null")
+        spec = cls(nat, strings[0], strings[1], strings[2], strings[3], gateway)
+        wan = ipaddress.IPv4Network(spec.wan_subnet)
+        if ipaddress.IPv4Address(spec.wan_ip) not in wan or (
+                gateway is not None and ipaddress.IPv4Address(gateway) not in wan):
+            raise ValueError("router wan_ip and wan_gateway must be in wan_subnet")
+        return spec
+
+
+# --- the hosts -----------------------------------------------------------------------
+
+
+class Router:
+    """A network's router: ``lan`` (its ``.1`` on the network) and ``wan`` (its address
+    on the upstream network), with a :class:`Nat` between them."""
+
+    def __init__(self, spec: RouterSpec, lan: Nic, wan: Nic, *, lan_subnet: str,
+                 seed: int | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.spec, self.lan, self.wan, self._clock = spec, lan, wan, clock
+        rng = random.Random(f"{seed}:router") if seed is not None else None
+        self.nat = Nat(spec.nat, lan_subnet, spec.wan_ip, rng=rng)
+        self.forwarded = self.dropped = 0
+
+    def sockets(self) -> list[tuple[socket.socket, Callable[[float], None]]]:
+        return [(self.lan.sock, self.from_lan), (self.wan.sock, self.from_wan)]
+
+    def close(self) -> None:
+        self.lan.close()
+        self.wan.close()
+
+    def from_lan(self, now: float) -> None:
+        for pkt in self.lan.receive():
+            dst = int.from_bytes(pkt[16:20], "big")
+            if dst == self.lan.ip or (dst == self.wan.ip and (
+                    pkt[9] == ICMP or not self.spec.nat.translate)):
+                self._answer(self.lan, pkt)  # a ping to the router (not hairpinned)
+                continue
+            fwd = forwarded(pkt)
+            out = self.nat.outbound(fwd, now) if fwd is not None else None
+            if out is None:
+                self.dropped += 1
+                continue
+            self.forwarded += 1
+            (self.wan if out[0] == "wan" else self.lan).send(out[1])
+
+    def from_wan(self, now: float) -> None:
+        for pkt in self.wan.receive():
+            dst = int.from_bytes(pkt[16:20], "big")
+            out = None
+            fwd = forwarded(pkt)
+            if fwd is not None:
+                out = self.nat.inbound(fwd, now)
+            if out is None:
+                if dst in (self.wan.ip, self.lan.ip):
+                    self._answer(self.wan, pkt)  # (a ping to the router itself)
+                else:
+                    self.dropped += 1
+                continue
+            self.forwarded += 1
+            self.lan.send(out[1])
+
+    def _answer(self, nic: Nic, pkt: bytes) -> None:
+        if len(pkt) > 9 and pkt[9] == ICMP:
+            reply = icmp_echo_reply(pkt)
+            if reply is not None:
+                nic.send(reply)
+
+    def expire(self, now: float) -> None:
+        self.nat.expire(now)
+        self.lan.expire(now)
+        self.wan.expire(now)
+
+    def stats(self) -> dict[str, object]:
+        return {"preset": self.spec.preset, "wan_ip": self.spec.wan_ip,
+                "forwarded": self.forwarded, "dropped": self.dropped,
+                "nat_dropped": self.nat.dropped, "mappings": len(self.nat.mappings()),
+                "lan": {"rx": self.lan.rx, "tx": self.lan.tx, "dropped": self.lan.dropped},
+                "wan": {"rx": self.wan.rx, "tx": self.wan.tx, "dropped": self.wan.dropped}}
+
+
+class Core:
+    """The simulated internet's own host: its gateway (``.1``) and a second address
+    (``.2``) for the services that need two (STUN's change requests). It routes a routed
+    (untranslated) network's subnet to that network's router, and serves STUN, echo and
+    DNS (:class:`.services.Services`) for the names of the hosts on it."""
+
+    def __init__(self, nic: Nic, alternate: int) -> None:
+        self.nic = nic
+        self.names: dict[str, int] = {}
+        self.routes: list[tuple[int, int, int]] = []  # (network, mask, next hop)
+        self.services = Services(nic.ip, alternate, lambda: self.names)
+        self.forwarded = self.dropped = 0
+
+    def update(self, names: dict[str, int], routes: list[tuple[str, str]]) -> None:
+        """Names for DNS; routes as (subnet, next hop) pairs (bad ones are skipped)."""
+        self.names = dict(names)
+        table = []
+        for subnet, hop in routes:
+            with contextlib.suppress(ValueError):
+                net = ipaddress.IPv4Network(subnet)
+                table.append((int(net.network_address), int(net.netmask), _ip(hop)))
+        self.routes = table
+
+    def sockets(self) -> list[tuple[socket.socket, Callable[[float], None]]]:
+        return [(self.nic.sock, self.readable)]
+
+    def close(self) -> None:
+        self.nic.close()
+
+    def readable(self, now: float) -> None:
+        nic = self.nic
+        for pkt in nic.receive():
+            dst = int.from_bytes(pkt[16:20], "big")
+            if dst in nic.answers:
+                for reply in self.services.handle(pkt):
+                    nic.send(reply)
+                continue
+            fwd = forwarded(pkt)
+            hop = self._route(dst)
+            if fwd is None or hop is None:
+                self.dropped += 1
+                continue
+            self.forwarded += 1
+            nic.send(fwd, via=hop)
+
+    def _route(self, dst: int) -> int | None:
+        for net, mask, hop in self.routes:
+            if dst & mask == net:
+                return hop
+        return dst if self.nic.on_link(dst) else None
+
+    def expire(self, now: float) -> None:
+        self.nic.expire(now)
+
+    def stats(self) -> dict[str, object]:
+        return {"forwarded": self.forwarded, "dropped": self.dropped,
+                "rx": self.nic.rx, "tx": self.nic.tx, "names": len(self.names)}
+
+
+__all__ = ["Core", "Nic", "Router", "RouterSpec", "forwarded", "mac_for"]
