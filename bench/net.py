@@ -1,7 +1,8 @@
 """Networks: TCP throughput and round-trip latency between two machines on one
-pinnace network, and from the host to a guest through a port forward; the lab's
+pinnace network, between a machine behind a NAT and one on the simulated internet, and
+from the host to a guest through a port forward; the lab's
 accuracy (delay added to a round trip, loss over 1000 pings); and frames per second
-through the switch itself, in process, on its plain and its lab path.
+through the switch itself, on its plain and its lab path, and through a NAT router.
 
     python bench/net.py [--mb 50] [--rounds 200]
 
@@ -164,6 +165,80 @@ def switch_pps(frames: int, impair: dict[str, object] | None) -> float:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def nat_pps(frames: int) -> float:
+    """UDP packets per second through a NAT router (no guests): a paced sender on a
+    network behind an easy NAT, a receiver on the simulated internet; each packet
+    crosses the home network's switch, the router (translation, TTL, checksums) and the
+    internet's switch: three processes' hops, as between guests."""
+    import asyncio
+    import ipaddress
+    import shutil
+    import struct
+    import tempfile
+    import threading
+    from pathlib import Path
+
+    from pinnace.network import switch
+    from pinnace.network.networks import AsyncNetworks
+    from pinnace.network.router import mac_for
+    from pinnace.network.services import udp_packet
+    from pinnace.store import Store
+
+    root = Path(tempfile.mkdtemp(prefix="pbnat", dir="/tmp"))
+    nets = AsyncNetworks(Store(root / "h"))
+    try:
+        home = asyncio.run(nets.create("home", "192.168.1.0/24", nat="easy"))
+        inet = nets.get("internet")
+        ends = {}
+        for name, net, ip in (("a", home, "192.168.1.2"), ("b", inet, "203.0.113.50")):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            sock.bind(str(root / f"{name}.q"))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+            mac = bytes([2, 0, 0, 0, 1, len(ends)])
+            ends[name] = (sock, mac, int(ipaddress.IPv4Address(ip)))
+            switch.write_port(net.path, f"{name}.n0", switch.PortSpec(
+                str(root / f"{name}.p"), str(root / f"{name}.q"), name, mac.hex(":"), ip=ip))
+            switch.notify(net.path)
+        (a, amac, aip), (b, bmac, bip) = ends["a"], ends["b"]
+        router = mac_for("home", "lan")
+        pkt = udp_packet(aip, 5000, bip, 9000, bytes(972))  # a 1014-byte frame
+        frame = router + amac + b"\x08\x00" + pkt
+        got, last = [0], [0.0]
+
+        def count() -> None:
+            b.settimeout(2.0)
+            with contextlib.suppress(TimeoutError):
+                while True:
+                    data = b.recv(2048)
+                    if data[12:14] == b"\x08\x06":  # the router asks for b: answer
+                        spa, tpa = data[28:32], data[38:42]
+                        b.sendto(data[6:12] + bmac + b"\x08\x06" + struct.pack(
+                            "!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 2, bmac, tpa, data[22:28], spa),
+                            str(root / "b.p"))
+                        continue
+                    got[0] += 1
+                    last[0] = time.perf_counter()
+
+        counter = threading.Thread(target=count)
+        counter.start()
+        a.sendto(frame, str(root / "a.p"))  # (the router learns b's MAC first)
+        time.sleep(0.5)
+        got[0] = 0
+        t0 = time.perf_counter()
+        for i in range(frames):
+            a.sendto(frame, str(root / "a.p"))
+            if i % 64 == 63:  # paced, as a guest's NIC is
+                waited = time.perf_counter()
+                while got[0] < i - 128 and time.perf_counter() - waited < 0.05:
+                    time.sleep(0.0002)
+        counter.join()
+        return got[0] / (last[0] - t0)
+    finally:
+        for d in sorted((root / "h" / "networks").glob("*")):
+            switch.stop(d)
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def main() -> None:
     import json
 
@@ -177,14 +252,17 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         fwd = s.getsockname()[1]
     with Pinnace() as pn:
-        net = f"bench{tag}"
+        net, home = f"bench{tag}", f"benchnat{tag}"
         pn.networks.create(net, "10.99.77.0/24")
+        pn.networks.create(home, "192.168.77.0/24", nat="easy")
         a = pn.machines.create(f"bn{tag}-a", networks=[net], net="restricted")
-        b = pn.machines.create(f"bn{tag}-b", networks=[f"{net}:10.99.77.9"], net="restricted",
-                               ports=[f"{fwd}:7001"])
+        b = pn.machines.create(f"bn{tag}-b", networks=[f"{net}:10.99.77.9", "internet"],
+                               net="restricted", ports=[f"{fwd}:7001"])
+        c = pn.machines.create(f"bn{tag}-c", networks=[home], net="restricted")
         try:
             a.start()
             b.start()
+            c.start()
             b.start_process(["python3", "-c", SERVER, "7001"])
             before = retransmitted(a)
             r = a.exec(["python3", "-c", CLIENT, "10.99.77.9", "7001", str(args.mb),
@@ -192,6 +270,11 @@ def main() -> None:
             guest = json.loads(r.stdout_text)
             retrans = retransmitted(a) - before
             host = host_client(fwd, args.mb, args.rounds)
+            before = retransmitted(c)
+            r = c.exec(["python3", "-c", CLIENT, b.address("internet"), "7001", str(args.mb),
+                        str(args.rounds)], timeout=600).check()
+            natted = json.loads(r.stdout_text)
+            nat_retrans = retransmitted(c) - before
             # The lab's accuracy: 50 ms on every link (a round trip crosses two), then
             # 10 % loss on b's link only (one crossing per ping), 1000 pings.
             pn.networks.set(net, {"delay": 0.05})
@@ -206,18 +289,22 @@ def main() -> None:
             assert m, out
             sent, received = int(m.group(1)), int(m.group(2))
         finally:
-            for m in (a, b):
+            for m in (a, b, c):
                 m.delete(force=True)
             pn.networks.remove(net)
+            pn.networks.remove(home)
     plain_pps = switch_pps(args.frames, None)
     lab_pps = switch_pps(args.frames, {"delay": 0.001, "loss": 0.001})
+    routed_pps = nat_pps(args.frames // 2)
     print(f"\nnetworks, {os.cpu_count()} CPUs, TCG guests, {args.mb} MiB, {args.rounds} round trips")
     print(f"{'measure':52} {'value':>12}")
-    for label, res in (("guest -> guest (one network)", guest), ("host -> guest (port forward)", host)):
+    for label, res, again in (("guest -> guest (one network)", guest, retrans),
+                              ("guest -> guest (through an easy NAT)", natted, nat_retrans),
+                              ("host -> guest (port forward)", host, None)):
         rtts = [x * 1000 for x in res["rtts"]]  # type: ignore[union-attr]
         print(f"{label + ' TCP':52} {res['mbps']:9.1f} MB/s")
-        if res is guest:
-            print(f"{label + ' TCP segments sent again':52} {retrans:9d}")
+        if again is not None:
+            print(f"{label + ' TCP segments sent again':52} {again:9d}")
         print(f"{label + ' RTT p50':52} {statistics.median(rtts):9.2f} ms")
         print(f"{label + ' RTT p95':52} {pct(rtts, 95):9.2f} ms")
     base = statistics.median(guest["rtts"]) * 1000  # type: ignore[arg-type]
@@ -232,6 +319,8 @@ def main() -> None:
           f"  ({1e6 / plain_pps:.1f} us each)")
     print(f"{'switch process, same, lab path (1ms, 0.1% loss)':52} {lab_pps:9.0f} /s"
           f"  ({1e6 / lab_pps:.1f} us each)")
+    print(f"{'through a NAT (switch, router, switch), 1014 bytes':52} {routed_pps:9.0f} /s"
+          f"  ({1e6 / routed_pps:.1f} us each)")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from .gc import Collector, Removed
 from .images import AsyncImages, Image, Images
 from .machine import AsyncMachine, MachineEnv, MachineStatus
 from .machines import AsyncMachines
-from .network.networks import AsyncNetworks, Network
+from .network.networks import AsyncNetworks, NetCheck, Network, Punch
 from .pool import AsyncPool, Member
 from .snapshots import AsyncSnapshots, Snapshot
 from .snapshots.key import SnapshotLookup
@@ -368,6 +368,15 @@ class Networks:
         return self._loop.run(self._n.create(name, subnet, ephemeral=ephemeral, impair=impair,
                                              seed=seed, nat=nat, nat_options=nat_options,
                                              wan_ip=wan_ip, upstream=upstream))
+
+    def netcheck(self, machine: Machine) -> NetCheck:
+        """The NAT ``machine`` sits behind, classified from inside (RFC 5780)."""
+        return self._loop.run(self._n.netcheck(machine._m))
+
+    def punch(self, a: Machine, b: Machine, *, port: int = 4000,
+              duration: float = 6.0) -> Punch:
+        """Try UDP hole punching between ``a`` and ``b`` (see AsyncNetworks.punch)."""
+        return self._loop.run(self._n.punch(a._m, b._m, port=port, duration=duration))
 
     def internet(self) -> Network:
         """The simulated internet (made if need be)."""

@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 class Removed:
     """One thing gc removed (or, in a dry run, would remove)."""
 
-    kind: str  # "staging", "machine", "network", "volume", "process", "snapshot"
+    kind: str  # "staging", "machine", "network", "volume", "process", "snapshot", "port"
     what: str
 
     def __str__(self) -> str:
@@ -113,6 +113,11 @@ class Collector:
             out.append(Removed("snapshot", str(path.relative_to(self.store.home))))
         for path in self.store.leftovers():
             out.append(Removed("staging", str(path.relative_to(self.store.home))))
+        for net, port in self.networks.stale_ports():
+            out.append(Removed("port", f"{port} on network {net} (its router is gone)"))
+            if not dry_run:
+                with contextlib.suppress(PinnaceError, OSError):
+                    await asyncio.to_thread(self.networks.remove_port, net, port)
         if not dry_run:
             await asyncio.to_thread(self.store.clean_tmp)
         try:  # the host-wide kernel cache: a kernel build killed half-way (GBs of source)
@@ -157,7 +162,10 @@ class Collector:
                 ("network", self.store.networks_dir, self.networks.remove,
                  self.networks.members),
                 ("volume", self.store.volumes_dir, self.volumes.remove, self.volumes.users)):
-            for path in sorted(folder.iterdir()) if folder.is_dir() else ():
+            paths = sorted(folder.iterdir()) if folder.is_dir() else []
+            if kind == "network":  # a network behind another goes before that one
+                paths.sort(key=lambda p: -self.networks.depth(p.name))
+            for path in paths:
                 if not path.is_dir() or not ours(owner_of(Owned.at(path))):
                     continue
                 if dry_run:

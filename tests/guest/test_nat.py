@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
+import re
 import shlex
-import threading
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,8 +69,8 @@ def test_the_fields_of_a_preset_can_be_overridden(pn, network, make_machine):
     """fullcone with address-dependent mapping and no hairpinning: the probe sees both."""
     _, m = behind(pn, network, make_machine, "fullcone",
                   nat_options={"mapping": "adm", "hairpin": False})
-    got = probe(m, "classify", STUN)
-    assert (got["mapping"], got["filtering"], got["hairpin"]) == ("adm", "eif", False), got
+    got = pn.networks.netcheck(m)  # (the API's own run of the probe)
+    assert (got.mapping, got.filtering, got.hairpin) == ("adm", "eif", False), got
 
 
 def test_no_nat_is_seen_as_none(pn, network, make_machine):
@@ -93,21 +96,11 @@ def test_udp_hole_punching_between_two_nats(pn, network, make_machine, left, rig
     from), is told the other's, and both send to each other at once: across
     endpoint-independent mappings this opens a path; against an address-and-port-
     dependent mapping with an address-and-port-dependent filter on the other side, it
-    cannot."""
-    sides = [behind(pn, network, make_machine, preset)[1] for preset in (left, right)]
-    public = [probe(m, "mapped", STUN, "--local-port", "4000")["mapped"] for m in sides]
-    results: list[dict | None] = [None, None]
-
-    def punch(i):
-        results[i] = probe(sides[i], "punch", "--local-port", "4000", "--peer",
-                           public[1 - i], "--duration", "6")
-
-    threads = [threading.Thread(target=punch, args=(i,)) for i in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert [r["ok"] for r in results] == [works, works], (public, results)
+    cannot (neither side hears the other)."""
+    (net_a, a), (_, b) = (behind(pn, network, make_machine, preset) for preset in (left, right))
+    result = pn.networks.punch(a, b)
+    assert (result.a_heard, result.b_heard) == (works, works), result.describe()
+    assert result.a_public.split(":")[0] == pn.networks.get(net_a).router.wan_ip
 
 
 def test_ping_tcp_and_dns_across_a_nat_and_both_sides_captured(pn, network, make_machine,
@@ -152,3 +145,34 @@ def test_ping_tcp_and_dns_across_a_nat_and_both_sides_captured(pn, network, make
 
     assert tcp_sources(inside_pcap) == {inside_ip}
     assert tcp_sources(outside_pcap) == {wan}
+
+
+EXAMPLE_NAMES = (["alice", "bob", "carol", "web"], ["home", "office", "cafe"])
+
+
+def test_the_docs_nat_example_runs_as_written(pn, pinnace_home, tmp_path):
+    """The NAT-traversal example of docs/networks.md, run line by line with bash -e
+    (after removing what a killed run of it left), says what its comments say."""
+    docs = (Path(__file__).parents[2] / "docs" / "networks.md").read_text()
+    script = re.search(r"<!-- example: nat -->\n```sh\n(.*?)```", docs, flags=re.S)
+    assert script, "docs/networks.md has its NAT example"
+    machines, nets = EXAMPLE_NAMES
+    for name in machines:
+        if name in {m.name for m in pn.machines.list()}:
+            pn.machines.get(name).delete(force=True)
+    for name in nets:
+        if name in {n.name for n in pn.networks.list()}:
+            pn.networks.remove(name)
+    env = {**os.environ, "PINNACE_HOME": str(pinnace_home),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    r = subprocess.run(["bash", "-e", "-c", script.group(1)], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=900)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert "mapping:        address-and-port-dependent" in out, out
+    assert "filtering:      address-and-port-dependent" in out, out
+    assert re.search(r"alice .*<-> carol .*: a direct UDP path opened, both ways", out), out
+    assert re.search(r"alice .*<-> bob .*: no direct path", out), out
+    assert "192.168.1.2 > 203.0.113.80: ICMP echo request" in out, out
+    assert "203.0.113.10 > 203.0.113.80: ICMP echo request" in out, out
+    assert not {m.name for m in pn.machines.list()} & set(machines)

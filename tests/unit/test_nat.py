@@ -237,3 +237,36 @@ def test_incremental_checksums_match_a_full_recomputation(proto, sport, dport, p
     changed = rewrite(pkt, f, src=new_ip, sport=new_port)
     assert checksums_ok(changed)
     assert endpoint(changed, "src") == (str(ipaddress.IPv4Address(new_ip)), new_port)
+
+
+# --- NAT-PMP -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["easy", "hard"])
+def test_a_port_asked_for_is_open_to_anyone_until_its_lifetime_ends(name):
+    n = nat(name, pmp=True)
+    assert back(n, 7000) is None
+    ext, life = n.request(UDP, ip(A), 7000, 7000, 60, now=0.0)
+    assert (ext, life) == (7000, 60.0)
+    assert back(n, 7000, src=S2, sport=1234, now=10.0) == (A, 7000)  # anyone, any port
+    # The port's own traffic leaves through it, even behind an APDM NAT.
+    assert out(n, sport=7000, dst=S2, dport=9, now=20.0) == (WAN, 7000)
+    # Idle for longer than the timeout means nothing: the lifetime does.
+    assert back(n, 7000, now=59.0) == (A, 7000)
+    assert back(n, 7000, now=61.5) is None
+    # A taken port gets another; lifetime 0 removes the mapping.
+    n.request(UDP, ip(A), 7000, 7000, 60, now=100.0)
+    other, _ = n.request(UDP, ip(B), 7000, 7000, 60, now=100.0)
+    assert other != 7000
+    assert n.request(UDP, ip(B), 7000, other, 0, now=101.0) == (0, 0.0)
+    assert back(n, other, now=102.0) is None
+    # Internal port 0 and lifetime 0: every mapping this host asked for.
+    n.request(UDP, ip(A), 0, 0, 0, now=103.0)
+    assert back(n, 7000, now=104.0) is None
+
+
+def test_an_existing_mapping_is_the_one_kept_open():
+    n = nat("easy", pmp=True)
+    assert out(n, sport=5000) == (WAN, 5000)
+    assert n.request(UDP, ip(A), 5000, 9999, 30, now=1.0) == (5000, 30.0)
+    assert back(n, 5000, src=S2, sport=1, now=2.0) == (A, 5000)

@@ -280,3 +280,90 @@ def test_forwarding_decrements_ttl_and_keeps_the_checksum():
     last = pkt[:8] + b"\x01" + pkt[9:]
     assert forwarded(last) is None
     assert forwarded(b"\x45" * 10) is None
+
+
+def test_a_routed_network_is_reachable_from_the_internet_untranslated(lab):
+    """--nat none: the router forwards without translating, and the internet's core
+    routes the network's subnet to it, so a public host reaches an inside one."""
+    nets, host = lab
+    net = run(nets.create("dmz", "10.200.0.0/24", nat="none"))
+    inet = nets.get("internet")
+    a = host("a", "10.200.0.2", "10.200.0.1")
+    a.attach(net.path)
+    pub = host("pub", "203.0.113.50", "203.0.113.1")
+    pub.attach(inet.path)
+    a.udp("203.0.113.50", 9000, b"from inside")
+    assert pub.recv_udp() == ("10.200.0.2", 5000, 9000, b"from inside")
+    pub.udp("10.200.0.2", 5000, b"from outside", sport=9000)  # (via the core, .1)
+    assert a.recv_udp() == ("203.0.113.50", 9000, 5000, b"from outside")
+    with pytest.raises(ConfigError, match="overlaps"):  # routed subnets must be unique
+        run(nets.create("dmz2", "10.200.0.0/24", nat="none"))
+
+
+def test_a_carrier_grade_nat_chain(lab):
+    """home (easy) behind carrier (hard) behind the internet: STUN sees the carrier's
+    address, from a port the carrier chose."""
+    nets, host = lab
+    carrier = run(nets.create("carrier", "100.64.0.0/24", nat="hard", wan_ip="203.0.113.20"))
+    home = run(nets.create("home", "192.168.1.0/24", nat="easy", upstream="carrier"))
+    assert home.router.upstream == "carrier" and home.router.wan_ip == "100.64.0.2"
+    assert home.router.wan_gateway == "100.64.0.1"
+    a = host("a", "192.168.1.2", "192.168.1.1")
+    a.attach(home.path)
+    a.udp("203.0.113.1", 3478, stun_request(), sport=5001)
+    got = a.recv_udp()
+    assert got is not None and mapped(got[3])[0] == "203.0.113.20"
+    with pytest.raises(NetworkInUse):
+        run(nets.remove("carrier"))
+    with pytest.raises(ConfigError, match="leads nowhere"):
+        run(nets.create("x", "10.1.2.0/24"))
+        run(nets.create("y", "192.168.9.0/24", nat="easy", upstream="x"))
+    assert carrier.gateway == "100.64.0.1"
+
+
+def test_gc_removes_a_router_port_left_behind_and_networks_behind_others_first(lab):
+    from pinnace.client import AsyncPinnace
+
+    nets, _ = lab
+    pn = AsyncPinnace(nets.store.home)
+    run(nets.create("carrier", "100.64.0.0/24", nat="hard", ephemeral=True))
+    run(nets.create("home", "192.168.1.0/24", nat="easy", upstream="carrier",
+                    ephemeral=True))
+    assert nets.depth("home") == 2 and nets.depth("carrier") == 1 and nets.depth("internet") == 0
+    removed = run(pn.release())  # (what a test session does at its end)
+    assert [r.what.split()[0] for r in removed] == ["home", "carrier"]
+    inet = nets.get("internet")
+    stray = inet.path / "ports" / "gone.wan.json"
+    stray.write_text((inet.path / "ports" / "core.json").read_text())
+    assert nets.stale_ports() == [("internet", "gone.wan")]
+    assert "removed port gone.wan on network internet (its router is gone)" in [
+        str(r) for r in run(pn.gc())]
+    assert nets.stale_ports() == [] and not stray.exists()
+
+
+def test_nat_pmp_gives_the_outside_address_and_opens_a_port(lab):
+    nets, host = lab
+    home = run(nets.create("home", "192.168.1.0/24", nat="hard",
+                           nat_options={"pmp": True}))
+    inet = nets.get("internet")
+    a = host("a", "192.168.1.2", "192.168.1.1")
+    a.attach(home.path)
+    pub = host("pub", "203.0.113.50", "203.0.113.1")
+    pub.attach(inet.path)
+    a.udp("192.168.1.1", 5351, b"\x00\x00", sport=5350)
+    _, sport, _, body = a.recv_udp()
+    version, op, result, _epoch, addr = struct.unpack("!BBHII", body)
+    assert (sport, version, op, result) == (5351, 0, 128, 0)
+    assert addr == ip(home.router.wan_ip)
+    a.udp("192.168.1.1", 5351, struct.pack("!BBHHHI", 0, 1, 0, 7000, 7000, 3600), sport=5350)
+    _, _, _, body = a.recv_udp()
+    _, op, result, _, int_port, ext_port, life = struct.unpack("!BBHIHHI", body)
+    assert (op, result, int_port, life) == (129, 0, 7000, 3600)
+    pub.udp(home.router.wan_ip, ext_port, b"unsolicited, but asked for", sport=4444)
+    assert a.recv_udp() == ("203.0.113.50", 4444, 7000, b"unsolicited, but asked for")
+    # Without --nat-pmp, the router does not answer.
+    run(nets.create("plain", "192.168.1.0/24", nat="easy"))
+    b = host("b", "192.168.1.2", "192.168.1.1")
+    b.attach(nets.get("plain").path)
+    b.udp("192.168.1.1", 5351, b"\x00\x00", sport=5350)
+    assert b.recv_udp(0.5) is None

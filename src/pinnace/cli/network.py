@@ -1,5 +1,5 @@
-"""Network verbs: create, set, partition, heal, capture, ls, inspect, rm, connect,
-disconnect."""
+"""Network verbs: create, set, partition, heal, capture, netcheck, punch, ls, inspect,
+rm, connect, disconnect."""
 
 from __future__ import annotations
 
@@ -69,11 +69,13 @@ def given(options: dict[str, Any]) -> dict[str, Any]:
 @click.option("--nat-timeout", metavar="TIME", help="Forget a mapping idle this long (30s, 5m).")
 @click.option("--nat-port-preserve/--no-nat-port-preserve", default=None,
               help="Keep a flow's inside port outside when it is free.")
+@click.option("--nat-pmp", is_flag=True, default=None,
+              help="Answer NAT-PMP (RFC 6886) port mapping requests on the router's .1.")
 @click.pass_context
 def create(ctx: click.Context, /, name: str, subnet: str | None, seed: int | None,
            nat: str | None, wan_ip: str | None, upstream: str, nat_mapping: str | None,
            nat_filtering: str | None, nat_hairpin: bool | None, nat_timeout: str | None,
-           nat_port_preserve: bool | None, **options: Any) -> None:
+           nat_port_preserve: bool | None, nat_pmp: bool | None, **options: Any) -> None:
     """Create network NAME; machines join it with --network NAME[:IP].
 
     Impairments act on every frame the network delivers to a machine, so a round
@@ -94,7 +96,8 @@ def create(ctx: click.Context, /, name: str, subnet: str | None, seed: int | Non
 
     async def go(pn: AsyncPinnace) -> None:
         fields = nat_options(mapping=nat_mapping, filtering=nat_filtering, hairpin=nat_hairpin,
-                             timeout=nat_timeout, port_preserve=nat_port_preserve)
+                             timeout=nat_timeout, port_preserve=nat_port_preserve,
+                             pmp=nat_pmp)
         net = await pn.networks.create(name, subnet, impair=given(options), seed=seed,
                                        nat=nat, nat_options=fields, wan_ip=wan_ip,
                                        upstream=upstream)
@@ -235,6 +238,57 @@ def heal(ctx: click.Context, name: str) -> None:
 
     async def go(pn: AsyncPinnace) -> None:
         await pn.networks.heal(name)
+
+    call(ctx, go)
+
+
+@network.command()
+@click.argument("machine")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@click.pass_context
+def netcheck(ctx: click.Context, machine: str, fmt: str) -> None:
+    """Classify the NAT MACHINE sits behind, from inside it: RFC 5780's tests against
+    the internet's STUN server (mapping, filtering, port preservation, hairpinning).
+
+    \b
+    Example:
+      pinnace network netcheck alice
+    """
+
+    async def go(pn: AsyncPinnace) -> None:
+        check = await pn.networks.netcheck(await pn.machines.get(machine))
+        if fmt == "json":
+            click.echo(json.dumps(check.to_dict(), indent=2))
+        else:
+            click.echo("\n".join(check.describe()))
+
+    call(ctx, go)
+
+
+@network.command()
+@click.argument("a")
+@click.argument("b")
+@click.option("--port", type=click.IntRange(1, 65535), default=4000, show_default=True,
+              help="The UDP port each side punches from.")
+@click.option("--duration", type=click.FloatRange(0, 600, min_open=True), default=6.0,
+              show_default=True, metavar="SECONDS", help="How long both sides send.")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@click.pass_context
+def punch(ctx: click.Context, a: str, b: str, port: int, duration: float, fmt: str) -> None:
+    """Try UDP hole punching between machines A and B, as peer-to-peer software does:
+    each learns its public address from STUN and both send to the other's at once.
+    Says whether a direct path opened (the exit code is 0 either way).
+
+    \b
+    Example:
+      pinnace network punch alice bob
+    """
+
+    async def go(pn: AsyncPinnace) -> None:
+        result = await pn.networks.punch(await pn.machines.get(a), await pn.machines.get(b),
+                                         port=port, duration=duration)
+        click.echo(json.dumps(result.to_dict(), indent=2) if fmt == "json"
+                   else result.describe())
 
     call(ctx, go)
 

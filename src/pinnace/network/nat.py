@@ -43,6 +43,7 @@ class NatConfig:
     hairpin: bool = True
     timeout: float = DEFAULT_TIMEOUT
     one2one: bool = False  # one inside host owns the external address, every port of it
+    pmp: bool = False  # the router answers NAT-PMP (RFC 6886) requests for port mappings
 
     def check(self) -> NatConfig:
         if self.mapping not in MAPPINGS:
@@ -80,7 +81,7 @@ _TIMEOUT_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600}
 
 def options(*, mapping: str | None = None, filtering: str | None = None,
             hairpin: bool | None = None, timeout: str | float | None = None,
-            port_preserve: bool | None = None) -> dict[str, object]:
+            port_preserve: bool | None = None, pmp: bool | None = None) -> dict[str, object]:
     """NatConfig fields from a user's words (those left None are not set): mapping and
     filtering as RFC 4787 names them ("endpoint-independent", "address-dependent",
     "address-and-port-dependent") or short (eim/adm/apdm, eif/adf/apdf); a timeout in
@@ -113,6 +114,8 @@ def options(*, mapping: str | None = None, filtering: str | None = None,
         out["hairpin"] = bool(hairpin)
     if port_preserve is not None:
         out["port_preserve"] = bool(port_preserve)
+    if pmp is not None:
+        out["pmp"] = bool(pmp)
     return out
 
 
@@ -224,6 +227,7 @@ class _Mapping:
     ext_port: int
     last: float
     contacted: set[tuple[int, int]] = field(default_factory=set)  # (remote ip, port)
+    until: float = 0.0  # asked for (NAT-PMP): open to anyone, kept until then
 
 
 class Nat:
@@ -261,7 +265,8 @@ class Nat:
         if now < self._next_expiry:
             return 0
         self._next_expiry = now + 1.0
-        old = [k for k, m in self._by_key.items() if now - m.last > self.config.timeout]
+        old = [k for k, m in self._by_key.items()
+               if (now > m.until if m.until else now - m.last > self.config.timeout)]
         for k in old:
             m = self._by_key.pop(k)
             self._by_ext.pop((m.proto, m.ext_port), None)
@@ -269,8 +274,8 @@ class Nat:
 
     def _mapping_for(self, f: Flow, now: float) -> _Mapping | None:
         key = self._key(f)
-        m = self._by_key.get(key)
-        if m is not None:
+        m = self._by_key.get(key) or self._by_key.get((f.proto, f.src, f.sport, -1))
+        if m is not None:  # (a port asked for: its traffic goes out through it, RFC 6886)
             return m
         ext = self._pick_port(f)
         if ext is None:
@@ -350,7 +355,43 @@ class Nat:
         m.last = now
         return ("lan", rewrite(pkt, f, dst=m.int_ip, dport=m.int_port))
 
+    def request(self, proto: int, int_ip: int, int_port: int, ext_port: int,
+                lifetime: float, now: float) -> tuple[int, float] | None:
+        """A mapping asked for (NAT-PMP's MAP request, RFC 6886 3.3): inside
+        (``int_ip``, ``int_port``) reachable from anyone at an outside port (``ext_port``
+        if free, else another) for ``lifetime`` seconds; (outside port, lifetime), or
+        None if the table has no room. A lifetime of 0 removes the mapping."""
+        self.expire(now)
+        if int_port == 0 and lifetime <= 0:  # every mapping this host asked for goes
+            for k in [k for k in self._by_key if k[:2] == (proto, int_ip) and k[-1] == -1]:
+                self._by_ext.pop((proto, self._by_key.pop(k).ext_port), None)
+            return (0, 0.0)
+        key = (proto, int_ip, int_port, -1)
+        m = self._by_key.get(key)
+        if m is None and self.config.mapping == "eim":  # the port's own mapping, kept open
+            m = self._by_key.pop((proto, int_ip, int_port), None)
+            if m is not None:
+                self._by_key[key] = m
+        if lifetime <= 0:
+            if m is not None:
+                del self._by_key[key]
+                self._by_ext.pop((proto, m.ext_port), None)
+            return (0, 0.0)
+        lifetime = min(lifetime, 86400.0)
+        if m is None:
+            ext = ext_port if 0 < ext_port and (proto, ext_port) not in self._by_ext else None
+            ext = ext or self._pick_port(Flow(proto, int_ip, 0, int_port, 0, 0))
+            if ext is None:
+                return None
+            m = _Mapping(proto, int_ip, int_port, ext, now)
+            self._by_key[key] = m
+            self._by_ext[(proto, ext)] = m
+        m.last, m.until = now, now + lifetime
+        return (m.ext_port, lifetime)
+
     def _allowed(self, m: _Mapping, f: Flow) -> bool:
+        if m.until:
+            return True  # asked for: open to anyone while it lasts
         filtering = self.config.filtering
         if f.proto == ICMP:  # an echo reply answers a request sent to that address
             return any(ip == f.src for ip, _ in m.contacted)

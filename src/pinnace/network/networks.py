@@ -12,6 +12,7 @@ import asyncio
 import builtins
 import contextlib
 import ipaddress
+import json
 import os
 import secrets
 import time
@@ -23,6 +24,7 @@ from typing import Any
 from ..errors import (
     AlreadyExistsError,
     ConfigError,
+    MachineError,
     NetworkInUse,
     NotFoundError,
     PinnaceError,
@@ -41,7 +43,7 @@ from ..store import (
     write_json,
 )
 from .impair import Impairment, Lab, describe
-from .router import RouterSpec, mac_for
+from .router import RouterSpec, mac_for, out_path
 
 # The simulated internet: one network, made when first needed, never the host's own.
 # Its .1 is its gateway and services (DNS, STUN, echo), .2 STUN's other address; .1-.9
@@ -96,6 +98,119 @@ class Network:
                 "internet": self.internet}
 
 
+STUN = str(ipaddress.IPv4Network(INTERNET_SUBNET).network_address + 1)  # and DNS, echo
+_PROBE = "/tmp/pinnace-natprobe.py"
+
+
+async def _probe(machine: Any, *args: str, timeout: float = 120.0) -> dict[str, Any]:
+    """Run :mod:`.natprobe` (copied in) in ``machine``; its JSON object (from the guest:
+    size-capped, and its fields are checked by whoever reads them)."""
+    from . import natprobe
+
+    await machine.files.put(natprobe.__file__, _PROBE)
+    r = await machine.exec(["python3", _PROBE, *args], timeout=timeout)
+    try:
+        data = json.loads(r.stdout[:65536].decode("utf-8", "replace"))
+        if not isinstance(data, dict):
+            raise ValueError("not an object")
+    except ValueError:
+        tail = r.stderr[-2000:].decode("utf-8", "replace").strip().splitlines()[-1:]
+        raise MachineError(machine.name, f"the NAT probe gave no result "
+                           f"({(tail or ['no output'])[0][:200]!r}); is python3 in its "
+                           "image?") from None
+    if data.get("error"):
+        raise MachineError(machine.name, f"the NAT probe failed: {str(data['error'])[:200]}")
+    return data
+
+
+def _endpoint(machine: str, text: object) -> str:
+    """An "address:port" the guest reported, checked."""
+    try:
+        host, _, port = str(text).rpartition(":")
+        ipaddress.IPv4Address(host)
+        if not 0 < int(port) < 65536:
+            raise ValueError
+    except ValueError:
+        raise MachineError(machine, f"the NAT probe reported {str(text)[:64]!r}, not an "
+                           "address and port") from None
+    return f"{host}:{int(port)}"
+
+
+@dataclass(frozen=True)
+class Punch:
+    """What a hole punch between two machines did: each one's public address, and
+    whether each heard the other."""
+
+    a: str
+    b: str
+    a_public: str
+    b_public: str
+    a_heard: bool
+    b_heard: bool
+
+    @property
+    def ok(self) -> bool:
+        """A direct path, both ways."""
+        return self.a_heard and self.b_heard
+
+    def describe(self) -> str:
+        ends = f"{self.a} ({self.a_public}) <-> {self.b} ({self.b_public})"
+        if self.ok:
+            return f"{ends}: a direct UDP path opened, both ways"
+        if self.a_heard or self.b_heard:
+            heard, deaf = (self.a, self.b) if self.a_heard else (self.b, self.a)
+            return f"{ends}: one way only: {heard} heard {deaf}, not the other way"
+        return f"{ends}: no direct path (neither heard the other)"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "ok": self.ok}
+
+
+_BEHAVIOURS = {"eim": "endpoint-independent", "adm": "address-dependent",
+               "apdm": "address-and-port-dependent", "eif": "endpoint-independent",
+               "adf": "address-dependent", "apdf": "address-and-port-dependent"}
+
+
+@dataclass(frozen=True)
+class NetCheck:
+    """The NAT a machine sits behind, as seen from inside (RFC 5780): its public
+    address and port for a local one, the mapping and filtering behaviours (eim/adm/
+    apdm, eif/adf/apdf; None if a test could not tell), port preservation, hairpinning."""
+
+    machine: str
+    local: str
+    mapped: str
+    nat: bool
+    mapping: str | None
+    filtering: str | None
+    preserves_port: bool
+    hairpin: bool
+
+    @classmethod
+    def from_probe(cls, machine: str, data: dict[str, Any]) -> NetCheck:
+        """Read natprobe's classification (from the guest: nothing in it is trusted)."""
+        words = [data.get(k) for k in ("mapping", "filtering")]
+        if any(w is not None and w not in _BEHAVIOURS for w in words):
+            raise MachineError(machine, f"the NAT probe reported {words!r}, not behaviours")
+        return cls(machine, _endpoint(machine, data.get("local")),
+                   _endpoint(machine, data.get("mapped")), data.get("nat") is True,
+                   words[0], words[1], data.get("preserves_port") is True,
+                   data.get("hairpin") is True)
+
+    def describe(self) -> list[str]:
+        """Lines for people."""
+        if not self.nat:
+            return [f"{self.machine}: no NAT: {self.local} is what the internet sees"]
+        return [f"{self.machine}: behind a NAT: {self.local} is {self.mapped} outside",
+                f"  mapping:        {_BEHAVIOURS.get(self.mapping or '', 'unknown')}",
+                f"  filtering:      {_BEHAVIOURS.get(self.filtering or '', 'unknown')}",
+                f"  port preserved: {'yes' if self.preserves_port else 'no'}",
+                f"  hairpinning:    {'yes' if self.hairpin else 'no'}"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
 # The subnet of every machine's NAT NIC (QEMU's user-mode network).
 NAT_SUBNET = ipaddress.IPv4Network("10.0.2.0/24")
 
@@ -147,6 +262,16 @@ def _seed(seed: object) -> int | None:
 
 def port_id(machine: str, nic: int) -> str:
     return f"{machine}.n{nic}"
+
+
+def host_port(files: NetworkFiles, nic: str, label: str, mac: bytes, ip: str,
+              routes: tuple[str, ...] = ()) -> Any:
+    """The port of a simulated host's NIC ("lan", "wan", "core") of network ``files``."""
+    from .switch import PortSpec
+
+    sock = str(files.host_sock(nic))
+    return PortSpec(peer=str(files.host_peer(nic)), qemu=sock, machine=label, mac=mac.hex(":"),
+                    sender=out_path(sock), ip=ip, routes=routes)
 
 
 def wan_port(network: str) -> str:
@@ -311,13 +436,11 @@ class AsyncNetworks:
                     raise store_error(exc, "making the network") from None
                 first = str(net.network_address + 1)
                 if router is not None:  # the router's inside port, on this network
-                    switch.write_port(stage, "router", switch.PortSpec(
-                        peer=str(files.host_peer("lan")), qemu=str(files.host_sock("lan")),
-                        machine="router", mac=mac_for(name, "lan").hex(":"), ip=first))
+                    switch.write_port(stage, "router", host_port(files, "lan", "router",
+                                                                 mac_for(name, "lan"), first))
                 if internet:
-                    switch.write_port(stage, "core", switch.PortSpec(
-                        peer=str(files.host_peer("core")), qemu=str(files.host_sock("core")),
-                        machine=INTERNET, mac=mac_for(INTERNET, "core").hex(":"), ip=first))
+                    switch.write_port(stage, "core", host_port(
+                        files, "core", INTERNET, mac_for(INTERNET, "core"), first))
                 try:
                     store.put_in_place(stage, files.dir, "the network")
                 except FileExistsError:
@@ -335,11 +458,47 @@ class AsyncNetworks:
         files = self.files(name)
         up = self.files(router.upstream)
         routes = () if router.nat.translate else (self.get(name).subnet,)
-        switch.write_port(up.dir, wan_port(name), switch.PortSpec(
-            peer=str(files.host_peer("wan")), qemu=str(files.host_sock("wan")), machine=name,
-            mac=mac_for(name, "wan").hex(":"), ip=router.wan_ip, routes=routes))
+        switch.write_port(up.dir, wan_port(name), host_port(
+            files, "wan", name, mac_for(name, "wan"), router.wan_ip, routes))
         if not switch.notify(up.dir):
             switch.ensure_running(up.dir)
+
+    def depth(self, name: str) -> int:
+        """How many routers lie between network ``name`` and the internet (0 for a
+        network without one): networks behind others are removed first."""
+        seen: builtins.list[str] = []
+        while name not in seen and len(seen) < 16:
+            seen.append(name)
+            try:
+                router = self.get(name).router
+            except PinnaceError:
+                break
+            if router is None:
+                break
+            name = router.upstream
+        return len(seen) - 1
+
+    def stale_ports(self) -> builtins.list[tuple[str, str]]:
+        """(network, port id) of router ports on a network whose router is gone (its
+        network removed by hand, say): gc removes them."""
+        out = []
+        for net in self.list():
+            for entry in sorted(net.path.joinpath("ports").glob("*.wan.json")):
+                owner = entry.name.removesuffix(".wan.json")
+                try:
+                    router = self.get(owner).router
+                except PinnaceError:
+                    router = None
+                if router is None or router.upstream != net.name:
+                    out.append((net.name, wan_port(owner)))
+        return out
+
+    def remove_port(self, name: str, port: str) -> None:
+        """Unplug port ``port`` from network ``name``'s switch."""
+        from . import switch
+
+        switch.remove_port(self.files(name).dir, port)
+        switch.notify(self.files(name).dir)
 
     def routers(self, upstream: str) -> dict[str, str]:
         """Network -> its router's outside address, for the networks behind a router on
@@ -524,6 +683,31 @@ class AsyncNetworks:
     async def heal(self, name: str) -> Network:
         """End the network's partition."""
         return await self._change_lab(name, lambda meta: meta.pop("partition", None))
+
+    async def netcheck(self, machine: Any, *, timeout: float = 120.0) -> NetCheck:
+        """What lies between ``machine`` (an AsyncMachine on some network) and the
+        internet: RFC 5780's behaviour discovery against the internet's STUN server, run
+        in the machine by :mod:`.natprobe` (copied into it; it needs python3)."""
+        return NetCheck.from_probe(machine.name, await _probe(machine, "classify", STUN,
+                                                              timeout=timeout))
+
+    async def punch(self, a: Any, b: Any, *, port: int = 4000,
+                    duration: float = 6.0) -> Punch:
+        """Try UDP hole punching between machines ``a`` and ``b`` (AsyncMachines, each
+        behind a NAT or on the internet), as peer-to-peer software does: each learns its
+        public address for ``port`` from STUN, is told the other's, and both send to
+        each other at once for ``duration`` seconds."""
+        if not 1 <= port <= 65535 or not 0 < duration <= 600:
+            raise ConfigError("hole punch", f"port {port}, {duration} s",
+                              "give a port 1-65535 and 0-600 seconds")
+        mine = [await _probe(m, "mapped", STUN, "--local-port", str(port)) for m in (a, b)]
+        public = [_endpoint(m.name, r.get("mapped")) for m, r in zip((a, b), mine, strict=True)]
+        got = await asyncio.gather(*(
+            _probe(m, "punch", "--local-port", str(port), "--peer", peer, "--duration",
+                   str(duration), timeout=duration + 60)
+            for m, peer in ((a, public[1]), (b, public[0]))))
+        return Punch(a.name, b.name, public[0], public[1], got[0].get("ok") is True,
+                     got[1].get("ok") is True)
 
     def keep(self, name: str) -> None:
         """Make a network made ``ephemeral`` an ordinary one, which ``gc`` leaves alone."""

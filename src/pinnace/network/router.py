@@ -36,12 +36,13 @@ import socket
 import stat
 import struct
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .nat import ICMP, Nat, NatConfig
-from .services import Services, icmp_echo_reply
+from .nat import ICMP, TCP, UDP, Nat, NatConfig, parse
+from .services import Services, icmp_echo_reply, udp_packet
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,8 @@ _NEIGHBOURS_MAX = 4096
 _BATCH = 64
 _MAX_FRAME = 65550
 _SNDBUF = 1 << 20
+_BACKLOG_BYTES = 4 << 20
+NAT_PMP_PORT = 5351
 
 
 def mac_for(*parts: str) -> bytes:
@@ -73,9 +76,21 @@ def _ip(text: str) -> int:
 # --- one interface -------------------------------------------------------------------
 
 
+Watch = Callable[[socket.socket, Callable[[float], None] | None], None]
+
+
+def out_path(path: str) -> str:
+    """Where a simulated host's NIC bound at ``path`` sends from (its port's sender)."""
+    return path + ".out"
+
+
 class Nic:
     """One interface of a simulated host on a switch: a datagram socket bound at
-    ``path`` that takes the switch's frames, sending its own to ``peer``.
+    ``path`` that takes the switch's frames, and one bound at :func:`out_path` and
+    connected to ``peer`` (the switch's end) that sends its own. Connected, it learns
+    when the switch's queue is full (a unix datagram queue holds a handful of frames)
+    and keeps frames, up to 4 MiB, until there is room: ``watch(sock, handler)`` asks
+    the loop to call ``handler`` when ``sock`` can send (None: no longer).
 
     :meth:`receive` handles ARP itself and returns the IPv4 packets sent to this MAC;
     :meth:`send` frames a packet for its next hop (on the subnet, else ``gateway``),
@@ -83,7 +98,7 @@ class Nic:
 
     def __init__(self, path: str, peer: str, mac: bytes, ip: int,
                  net: ipaddress.IPv4Network, *, gateway: int | None = None,
-                 answers: frozenset[int] = frozenset(),
+                 answers: frozenset[int] = frozenset(), watch: Watch | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.path, self.peer, self.mac, self.ip = path, peer, mac, ip
         self.answers = answers | {ip}  # the addresses it answers ARP for
@@ -92,14 +107,26 @@ class Nic:
         self._clock = clock
         self._neighbours: dict[int, tuple[bytes, float]] = {}  # ip -> (mac, when learned)
         self._asking: dict[int, tuple[float, float, list[bytes]]] = {}  # first, last, held
-        self.rx = self.tx = self.dropped = 0
+        self.rx = self.tx = self.dropped = self.waited = 0
+        self._watch = watch
+        self._backlog: deque[bytes] = deque()
+        self._backlog_bytes = 0
+        self._retry_at = 0.0
+        self._connected = False
         self.sock = _bind(path)
+        try:
+            self.out = _bind(out_path(path))
+        except BaseException:
+            self.sock.close()
+            raise
 
     def close(self) -> None:
-        self.sock.close()
-        with contextlib.suppress(OSError):
-            if stat.S_ISSOCK(os.lstat(self.path).st_mode):
-                os.unlink(self.path)
+        self._disconnect()
+        for sock, path in ((self.sock, self.path), (self.out, out_path(self.path))):
+            sock.close()
+            with contextlib.suppress(OSError):
+                if stat.S_ISSOCK(os.lstat(path).st_mode):
+                    os.unlink(path)
 
     def on_link(self, ip: int) -> bool:
         return ip & self._mask == self._net
@@ -193,12 +220,69 @@ class Nic:
             self.dropped += len(self._asking.pop(ip)[2])
 
     def _frame(self, dst: bytes, kind: int, payload: bytes) -> None:
+        data = dst + self.mac + kind.to_bytes(2, "big") + payload
+        if self._backlog:  # (frames keep their order)
+            self._wait(data)
+            return
+        if not self._connected and not self._connect():
+            self.dropped += 1  # the switch is not there (yet)
+            return
         try:
-            self.sock.sendto(dst + self.mac + kind.to_bytes(2, "big") + payload, self.peer)
+            self.out.send(data)
+        except BlockingIOError:
+            self._wait(data)
         except OSError:
-            self.dropped += 1  # the switch is not there yet, or its queue is full
+            self._disconnect()  # the switch went (or started again): connect anew
+            self.dropped += 1
         else:
             self.tx += 1
+
+    def _connect(self) -> bool:
+        now = self._clock()
+        if now < self._retry_at:
+            return False
+        try:
+            self.out.connect(self.peer)
+        except OSError:
+            self._retry_at = now + 0.2
+            return False
+        self._connected = True
+        return True
+
+    def _disconnect(self) -> None:
+        if self._backlog and self._watch is not None:
+            self._watch(self.out, None)
+        self.dropped += len(self._backlog)
+        self._backlog.clear()
+        self._backlog_bytes = 0
+        self._connected = False  # (the next connect replaces the association)
+        self._retry_at = 0.0
+
+    def _wait(self, data: bytes) -> None:
+        if self._watch is None or self._backlog_bytes + len(data) > _BACKLOG_BYTES:
+            self.dropped += 1
+            return
+        if not self._backlog:
+            self._watch(self.out, self._flush)
+        self._backlog.append(data)
+        self._backlog_bytes += len(data)
+        self.waited += 1
+
+    def _flush(self, _now: float) -> None:
+        """Send what waits, as far as the switch's queue has room."""
+        backlog = self._backlog
+        while backlog:
+            try:
+                self.out.send(backlog[0])
+            except BlockingIOError:
+                return
+            except OSError:
+                self._disconnect()
+                return
+            self._backlog_bytes -= len(backlog.popleft())
+            self.tx += 1
+        if self._watch is not None:
+            self._watch(self.out, None)
 
 
 def _bind(path: str) -> socket.socket:
@@ -259,7 +343,7 @@ class RouterSpec:
         return {"nat": {"translate": self.nat.translate, "mapping": self.nat.mapping,
                         "filtering": self.nat.filtering, "hairpin": self.nat.hairpin,
                         "port_preserve": self.nat.port_preserve, "timeout": self.nat.timeout,
-                        "one2one": self.nat.one2one},
+                        "one2one": self.nat.one2one, "pmp": self.nat.pmp},
                 "preset": self.preset, "upstream": self.upstream, "wan_ip": self.wan_ip,
                 "wan_subnet": self.wan_subnet, "wan_gateway": self.wan_gateway}
 
@@ -271,7 +355,8 @@ class RouterSpec:
         n = data["nat"]
         fields: dict[str, Any] = {}
         for key, kind in (("translate", bool), ("hairpin", bool), ("port_preserve", bool),
-                          ("one2one", bool), ("mapping", str), ("filtering", str)):
+                          ("one2one", bool), ("pmp", bool), ("mapping", str),
+                          ("filtering", str)):
             if key in n:
                 if not isinstance(n[key], kind):
                     raise ValueError(f"router nat.{key} must be a {kind.__name__}")
@@ -310,6 +395,7 @@ class Router:
         rng = random.Random(f"{seed}:router") if seed is not None else None
         self.nat = Nat(spec.nat, lan_subnet, spec.wan_ip, rng=rng)
         self.forwarded = self.dropped = 0
+        self._started = clock()  # NAT-PMP's epoch
 
     def sockets(self) -> list[tuple[socket.socket, Callable[[float], None]]]:
         return [(self.lan.sock, self.from_lan), (self.wan.sock, self.from_wan)]
@@ -323,7 +409,7 @@ class Router:
             dst = int.from_bytes(pkt[16:20], "big")
             if dst == self.lan.ip or (dst == self.wan.ip and (
                     pkt[9] == ICMP or not self.spec.nat.translate)):
-                self._answer(self.lan, pkt)  # a ping to the router (not hairpinned)
+                self._answer(self.lan, pkt, now)  # a ping (or NAT-PMP) to the router
                 continue
             fwd = forwarded(pkt)
             out = self.nat.outbound(fwd, now) if fwd is not None else None
@@ -342,18 +428,50 @@ class Router:
                 out = self.nat.inbound(fwd, now)
             if out is None:
                 if dst in (self.wan.ip, self.lan.ip):
-                    self._answer(self.wan, pkt)  # (a ping to the router itself)
+                    self._answer(self.wan, pkt, None)  # (a ping to the router itself)
                 else:
                     self.dropped += 1
                 continue
             self.forwarded += 1
             self.lan.send(out[1])
 
-    def _answer(self, nic: Nic, pkt: bytes) -> None:
+    def _answer(self, nic: Nic, pkt: bytes, now: float | None) -> None:
+        """Answer a ping to the router; from inside (``now`` given), NAT-PMP too."""
+        reply = None
         if len(pkt) > 9 and pkt[9] == ICMP:
             reply = icmp_echo_reply(pkt)
-            if reply is not None:
-                nic.send(reply)
+        elif now is not None and self.spec.nat.pmp and self.spec.nat.translate:
+            reply = self._pmp(pkt, now)
+        if reply is not None:
+            nic.send(reply)
+
+    def _pmp(self, pkt: bytes, now: float) -> bytes | None:
+        """The answer to a NAT-PMP request (RFC 6886) on the router's port 5351: the
+        outside address (opcode 0), or a UDP (1) or TCP (2) port mapping."""
+        f = parse(pkt)
+        if f is None or f.proto != UDP or f.dport != NAT_PMP_PORT:
+            return None
+        end = min(len(pkt), int.from_bytes(pkt[2:4], "big"))
+        data = pkt[f.l4 + 8:end]
+        if len(data) < 2 or data[1] >= 128:
+            return None  # (too short to answer, or a response)
+        version, op = data[0], data[1]
+        epoch = int(now - self._started) & 0xFFFFFFFF
+        body: bytes
+        if version != 0:
+            body = struct.pack("!BBHI", 0, 128 + op, 1, epoch)  # unsupported version
+        elif op == 0:
+            body = struct.pack("!BBHII", 0, 128, 0, epoch, self.wan.ip)
+        elif op in (1, 2) and len(data) >= 12:
+            int_port, ext_port, lifetime = struct.unpack_from("!HHI", data, 4)
+            got = self.nat.request(UDP if op == 1 else TCP, f.src, int_port, ext_port,
+                                   float(lifetime), now)
+            result, (ext, life) = (0, got) if got is not None else (4, (0, 0.0))
+            body = struct.pack("!BBHIHHI", 0, 128 + op, result, epoch, int_port, ext,
+                               int(life))
+        else:
+            body = struct.pack("!BBHI", 0, 128 + op, 5, epoch)  # unsupported opcode
+        return udp_packet(self.lan.ip, NAT_PMP_PORT, f.src, f.sport, body)
 
     def expire(self, now: float) -> None:
         self.nat.expire(now)
@@ -427,4 +545,4 @@ class Core:
                 "rx": self.nic.rx, "tx": self.nic.tx, "names": len(self.names)}
 
 
-__all__ = ["Core", "Nic", "Router", "RouterSpec", "forwarded", "mac_for"]
+__all__ = ["Core", "Nic", "Router", "RouterSpec", "forwarded", "mac_for", "out_path"]

@@ -727,12 +727,13 @@ class Switch:
             name = files.dir.name
             lan = Nic(str(files.host_sock("lan")), str(files.host_peer("lan")),
                       mac_for(name, "lan"), int(net.network_address) + 1, net,
-                      clock=self._clock)
+                      clock=self._clock, watch=self._watch)
             try:
                 wan = Nic(str(files.host_sock("wan")), str(files.host_peer("wan")),
                           mac_for(name, "wan"), int(ipaddress.IPv4Address(rspec.wan_ip)),
-                          wan_net, clock=self._clock, gateway=int(ipaddress.IPv4Address(
-                              rspec.wan_gateway)) if rspec.wan_gateway else None)
+                          wan_net, clock=self._clock, watch=self._watch,
+                          gateway=int(ipaddress.IPv4Address(rspec.wan_gateway))
+                          if rspec.wan_gateway else None)
             except BaseException:
                 lan.close()
                 raise
@@ -741,8 +742,16 @@ class Switch:
         net = ipaddress.IPv4Network(str(spec))
         first = int(net.network_address) + 1
         return Core(Nic(str(files.host_sock("core")), str(files.host_peer("core")),
-                        mac_for("internet", "core"), first, net,
+                        mac_for("internet", "core"), first, net, watch=self._watch,
                         answers=frozenset({first + 1}), clock=self._clock), first + 1)
+
+    def _watch(self, sock: socket.socket, handler: Callable[[float], None] | None) -> None:
+        """Call ``handler`` when ``sock`` (a simulated host's) can send; None: stop."""
+        if handler is None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(sock)
+        else:
+            self._selector.register(sock, selectors.EVENT_WRITE, handler)
 
     def _stop_host(self, key: str) -> None:
         host = self._hosts.pop(key)
