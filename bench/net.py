@@ -264,6 +264,11 @@ def main() -> None:
             b.start()
             c.start()
             b.start_process(["python3", "-c", SERVER, "7001"])
+            execs = []
+            for _ in range(10):  # the yardstick: a command on a running machine
+                t = time.perf_counter()
+                a.exec(["true"]).check()
+                execs.append((time.perf_counter() - t) * 1000)
             before = retransmitted(a)
             r = a.exec(["python3", "-c", CLIENT, "10.99.77.9", "7001", str(args.mb),
                         str(args.rounds)], timeout=600).check()
@@ -298,6 +303,8 @@ def main() -> None:
     routed_pps = nat_pps(args.frames // 2)
     print(f"\nnetworks, {os.cpu_count()} CPUs, TCG guests, {args.mb} MiB, {args.rounds} round trips")
     print(f"{'measure':52} {'value':>12}")
+    print(f"{'yardstick: exec of true on a running machine, p50':52} "
+          f"{statistics.median(execs):9.2f} ms")
     for label, res, again in (("guest -> guest (one network)", guest, retrans),
                               ("guest -> guest (through an easy NAT)", natted, nat_retrans),
                               ("host -> guest (port forward)", host, None)):

@@ -113,9 +113,9 @@ class Nic:
         self._backlog_bytes = 0
         self._retry_at = 0.0
         self._connected = False
-        self.sock = _bind(path)
+        self.sock = bind_dgram(path)[0]
         try:
-            self.out = _bind(out_path(path))
+            self.out = bind_dgram(out_path(path))[0]
         except BaseException:
             self.sock.close()
             raise
@@ -285,9 +285,12 @@ class Nic:
             self._watch(self.out, None)
 
 
-def _bind(path: str) -> socket.socket:
-    """A non-blocking datagram socket at ``path`` (a stale socket there is replaced;
-    anything else is left alone: ValueError)."""
+def bind_dgram(path: str, *, sndbuf: int = _SNDBUF) -> tuple[socket.socket, tuple[int, int]]:
+    """A non-blocking datagram socket bound at ``path``, and the (device, inode) of its
+    file (which tells our socket file from one put at the same path later).
+
+    A stale socket at ``path`` is replaced; anything else there (a symlink, a file) is
+    left alone: ValueError. bind() itself never follows a symlink."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -295,16 +298,17 @@ def _bind(path: str) -> socket.socket:
     else:
         if not stat.S_ISSOCK(st.st_mode):
             raise ValueError(f"{path} exists and is not a socket; leaving it alone")
-        os.unlink(path)
+        os.unlink(path)  # left behind by a process that died
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     try:
         sock.setblocking(False)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SNDBUF)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
         sock.bind(path)
+        st = os.lstat(path)
     except BaseException:
         sock.close()
         raise
-    return sock
+    return sock, (st.st_dev, st.st_ino)
 
 
 def forwarded(pkt: bytes) -> bytes | None:
@@ -545,4 +549,5 @@ class Core:
                 "rx": self.nic.rx, "tx": self.nic.tx, "names": len(self.names)}
 
 
-__all__ = ["Core", "Nic", "Router", "RouterSpec", "forwarded", "mac_for", "out_path"]
+__all__ = ["Core", "Nic", "Router", "RouterSpec", "bind_dgram", "forwarded", "mac_for",
+           "out_path"]

@@ -20,14 +20,20 @@ directory's mtime in case a signal is lost. One directory per network::
     DIR/switch.log             stderr of supervisor and switch: one line per event
     DIR/switch.lock            held while the supervisor is started or stopped
     DIR/switch.stats.json      per-port counters, written on SIGUSR1
+    DIR/hosts/                 sockets of the simulated hosts the switch runs (below)
 
 It is also the network lab's data path: every frame it delivers to a machine passes
 that machine's link impairment (delay, loss, rate: :mod:`.impair`) and the network's
 partition, both read from ``network.json`` at every rescan. A network with neither
 takes the plain path, as before.
 
+It also runs the network's simulated hosts (:mod:`.router`), when ``network.json``
+has them: a router to an upstream network, or on the internet its core. They are
+ports like any other, through their own port files, so nothing above changes for them.
+
 The switch process imports nothing beyond the standard library, pinnace's error
-tree, its store module and :mod:`.impair`, so a restart takes a few tens of milliseconds. :func:`ensure_running`,
+tree, its store module and the lab's modules (:mod:`.impair`, :mod:`.router`,
+:mod:`.nat`, :mod:`.services`), so a restart takes a few tens of milliseconds. :func:`ensure_running`,
 :func:`notify`, :func:`stop` and :func:`running` are what the rest of pinnace calls.
 """
 
@@ -68,7 +74,7 @@ from ..store import (
     write_atomic,
 )
 from .impair import Lab, Link
-from .router import Core, Nic, Router, RouterSpec, mac_for
+from .router import Core, Nic, Router, RouterSpec, bind_dgram, mac_for
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +256,7 @@ class _Port:
     def __init__(self, port_id: str, spec: PortSpec) -> None:
         self.id = port_id
         self.spec = spec
-        self.sock, self.node = _bind(spec.peer)
+        self.sock, self.node = bind_dgram(spec.peer, sndbuf=_SNDBUF)
         self.rx = self.tx = self.rx_dropped = self.tx_dropped = self.partitioned = 0
         self.waited = 0  # frames that had to wait in the backlog
         self.errors: set[int] = set()  # send errnos logged already
@@ -274,33 +280,6 @@ class _Port:
         except OSError:
             return False
         return (st.st_dev, st.st_ino) == self.node
-
-
-def _bind(peer: str) -> tuple[socket.socket, tuple[int, int]]:
-    """A non-blocking datagram socket bound at ``peer``, and the (device, inode) of its file.
-
-    A stale socket at ``peer`` is replaced; anything else there (a symlink, a file) is
-    left alone: ValueError. bind() itself never follows a symlink. The inode tells our
-    socket file from one put at the same path later.
-    """
-    try:
-        st = os.lstat(peer)
-    except FileNotFoundError:
-        os.makedirs(os.path.dirname(peer), exist_ok=True)
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise ValueError(f"{peer} exists and is not a socket; leaving it alone")
-        os.unlink(peer)  # left behind by a switch that died
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    try:
-        sock.setblocking(False)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SNDBUF)
-        sock.bind(peer)
-        st = os.lstat(peer)
-    except BaseException:
-        sock.close()
-        raise
-    return sock, (st.st_dev, st.st_ino)
 
 
 class Switch:
