@@ -561,10 +561,7 @@ class AsyncMachine:
                 await self.env.backend.set_link(self.paths, i, False)
         known = bool((macs or {}).get("template"))
         requests = []
-        # The first NIC on a network with a router (or on the internet) has the default
-        # route and name servers, over the NAT NIC's.
-        routes = next(((i, r) for i, r in ((i, self._routes(n.network)) for i, n
-                                            in enumerate(cfg.nics) if n.network) if r), None)
+        routes = self._default_route(cfg)
         if cfg.net != "none":
             nat = cfg.net == "nat" and routes is None
             requests.append(self._nic_request(
@@ -585,6 +582,23 @@ class AsyncMachine:
             requests += [agent.mount("9p", B.share_tag(i), sh.path, ro=sh.ro)
                          for i, sh in enumerate(cfg.shares)]
         await asyncio.gather(*requests)
+
+    def _default_route(self, cfg: MachineConfig) -> tuple[int, dict[str, Any]] | None:
+        """Which NIC has the default route and name servers, and what they are: the
+        first on a network with a router (or on the internet), over the NAT NIC's."""
+        return next(((i, r) for i, r in ((i, self._routes(n.network)) for i, n
+                                         in enumerate(cfg.nics) if n.network) if r), None)
+
+    async def _reroute(self, agent: AgentClient, cfg: MachineConfig) -> None:
+        """After the NIC with the default route left: give it to the next one that can
+        have it, or back to the NAT NIC."""
+        routes = self._default_route(cfg)
+        if routes is not None:
+            await self._nic_request(agent, None, cfg.nics[routes[0]].mac, None, up=None,
+                                    **routes[1])
+        elif cfg.net == "nat":
+            await self._nic_request(agent, None, cfg.nat_mac, None, up=None,
+                                    gateway=NAT_GATEWAY, nameservers=[NAT_DNS])
 
     def _routes(self, network: str) -> dict[str, Any]:
         """The default route and name servers a NIC on ``network`` brings: its router's
@@ -629,6 +643,7 @@ class AsyncMachine:
             cfg = self.config
             if any(n.network == network for n in cfg.nics):
                 raise ConfigError("network", network, f"{self.name!r} is already on it")
+            self.env.networks.check_joins(network, [n.network for n in cfg.nics if n.network])
             spare = [i for i, n in enumerate(cfg.nics) if not n.network]
             if not spare and (live or cfg.snapshot):
                 raise ConfigError("network", network, f"{self.name!r} has no spare NIC (its "
@@ -643,14 +658,16 @@ class AsyncMachine:
                 nics[index] = nic
             else:
                 nics.append(nic)
-            write_json(self.paths.config, cfg.with_changes(nics=tuple(nics)).to_dict())
+            new = cfg.with_changes(nics=tuple(nics))
+            write_json(self.paths.config, new.to_dict())
             if live:
                 await asyncio.to_thread(self.env.networks.register, network, self.name,
                                         self.paths, index, mac, addr)
                 await self.env.backend.set_link(self.paths, index, True)
                 agent = await self.agent()
-                await self._nic_request(agent, None, mac, [addr], up=True,
-                                        **self._routes(network))
+                routes = self._default_route(new)  # (as a boot would give it)
+                await self._nic_request(agent, None, mac, [addr], up=True, **(
+                    routes[1] if routes is not None and routes[0] == index else {}))
             self.event("connected", network=network, address=addr)
             return addr
 
@@ -664,16 +681,19 @@ class AsyncMachine:
                 raise ConfigError("network", network, f"{self.name!r} is not on it")
             index = found[0]
             nic = cfg.nics[index]
+            nics = list(cfg.nics)
+            nics[index] = Nic(nic.mac)
             if st.state in (S.READY, S.RUNNING):
                 agent = await self.agent()
                 await self._nic_request(agent, None, nic.mac, [], up=False)
                 await self.env.backend.set_link(self.paths, index, False)
+                held = self._default_route(cfg)
+                if held is not None and held[0] == index:
+                    await self._reroute(agent, cfg.with_changes(nics=tuple(nics)))
             elif st.state not in AT_REST or self._saved_state_pending():
                 raise StateError(self.name, "disconnect", str(st.state),
                                  ["ready", "running", *[str(x) for x in AT_REST]])
             await asyncio.to_thread(self.env.networks.unregister, network, self.name, index)
-            nics = list(cfg.nics)
-            nics[index] = Nic(nic.mac)
             write_json(self.paths.config, cfg.with_changes(nics=tuple(nics)).to_dict())
             self.event("disconnected", network=network)
 

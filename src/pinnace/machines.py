@@ -121,9 +121,11 @@ class AsyncMachines:
         if net is None:
             net = "none" if networks else default_net()
         nics = []
+        joined: list[str] = []
         for spec in networks:
             netname, _, ip = str(spec).partition(":")
-            self.env.networks.get(netname)
+            self.env.networks.check_joins(netname, joined)
+            joined.append(netname)
             taken_here = (taken or {}).setdefault(netname, set())
             addr = self.env.networks.allocate(netname, ip or None, taken_here)
             taken_here.add(addr.split("/")[0])

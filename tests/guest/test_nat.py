@@ -176,3 +176,17 @@ def test_the_docs_nat_example_runs_as_written(pn, pinnace_home, tmp_path):
     assert "192.168.1.2 > 203.0.113.80: ICMP echo request" in out, out
     assert "203.0.113.10 > 203.0.113.80: ICMP echo request" in out, out
     assert not {m.name for m in pn.machines.list()} & set(machines)
+
+
+def test_connect_and_disconnect_move_the_default_route(pn, network, make_machine):
+    """A running machine plugged into a NAT'd network gets its default route and name
+    server, as a boot would give them; unplugged, the route goes with the NIC."""
+    net = network(HOME, nat="easy")
+    m = make_machine.restored(spare_nics=1)
+    assert "default via 192.168.1.1" not in m.exec(["ip", "route"]).stdout_text
+    m.connect(net)
+    assert "default via 192.168.1.1" in m.exec(["ip", "route"]).stdout_text
+    assert m.exec(["cat", "/etc/resolv.conf"]).stdout_text.strip() == f"nameserver {STUN}"
+    assert m.exec(["ping", "-c", "1", "-W", "5", STUN]).exit_code == 0
+    m.disconnect(net)
+    assert "192.168.1.1" not in m.exec(["ip", "route"]).stdout_text

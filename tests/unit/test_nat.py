@@ -246,8 +246,7 @@ def test_incremental_checksums_match_a_full_recomputation(proto, sport, dport, p
 def test_a_port_asked_for_is_open_to_anyone_until_its_lifetime_ends(name):
     n = nat(name, pmp=True)
     assert back(n, 7000) is None
-    ext, life = n.request(UDP, ip(A), 7000, 7000, 60, now=0.0)
-    assert (ext, life) == (7000, 60.0)
+    assert n.request(UDP, ip(A), 7000, 7000, 60, now=0.0) == (0, 7000, 60.0)
     assert back(n, 7000, src=S2, sport=1234, now=10.0) == (A, 7000)  # anyone, any port
     # The port's own traffic leaves through it, even behind an APDM NAT.
     assert out(n, sport=7000, dst=S2, dport=9, now=20.0) == (WAN, 7000)
@@ -256,9 +255,9 @@ def test_a_port_asked_for_is_open_to_anyone_until_its_lifetime_ends(name):
     assert back(n, 7000, now=61.5) is None
     # A taken port gets another; lifetime 0 removes the mapping.
     n.request(UDP, ip(A), 7000, 7000, 60, now=100.0)
-    other, _ = n.request(UDP, ip(B), 7000, 7000, 60, now=100.0)
+    _, other, _ = n.request(UDP, ip(B), 7000, 7000, 60, now=100.0)
     assert other != 7000
-    assert n.request(UDP, ip(B), 7000, other, 0, now=101.0) == (0, 0.0)
+    assert n.request(UDP, ip(B), 7000, other, 0, now=101.0) == (0, 0, 0.0)
     assert back(n, other, now=102.0) is None
     # Internal port 0 and lifetime 0: every mapping this host asked for.
     n.request(UDP, ip(A), 0, 0, 0, now=103.0)
@@ -268,5 +267,97 @@ def test_a_port_asked_for_is_open_to_anyone_until_its_lifetime_ends(name):
 def test_an_existing_mapping_is_the_one_kept_open():
     n = nat("easy", pmp=True)
     assert out(n, sport=5000) == (WAN, 5000)
-    assert n.request(UDP, ip(A), 5000, 9999, 30, now=1.0) == (5000, 30.0)
+    assert n.request(UDP, ip(A), 5000, 9999, 30, now=1.0) == (0, 5000, 30.0)
     assert back(n, 5000, src=S2, sport=1, now=2.0) == (A, 5000)
+
+
+def test_a_delete_leaves_a_flows_own_mapping_and_port_zero_is_refused():
+    n = nat("easy", pmp=True)
+    assert out(n, sport=5000) == (WAN, 5000)
+    assert n.request(UDP, ip(A), 5000, 0, 0, now=1.0) == (0, 0, 0.0)  # nothing asked for
+    assert back(n, 5000, now=2.0) == (A, 5000)  # the flow goes on
+    assert n.request(UDP, ip(A), 0, 0, 60, now=3.0) == (2, 0, 0.0)
+
+
+# --- what RFC 4787 and 5508 ask of the rest --------------------------------------------
+
+
+def fragments(src: str, dst: str, payload: bytes, ident: int = 0x4242, sport: int = 5000,
+              dport: int = 3478) -> list[bytes]:
+    """A UDP datagram in two IPv4 fragments (the first with the UDP header)."""
+    whole = packet(UDP, src, sport, dst, dport, payload)
+    body = whole[20:]
+    first, rest = body[:len(body) // 16 * 8], body[len(body) // 16 * 8:]
+    out = []
+    for offset, more, part in ((0, 0x2000, first), (len(first) // 8, 0, rest)):
+        hdr = struct.pack("!BBHHHBBHII", 0x45, 0, 20 + len(part), ident, more | offset, 64,
+                          UDP, 0, ip(src), ip(dst))
+        out.append(hdr[:10] + struct.pack("!H", checksum(hdr)) + hdr[12:] + part)
+    return out
+
+
+def test_later_fragments_follow_their_first_both_ways():
+    n = nat("easy")
+    one, two = fragments(A, S1, bytes(3000))
+    got1, got2 = n.outbound(one, 0.0), n.outbound(two, 0.0)
+    assert got1 is not None and got2 is not None
+    for _, frag in (got1, got2):
+        assert frag[12:16] == ipaddress.IPv4Address(WAN).packed and checksum(frag[:20]) == 0
+    # Inbound: the reply's fragments, to the mapped port, reach A.
+    reply = fragments(S1, WAN, bytes(3000), ident=7, sport=3478, dport=5000)
+    first_in, later_in = n.inbound(reply[0], 1.0), n.inbound(reply[1], 1.0)
+    assert first_in is not None and later_in is not None
+    assert first_in[1][16:20] == later_in[1][16:20] == ipaddress.IPv4Address(A).packed
+    assert checksum(later_in[1][:20]) == 0
+    # A later fragment nobody's first fragment announced is dropped.
+    assert n.inbound(fragments(S2, WAN, bytes(3000), ident=99)[1], 1.0) is None
+
+
+def icmp_error(kind: int, src: str, quoted: bytes) -> bytes:
+    body = struct.pack("!BBHI", kind, 3 if kind == 3 else 0, 0, 0) + quoted[:28]
+    body = body[:2] + struct.pack("!H", checksum(body)) + body[4:]
+    hdr = struct.pack("!BBHHHBBHII", 0x45, 0, 20 + len(body), 0, 0, 64, ICMP, 0, ip(src),
+                      ip(WAN))
+    return hdr[:10] + struct.pack("!H", checksum(hdr)) + hdr[12:] + body
+
+
+@pytest.mark.parametrize("name", ["easy", "hard"])
+def test_icmp_errors_about_a_mapping_reach_its_inside_host(name):
+    n = nat(name)
+    got = n.outbound(packet(UDP, A, 5000, S1, 3478), 0.0)
+    assert got is not None
+    sent = got[1]
+    ext = parse(sent).sport
+    err = n.inbound(icmp_error(3, S1, sent), 1.0)  # port unreachable, from S1
+    assert err is not None and err[0] == "lan"
+    pkt = err[1]
+    assert pkt[16:20] == ipaddress.IPv4Address(A).packed
+    assert checksum(pkt[:20]) == 0 and checksum(pkt[20:]) == 0  # outer IP and ICMP
+    quoted = pkt[28:]
+    assert quoted[12:16] == ipaddress.IPv4Address(A).packed and checksum(quoted[:20]) == 0
+    assert struct.unpack_from("!H", quoted, 20)[0] == 5000  # the inside port again
+    # Time exceeded from a router on the way (not a peer) about the same flow: in too.
+    assert n.inbound(icmp_error(11, "198.51.100.254", sent), 1.0) is not None
+    # About a flow to somewhere the mapping never sent: dropped.
+    other = sent[:16] + ipaddress.IPv4Address(S2).packed + sent[20:]
+    assert n.inbound(icmp_error(3, S2, other), 1.0) is None
+    assert ext
+
+
+def test_tcp_mappings_outlive_udp_ones():
+    n = nat("easy")
+    out(n, proto=TCP, sport=6000, now=0.0)
+    out(n, proto=UDP, sport=6001, now=0.0)
+    assert back(n, 6001, now=400.0) is None  # UDP: 5 minutes
+    assert back(n, 6000, proto=TCP, now=400.0) == (A, 6000)  # TCP: 2 h 4 min
+    assert back(n, 6000, proto=TCP, now=401.0 + 7440) is None
+
+
+def test_a_mapping_remembers_a_bounded_number_of_peers():
+    n = nat("restricted")
+    for i in range(3000):
+        n.outbound(packet(UDP, A, 5000, str(ipaddress.IPv4Address(ip(S1) + i)), 9), 0.0)
+    [m] = n._by_key.values()
+    assert len(m.addrs) == len(m.peers) == 1024
+    assert back(n, 5000, src=str(ipaddress.IPv4Address(ip(S1) + 2999)), now=1.0) == (A, 5000)
+    assert back(n, 5000, src=S1, now=1.0) is None  # the oldest, forgotten

@@ -41,6 +41,7 @@ class Host:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(self.qemu)
         self.neighbours: dict[int, bytes] = {}
+        self.last_ttl = -1
 
     def attach(self, netdir: Path) -> None:
         switch.write_port(netdir, f"{self.name}.n0", switch.PortSpec(
@@ -92,6 +93,7 @@ class Host:
                     self.frame(sha, 0x0806, struct.pack(
                         "!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 2, self.mac, tpa, sha, spa))
             elif kind == 0x0800 and frame[0:6] == self.mac:
+                self.last_ttl = frame[22]
                 return frame[14:]
 
     def udp(self, dst: str, dport: int, payload: bytes, sport: int = 5000) -> None:
@@ -187,6 +189,7 @@ def test_a_machine_behind_an_easy_nat_reaches_the_internet_translated(lab):
     # Back: the reply reaches the inside machine; its TTL went down by one.
     pub.udp("203.0.113.10", 5000, b"welcome", sport=9000)
     assert a.recv_udp() == ("203.0.113.50", 9000, 5000, b"welcome")
+    assert a.last_ttl == 63
     # A stranger (another address) is filtered out: address-and-port-dependent.
     other.udp("203.0.113.10", 5000, b"intruder", sport=9000)
     # ... and so is the same host from another port.
@@ -198,11 +201,28 @@ def test_a_machine_behind_an_easy_nat_reaches_the_internet_translated(lab):
     got = a.recv_udp()
     assert got is not None and mapped(got[3]) == ("203.0.113.10", 5001)
 
-    # Ping across the NAT: the echo goes out and the reply comes back.
+    # Ping across the NAT: the echo goes out and the reply comes back, translated back.
     ping(a, "203.0.113.50", ident=4242)
     seen = pub.recv_ip()
     assert seen is not None and seen[9] == 1 and seen[12:16] == ipaddress.IPv4Address(
         "203.0.113.10").packed
+    reply = seen[:12] + seen[16:20] + seen[12:16] + b"\0" + seen[21:]  # (an echo reply)
+    reply = reply[:10] + b"\0\0" + reply[12:]
+    reply = reply[:10] + checksum(reply[:20]).to_bytes(2, "big") + reply[12:20] + \
+        reply[20:22] + b"\0\0" + reply[24:]
+    reply = reply[:22] + checksum(reply[20:]).to_bytes(2, "big") + reply[24:]
+    pub.send(reply)
+    back = a.recv_ip()
+    assert back is not None and back[20] == 0 and back[16:20] == ipaddress.IPv4Address(
+        "192.168.1.2").packed and struct.unpack_from("!H", back, 24)[0] == 4242
+    assert checksum(back[:20]) == 0 and checksum(back[20:]) == 0
+
+    # A packet whose TTL runs out at the router: time exceeded, from the router.
+    a.send(udp_packet(a.ip, 5002, ip("203.0.113.50"), 33434, b"trace")[:8] + b"\x01"
+           + udp_packet(a.ip, 5002, ip("203.0.113.50"), 33434, b"trace")[9:])
+    err = a.recv_ip()
+    assert err is not None and err[9] == 1 and err[20] == 11
+    assert err[12:16] == ipaddress.IPv4Address("192.168.1.1").packed
 
 
 def test_dns_names_the_hosts_with_public_addresses(lab):
@@ -296,6 +316,14 @@ def test_a_routed_network_is_reachable_from_the_internet_untranslated(lab):
     assert pub.recv_udp() == ("10.200.0.2", 5000, 9000, b"from inside")
     pub.udp("10.200.0.2", 5000, b"from outside", sport=9000)  # (via the core, .1)
     assert a.recv_udp() == ("203.0.113.50", 9000, 5000, b"from outside")
+    # The router answers ping on its inside address from outside too.
+    ping(pub, "10.200.0.1")
+    reply = pub.recv_ip()
+    assert reply is not None and reply[20] == 0 and reply[12:16] == bytes([10, 200, 0, 1])
+    # The core says when it has no route.
+    pub.udp("198.51.100.1", 9, b"nowhere")
+    err = pub.recv_ip()
+    assert err is not None and err[9] == 1 and err[20] == 3
     with pytest.raises(ConfigError, match="overlaps"):  # routed subnets must be unique
         run(nets.create("dmz2", "10.200.0.0/24", nat="none"))
 
@@ -315,6 +343,15 @@ def test_a_carrier_grade_nat_chain(lab):
     assert got is not None and mapped(got[3])[0] == "203.0.113.20"
     with pytest.raises(NetworkInUse):
         run(nets.remove("carrier"))
+    with pytest.raises(ConfigError, match="internet only"):
+        run(nets.create("dmz", "10.200.0.0/24", nat="none", upstream="carrier"))
+    with pytest.raises(ConfigError, match="which it sits behind"):
+        run(nets.create("inner", "100.64.0.0/25", nat="easy", upstream="carrier"))
+    # One machine cannot be on two networks that share a subnet (homes may share one).
+    run(nets.create("home2", "192.168.1.0/24", nat="easy"))
+    with pytest.raises(ConfigError, match="overlaps that of 'home'"):
+        nets.check_joins("home2", ["home"])
+    nets.check_joins("home2", ["carrier"])
     with pytest.raises(ConfigError, match="leads nowhere"):
         run(nets.create("x", "10.1.2.0/24"))
         run(nets.create("y", "192.168.9.0/24", nat="easy", upstream="x"))

@@ -66,7 +66,10 @@ def given(options: dict[str, Any]) -> dict[str, Any]:
               "or address-and-port-dependent (eif, adf, apdf).")
 @click.option("--nat-hairpin/--no-nat-hairpin", default=None,
               help="Let inside machines reach each other at their outside addresses.")
-@click.option("--nat-timeout", metavar="TIME", help="Forget a mapping idle this long (30s, 5m).")
+@click.option("--nat-timeout", metavar="TIME", help="Forget a UDP or ping mapping idle this "
+              "long (30s, 5m; default 5m).")
+@click.option("--nat-tcp-timeout", metavar="TIME", help="Forget a TCP mapping idle this long "
+              "(default 2h4m, RFC 5382's least).")
 @click.option("--nat-port-preserve/--no-nat-port-preserve", default=None,
               help="Keep a flow's inside port outside when it is free.")
 @click.option("--nat-pmp", is_flag=True, default=None,
@@ -75,6 +78,7 @@ def given(options: dict[str, Any]) -> dict[str, Any]:
 def create(ctx: click.Context, /, name: str, subnet: str | None, seed: int | None,
            nat: str | None, wan_ip: str | None, upstream: str, nat_mapping: str | None,
            nat_filtering: str | None, nat_hairpin: bool | None, nat_timeout: str | None,
+           nat_tcp_timeout: str | None,
            nat_port_preserve: bool | None, nat_pmp: bool | None, **options: Any) -> None:
     """Create network NAME; machines join it with --network NAME[:IP].
 
@@ -96,7 +100,8 @@ def create(ctx: click.Context, /, name: str, subnet: str | None, seed: int | Non
 
     async def go(pn: AsyncPinnace) -> None:
         fields = nat_options(mapping=nat_mapping, filtering=nat_filtering, hairpin=nat_hairpin,
-                             timeout=nat_timeout, port_preserve=nat_port_preserve,
+                             timeout=nat_timeout, tcp_timeout=nat_tcp_timeout,
+                             port_preserve=nat_port_preserve,
                              pmp=nat_pmp)
         net = await pn.networks.create(name, subnet, impair=given(options), seed=seed,
                                        nat=nat, nat_options=fields, wan_ip=wan_ip,

@@ -205,7 +205,14 @@ class NetCheck:
                 f"  mapping:        {_BEHAVIOURS.get(self.mapping or '', 'unknown')}",
                 f"  filtering:      {_BEHAVIOURS.get(self.filtering or '', 'unknown')}",
                 f"  port preserved: {'yes' if self.preserves_port else 'no'}",
-                f"  hairpinning:    {'yes' if self.hairpin else 'no'}"]
+                f"  hairpinning:    {self._hairpin()}"]
+
+    def _hairpin(self) -> str:
+        if self.hairpin:
+            return "yes"
+        if self.mapping in ("adm", "apdm"):  # the probe's way back needs another mapping
+            return "not seen (its mapping depends on the destination, so it cannot be told)"
+        return "no"
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -357,6 +364,9 @@ class AsyncNetworks:
             if up.gateway is None:
                 raise ConfigError("upstream network", upstream, "it is neither the internet "
                                   "nor behind a NAT, so it leads nowhere; give one that is")
+            if not config.translate and not up.internet:
+                raise ConfigError("NAT", "none", "a routed network (no translation) can sit "
+                                  "on the internet only, which routes its subnet to it")
         elif nat_options or wan_ip:
             raise ConfigError("NAT", "options without --nat", "give --nat PRESET as well")
         await self._make(name, subnet, ephemeral=ephemeral, meta=lab, config=config,
@@ -410,6 +420,11 @@ class AsyncNetworks:
                 subnet = free_subnet([o.subnet for o in others])
             net = ipaddress.IPv4Network(subnet)
             translated = config is not None and config.translate
+            chain = self.chain(upstream) if config is not None else []
+            for other in chain:  # its own upstreams: their addresses must stay reachable
+                if ipaddress.IPv4Network(other.subnet).overlaps(net):
+                    raise ConfigError("subnet", subnet, f"it overlaps {other.name!r} "
+                                      f"({other.subnet}), which it sits behind; choose another")
             for other in others:
                 # Networks behind NATs may share a subnet, as homes do; none other may.
                 if ipaddress.IPv4Network(other.subnet).overlaps(net) and not (
@@ -463,20 +478,34 @@ class AsyncNetworks:
         if not switch.notify(up.dir):
             switch.ensure_running(up.dir)
 
+    def chain(self, name: str) -> builtins.list[Network]:
+        """Network ``name`` and the networks its routers lead to, up to the internet."""
+        out: builtins.list[Network] = []
+        while len(out) < 16 and name not in [n.name for n in out]:
+            try:
+                net = self.get(name)
+            except PinnaceError:
+                break
+            out.append(net)
+            if net.router is None:
+                break
+            name = net.router.upstream
+        return out
+
+    def check_joins(self, name: str, others: builtins.list[str]) -> None:
+        """ConfigError if a machine on networks ``others`` cannot also join ``name``:
+        their subnets overlap (NAT'd networks may share one; a machine cannot be on two)."""
+        net = ipaddress.IPv4Network(self.get(name).subnet)
+        for other in others:
+            if other != name and ipaddress.IPv4Network(self.get(other).subnet).overlaps(net):
+                raise ConfigError("network", name, f"its subnet overlaps that of {other!r}, "
+                                  "which the machine is on too; a machine's networks must "
+                                  "not overlap")
+
     def depth(self, name: str) -> int:
         """How many routers lie between network ``name`` and the internet (0 for a
         network without one): networks behind others are removed first."""
-        seen: builtins.list[str] = []
-        while name not in seen and len(seen) < 16:
-            seen.append(name)
-            try:
-                router = self.get(name).router
-            except PinnaceError:
-                break
-            if router is None:
-                break
-            name = router.upstream
-        return len(seen) - 1
+        return sum(1 for n in self.chain(name) if n.router is not None)
 
     def stale_ports(self) -> builtins.list[tuple[str, str]]:
         """(network, port id) of router ports on a network whose router is gone (its
@@ -558,8 +587,11 @@ class AsyncNetworks:
         switch.write_port(network.path, port_id(machine, nic), switch.PortSpec(
             peer=str(files.nic_peer(nic)), qemu=str(sock), machine=machine, mac=mac,
             sender=files.cwd_path(sock), ip=ip.split("/")[0]))
-        if network.router is not None:  # (a create killed half-way may have left it out)
-            self._plug_router(name, network.router)
+        for net in self.chain(name):  # each router on the way out, plugged in and running
+            if net.router is not None:  # (a create killed half-way may have left it out)
+                self._plug_router(net.name, net.router)
+                if net.name != name:
+                    switch.ensure_running(net.path)
         if not switch.notify(network.path):  # a running switch rescans now; else start one
             switch.ensure_running(network.path)
 

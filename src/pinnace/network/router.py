@@ -41,8 +41,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .nat import ICMP, TCP, UDP, Nat, NatConfig, parse
-from .services import Services, icmp_echo_reply, udp_packet
+from .nat import (
+    ICMP,
+    ICMP_ECHO_REPLY,
+    ICMP_ECHO_REQUEST,
+    ICMP_TIME_EXCEEDED,
+    ICMP_UNREACHABLE,
+    TCP,
+    UDP,
+    Nat,
+    NatConfig,
+    checksum,
+    parse,
+)
+from .services import Services, icmp_echo_reply, ipv4_packet, udp_packet
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +67,9 @@ _ARP_FORGET = 600.0
 _ARP_RETRY = 1.0
 _ARP_GIVE_UP = 3.0  # packets held for a neighbour that does not answer are dropped
 _PENDING_MAX = 16  # packets held per neighbour being asked for
+_ASKING_MAX = 256  # neighbours asked for at once
+_HELD_BYTES = 1 << 20  # bytes held for all of them
+_ERRORS_PER_S = 100  # ICMP errors a host sends (time exceeded, unreachable), at most
 _NEIGHBOURS_MAX = 4096
 _BATCH = 64
 _MAX_FRAME = 65550
@@ -108,6 +123,7 @@ class Nic:
         self._neighbours: dict[int, tuple[bytes, float]] = {}  # ip -> (mac, when learned)
         self._asking: dict[int, tuple[float, float, list[bytes]]] = {}  # first, last, held
         self.rx = self.tx = self.dropped = self.waited = 0
+        self._held_bytes = 0
         self._watch = watch
         self._backlog: deque[bytes] = deque()
         self._backlog_bytes = 0
@@ -171,10 +187,16 @@ class Nic:
         if len(self._neighbours) >= _NEIGHBOURS_MAX and ip not in self._neighbours:
             self._neighbours.clear()  # (a flood of made-up neighbours: start again)
         self._neighbours[ip] = (mac, self._clock())
+        for pkt in self._release(ip):
+            self._frame(mac, ETH_IPV4, pkt)
+
+    def _release(self, ip: int) -> list[bytes]:
+        """Stop asking for ``ip``; the packets held for it."""
         held = self._asking.pop(ip, None)
-        if held is not None:
-            for pkt in held[2]:
-                self._frame(mac, ETH_IPV4, pkt)
+        if held is None:
+            return []
+        self._held_bytes -= sum(len(p) for p in held[2])
+        return held[2]
 
     # --- out ---
 
@@ -196,11 +218,14 @@ class Nic:
             return
         first, last, held = self._asking.get(hop, (now, 0.0, []))
         if now - first > _ARP_GIVE_UP:
-            self.dropped += len(held) + 1
-            self._asking.pop(hop, None)
+            self.dropped += len(self._release(hop)) + 1
             return
-        if len(held) < _PENDING_MAX:
+        if hop not in self._asking and len(self._asking) >= _ASKING_MAX:
+            self.dropped += 1  # (asking for too many at once: a scan, say)
+            return
+        if len(held) < _PENDING_MAX and self._held_bytes + len(pkt) <= _HELD_BYTES:
             held.append(pkt)
+            self._held_bytes += len(pkt)
         else:
             self.dropped += 1
         self._asking[hop] = (first, last, held)
@@ -217,7 +242,7 @@ class Nic:
 
     def expire(self, now: float) -> None:
         for ip in [ip for ip, (first, _, _) in self._asking.items() if now - first > _ARP_GIVE_UP]:
-            self.dropped += len(self._asking.pop(ip)[2])
+            self.dropped += len(self._release(ip))
 
     def _frame(self, dst: bytes, kind: int, payload: bytes) -> None:
         data = dst + self.mac + kind.to_bytes(2, "big") + payload
@@ -327,6 +352,48 @@ def forwarded(pkt: bytes) -> bytes | None:
     return bytes(out)
 
 
+def is_echo_request(pkt: bytes) -> bool:
+    ihl = (pkt[0] & 15) * 4 if pkt else 0
+    return len(pkt) > ihl >= 20 and pkt[9] == ICMP and pkt[ihl] == ICMP_ECHO_REQUEST
+
+
+class Errors:
+    """The ICMP errors a simulated host sends (RFC 792), at most _ERRORS_PER_S a second;
+    never about an ICMP error, a later fragment, or a packet from no one."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._sent = 0
+        self.sent = 0
+
+    def time_exceeded(self, nic: Nic, pkt: bytes, now: float) -> None:
+        """A packet whose TTL ran out at ``nic``'s host (traceroute's hops)."""
+        if len(pkt) >= 20 and pkt[0] >> 4 == 4 and pkt[8] <= 1:
+            self._send(nic, ICMP_TIME_EXCEEDED, 0, pkt, now)
+
+    def unreachable(self, nic: Nic, pkt: bytes, now: float) -> None:
+        """A packet with no route from ``nic``'s host (network unreachable)."""
+        self._send(nic, ICMP_UNREACHABLE, 0, pkt, now)
+
+    def _send(self, nic: Nic, kind: int, code: int, pkt: bytes, now: float) -> None:
+        if len(pkt) < 28 or pkt[0] >> 4 != 4 or int.from_bytes(pkt[6:8], "big") & 0x1FFF:
+            return
+        ihl = (pkt[0] & 15) * 4
+        src = int.from_bytes(pkt[12:16], "big")
+        if ihl < 20 or len(pkt) < ihl + 8 or src == 0 or src >> 28 >= 14 or (
+                pkt[9] == ICMP and pkt[ihl] not in (ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY)):
+            return
+        if int(now) != self._second:
+            self._second, self._sent = int(now), 0
+        if self._sent >= _ERRORS_PER_S:
+            return
+        self._sent += 1
+        self.sent += 1
+        body = struct.pack("!BBHI", kind, code, 0, 0) + pkt[:ihl + 8]
+        body = body[:2] + checksum(body).to_bytes(2, "big") + body[4:]
+        nic.send(ipv4_packet(nic.ip, src, ICMP, body))
+
+
 # --- what network.json says ----------------------------------------------------------
 
 
@@ -347,6 +414,7 @@ class RouterSpec:
         return {"nat": {"translate": self.nat.translate, "mapping": self.nat.mapping,
                         "filtering": self.nat.filtering, "hairpin": self.nat.hairpin,
                         "port_preserve": self.nat.port_preserve, "timeout": self.nat.timeout,
+                        "tcp_timeout": self.nat.tcp_timeout,
                         "one2one": self.nat.one2one, "pmp": self.nat.pmp},
                 "preset": self.preset, "upstream": self.upstream, "wan_ip": self.wan_ip,
                 "wan_subnet": self.wan_subnet, "wan_gateway": self.wan_gateway}
@@ -365,10 +433,11 @@ class RouterSpec:
                 if not isinstance(n[key], kind):
                     raise ValueError(f"router nat.{key} must be a {kind.__name__}")
                 fields[key] = n[key]
-        if "timeout" in n:
-            if isinstance(n["timeout"], bool) or not isinstance(n["timeout"], (int, float)):
-                raise ValueError("router nat.timeout must be a number")
-            fields["timeout"] = float(n["timeout"])
+        for key in ("timeout", "tcp_timeout"):
+            if key in n:
+                if isinstance(n[key], bool) or not isinstance(n[key], (int, float)):
+                    raise ValueError(f"router nat.{key} must be a number")
+                fields[key] = float(n[key])
         nat = NatConfig(**fields).check()
         strings = []
         for key in ("preset", "upstream", "wan_ip", "wan_subnet"):
@@ -400,6 +469,7 @@ class Router:
         self.nat = Nat(spec.nat, lan_subnet, spec.wan_ip, rng=rng)
         self.forwarded = self.dropped = 0
         self._started = clock()  # NAT-PMP's epoch
+        self._errors = Errors()
 
     def sockets(self) -> list[tuple[socket.socket, Callable[[float], None]]]:
         return [(self.lan.sock, self.from_lan), (self.wan.sock, self.from_wan)]
@@ -416,7 +486,10 @@ class Router:
                 self._answer(self.lan, pkt, now)  # a ping (or NAT-PMP) to the router
                 continue
             fwd = forwarded(pkt)
-            out = self.nat.outbound(fwd, now) if fwd is not None else None
+            if fwd is None:
+                self._errors.time_exceeded(self.lan, pkt, now)
+                continue
+            out = self.nat.outbound(fwd, now)
             if out is None:
                 self.dropped += 1
                 continue
@@ -426,15 +499,16 @@ class Router:
     def from_wan(self, now: float) -> None:
         for pkt in self.wan.receive():
             dst = int.from_bytes(pkt[16:20], "big")
-            out = None
+            if dst in (self.wan.ip, self.lan.ip) and is_echo_request(pkt):
+                self._answer(self.wan, pkt, None)  # a ping to the router itself
+                continue
             fwd = forwarded(pkt)
-            if fwd is not None:
-                out = self.nat.inbound(fwd, now)
+            if fwd is None:
+                self._errors.time_exceeded(self.wan, pkt, now)
+                continue
+            out = self.nat.inbound(fwd, now)
             if out is None:
-                if dst in (self.wan.ip, self.lan.ip):
-                    self._answer(self.wan, pkt, None)  # (a ping to the router itself)
-                else:
-                    self.dropped += 1
+                self.dropped += 1
                 continue
             self.forwarded += 1
             self.lan.send(out[1])
@@ -468,9 +542,8 @@ class Router:
             body = struct.pack("!BBHII", 0, 128, 0, epoch, self.wan.ip)
         elif op in (1, 2) and len(data) >= 12:
             int_port, ext_port, lifetime = struct.unpack_from("!HHI", data, 4)
-            got = self.nat.request(UDP if op == 1 else TCP, f.src, int_port, ext_port,
-                                   float(lifetime), now)
-            result, (ext, life) = (0, got) if got is not None else (4, (0, 0.0))
+            result, ext, life = self.nat.request(UDP if op == 1 else TCP, f.src, int_port,
+                                                 ext_port, float(lifetime), now)
             body = struct.pack("!BBHIHHI", 0, 128 + op, result, epoch, int_port, ext,
                                int(life))
         else:
@@ -502,6 +575,7 @@ class Core:
         self.routes: list[tuple[int, int, int]] = []  # (network, mask, next hop)
         self.services = Services(nic.ip, alternate, lambda: self.names)
         self.forwarded = self.dropped = 0
+        self._errors = Errors()
 
     def update(self, names: dict[str, int], routes: list[tuple[str, str]]) -> None:
         """Names for DNS; routes as (subnet, next hop) pairs (bad ones are skipped)."""
@@ -528,9 +602,12 @@ class Core:
                     nic.send(reply)
                 continue
             fwd = forwarded(pkt)
+            if fwd is None:
+                self._errors.time_exceeded(nic, pkt, now)
+                continue
             hop = self._route(dst)
-            if fwd is None or hop is None:
-                self.dropped += 1
+            if hop is None:
+                self._errors.unreachable(nic, pkt, now)
                 continue
             self.forwarded += 1
             nic.send(fwd, via=hop)

@@ -665,9 +665,8 @@ class Switch:
         wanted: dict[str, object] = {}
         try:
             subnet = str(ipaddress.IPv4Network(str(meta.get("subnet"))))
-            if meta.get("router") is not None:
-                wanted["router"] = (RouterSpec.from_dict(meta["router"]), subnet,
-                                    meta.get("seed"))
+            if meta.get("router") is not None:  # (its seed is read when it starts)
+                wanted["router"] = (RouterSpec.from_dict(meta["router"]), subnet)
             if meta.get("internet") is True:
                 wanted["core"] = subnet
         except Exception as exc:  # (a damaged router description: the hosts stay)
@@ -680,7 +679,7 @@ class Switch:
         for key, spec in wanted.items():
             if key not in self._hosts:
                 try:
-                    host = self._make_host(key, spec)
+                    host = self._make_host(key, spec, meta.get("seed"))
                 except (OSError, ValueError) as exc:
                     log.warning("%s: cannot start: %s", key, exc)
                     self._retry_binds = True
@@ -696,11 +695,11 @@ class Switch:
                          for s in specs if s.ip and s.machine},
                         [(r, s.ip) for s in specs if s.ip for r in s.routes])
 
-    def _make_host(self, key: str, spec: object) -> Router | Core:
+    def _make_host(self, key: str, spec: object, seed: object) -> Router | Core:
         files = self.files
         if key == "router":
             assert isinstance(spec, tuple)
-            rspec, subnet, seed = spec
+            rspec, subnet = spec
             net = ipaddress.IPv4Network(subnet)
             wan_net = ipaddress.IPv4Network(rspec.wan_subnet)
             name = files.dir.name
