@@ -38,6 +38,8 @@ _ERRORS = (
     "BootTimeout",
     "CommandFailed",
     "ConfigError",
+    "EnvFileError",
+    "ExpressionError",
     "HostError",
     "ImageBuildError",
     "ImageInUse",
@@ -60,6 +62,7 @@ _ERRORS = (
     "UnsafeArchive",
     "VolumeError",
     "VolumeInUse",
+    "WorkflowError",
 )
 _WHERE.update(dict.fromkeys(_ERRORS, "errors"))
 
@@ -76,6 +79,8 @@ if TYPE_CHECKING:
         BootTimeout,
         CommandFailed,
         ConfigError,
+        EnvFileError,
+        ExpressionError,
         HostError,
         ImageBuildError,
         ImageInUse,
@@ -98,6 +103,7 @@ if TYPE_CHECKING:
         UnsafeArchive,
         VolumeError,
         VolumeInUse,
+        WorkflowError,
     )
     from .images import Image
     from .machine import AsyncMachine, MachineState, MachineStatus
@@ -136,7 +142,9 @@ __all__ = [
     "BootTimeout",
     "CommandFailed",
     "ConfigError",
+    "EnvFileError",
     "ExecResult",
+    "ExpressionError",
     "HostError",
     "Image",
     "ImageBuildError",
@@ -169,5 +177,6 @@ __all__ = [
     "UnsafeArchive",
     "VolumeError",
     "VolumeInUse",
+    "WorkflowError",
     "__version__",
 ]

@@ -14,10 +14,11 @@ import threading
 from collections.abc import Coroutine, Iterator
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .agent.client import ExecResult, Process
 from .backends.base import Backend
+from .ci.api import AsyncCI
 from .config import MachineConfig
 from .gc import Collector, Removed
 from .images import AsyncImages, Image, Images
@@ -29,6 +30,9 @@ from .snapshots import AsyncSnapshots, Snapshot
 from .snapshots.key import SnapshotLookup
 from .store import KernelCache, Store, this_process
 from .volumes import AsyncVolumes, Volume
+
+if TYPE_CHECKING:
+    from .ci.runner import RunResult
 
 T = TypeVar("T")
 
@@ -62,6 +66,7 @@ class AsyncPinnace:
         self.snapshots.on_replaced = lambda snap: self.pool.drain(snapshot=snap.ref,
                                                                   wait_for_fillers=False)
         self.images.before_remove = lambda digest: self.pool.drain(image_digest=digest)
+        self.ci = AsyncCI(self.machines, backend)
         self.collector = Collector(self.store, self.machines, self.snapshots, self.networks,
                                    self.volumes, self.pool, KernelCache())
 
@@ -417,6 +422,21 @@ class Networks:
         self._loop.run(self._n.remove(name))
 
 
+class CI:
+    """``pinnace.ci`` in the sync API: workflow files run in fresh machines."""
+
+    def __init__(self, aci: AsyncCI, loop: _Loop) -> None:
+        self._c = aci
+        self._loop = loop
+
+    def run(self, path: str | os.PathLike[str], **options: Any) -> RunResult:
+        """Run a workflow file; see AsyncCI.run for the options."""
+        return self._loop.run(self._c.run(path, **options))
+
+    def workflows(self, root: str | os.PathLike[str] = ".") -> list[Path]:
+        return self._c.workflows(root)
+
+
 class Pool:
     """``pinnace.pool`` in the sync API: the warm pool (see :mod:`pinnace.pool`)."""
 
@@ -454,6 +474,7 @@ class Pinnace:
         self.volumes = Volumes(self.aio.volumes, self._loop)
         self.networks = Networks(self.aio.networks, self._loop)
         self.pool = Pool(self.aio.pool, self._loop)
+        self.ci = CI(self.aio.ci, self._loop)
 
     def gc(self, *, dry_run: bool = False, owned_only: bool = False) -> list[Removed]:
         return self._loop.run(self.aio.gc(dry_run=dry_run, owned_only=owned_only))

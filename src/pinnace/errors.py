@@ -4,6 +4,9 @@
 
     PinnaceError                      the root: catch this to catch everything pinnace raises
      +-- ConfigError                  bad input: a name, size, path or option (field, value, hint)
+     |    +-- ExpressionError         a CI workflow's ${{ }} expression is wrong (expression, problem, position)
+     |    +-- EnvFileError            a CI step wrote a $GITHUB_ENV/$GITHUB_OUTPUT the runner cannot read
+     |    +-- WorkflowError           a CI workflow file that cannot be read (file, line, problem)
      +-- NotFoundError                no such machine, image or snapshot (kind, name)
      +-- AlreadyExistsError           the name is taken (kind, name)
      +-- StateError                   a call in the wrong lifecycle state (name, state, allowed, hint)
@@ -53,6 +56,46 @@ class ConfigError(PinnaceError):
         self.value = value
         self.hint = hint
         super().__init__(f"invalid {field} {value!r}: {hint}")
+
+
+class ExpressionError(ConfigError):
+    """A GitHub Actions expression (``${{ }}``) that does not parse or cannot be evaluated:
+    the expression, the problem and where it is (``position``, 1-based, when known)."""
+
+    def __init__(self, expression: str, problem: str, position: int | None = None) -> None:
+        self.expression = expression
+        self.problem = problem
+        self.position = position
+        shown = expression if len(expression) <= 200 else expression[:197] + "..."
+        where = f" at position {position}" if position is not None else ""
+        one_line = problem.replace("\r", "\\r").replace("\n", "\\n")
+        super().__init__("expression", shown, one_line + where)
+        self.value = expression
+
+
+class EnvFileError(ConfigError):
+    """A CI step wrote an env or output file ($GITHUB_ENV, $GITHUB_OUTPUT) that the
+    runner cannot read: which file, and what is wrong with it."""
+
+    def __init__(self, which: str, problem: str) -> None:
+        super().__init__(which, problem, "write NAME=value lines, or NAME<<EOF, the "
+                         "lines, then EOF alone on its line")
+
+
+class WorkflowError(ConfigError):
+    """A CI workflow file pinnace cannot read, or a request it cannot satisfy: ``file`` and
+    ``line`` (1-based; None for the file as a whole) say where, ``problem`` what, ``hint`` how
+    to fix it. ``str()`` is one line: ``ci.yml:12: job 'build': 'runs-on' is missing; give a
+    label such as ubuntu-latest``."""
+
+    def __init__(self, file: str, line: int | None, problem: str, hint: str = "", *,
+                 field: str = "workflow", value: object = None) -> None:
+        super().__init__(field, value, hint)
+        self.file = file
+        self.line = line
+        self.problem = problem
+        where = f"{file}:{line}" if line else file
+        self.args = (f"{where}: {problem}" + (f"; {hint}" if hint else ""),)
 
 
 class NotFoundError(PinnaceError):

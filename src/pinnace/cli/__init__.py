@@ -63,6 +63,7 @@ def main(ctx: click.Context, verbose: int) -> None:
 from . import guest as _guest  # noqa: E402
 from . import lifecycle as _lifecycle  # noqa: E402
 from . import machine as _machine  # noqa: E402
+from .ci import ci as _ci_group  # noqa: E402
 from .gc import gc as _gc  # noqa: E402
 from .image import image as _image_group  # noqa: E402
 from .network import network as _network_group  # noqa: E402
@@ -74,7 +75,7 @@ from .volume import volume as _volume_group  # noqa: E402
 # In the order of a machine's life; then the other nouns.
 for _cmd in (*_machine.COMMANDS[:2], _run, *_machine.COMMANDS[2:3], *_lifecycle.COMMANDS,
              *_machine.COMMANDS[3:], *_guest.COMMANDS, _image_group, _snapshot_group,
-             _volume_group, _network_group, _pool_group, _gc):
+             _volume_group, _network_group, _pool_group, _ci_group, _gc):
     main.add_command(_cmd)
 
 __all__ = ["main"]

@@ -1,0 +1,1 @@
+"""The CI runner: workflows in fresh microVMs."""

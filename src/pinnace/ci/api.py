@@ -1,0 +1,104 @@
+"""``pn.ci``: running workflow files (see :mod:`.runner`), from Python and the CLI."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigError
+
+if TYPE_CHECKING:  # (YAML and the runner load when a workflow runs, not with pinnace)
+    from .runner import Line, RunResult
+
+_MAX_ENV_FILE = 1 << 20
+
+
+def read_env_file(path: str | os.PathLike[str], what: str = "env file") -> dict[str, str]:
+    """``KEY=VALUE`` lines (``#`` comments, blank lines and ``export `` allowed; a value
+    in matching quotes loses them), as act's --env-file and --secret-file read them."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()[:_MAX_ENV_FILE + 1]
+    except OSError as exc:
+        raise ConfigError(what, str(p), f"cannot read it: {exc.strerror}") from None
+    if len(data) > _MAX_ENV_FILE:
+        raise ConfigError(what, str(p), "it is larger than 1 MiB")
+    out: dict[str, str] = {}
+    for n, line in enumerate(data.decode("utf-8", "replace").splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, eq, value = line.removeprefix("export ").partition("=")
+        key = key.strip()
+        if not eq or not key.replace("_", "a").isalnum() or key[0].isdigit():
+            raise ConfigError(what, f"{p}:{n}", "write KEY=VALUE lines")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        out[key] = value
+    return out
+
+
+class AsyncCI:
+    """Workflows run in fresh machines: ``machines`` (AsyncMachines) make them;
+    ``backend`` says whether guests get KVM (timeouts are scaled without it)."""
+
+    def __init__(self, machines: Any, backend: Any) -> None:
+        self.machines = machines
+        self.backend = backend
+
+    def workflows(self, root: str | os.PathLike[str] = ".") -> list[Path]:
+        """The workflow files of a repository: .github/workflows/*.yml, .pinnace/ci.yml."""
+        from .workflow import discover
+
+        return discover(Path(root))
+
+    async def run(self, path: str | os.PathLike[str], *, job: str | None = None,
+                  matrix: Mapping[str, str] | None = None, event: str = "push",
+                  env: Mapping[str, str] | None = None,
+                  secrets: Mapping[str, str] | None = None, parallel: int = 2,
+                  keep: str = "never", timeout_scale: float = 5.0,
+                  platforms: Mapping[str, str] | None = None,
+                  logs: str | os.PathLike[str] | None = None,
+                  workdir: str | os.PathLike[str] | None = None, net: str | None = None,
+                  on_line: Line | None = None) -> RunResult:
+        """Run workflow file ``path``: every job that can run (``job``: that one and what
+        it needs; ``matrix``: only the combinations with these values), in fresh
+        machines. ``workdir`` is what actions/checkout checks out (default: the
+        repository the file is in). Returns each job's result with its steps."""
+        from .runner import Options, Runner
+        from .workflow import load, triggered
+
+        if keep not in ("never", "failed", "always"):
+            raise ConfigError("keep", keep, "give never, failed or always")
+        if not isinstance(parallel, int) or not 1 <= parallel <= 64:
+            raise ConfigError("parallel", parallel, "give 1 to 64 jobs at once")
+        if not 1 <= timeout_scale <= 100:
+            raise ConfigError("timeout scale", timeout_scale, "give 1 to 100")
+        wf = load(Path(path), event=event)
+        if wf.kind == "github" and not triggered(wf, event):
+            raise ConfigError("event", event, f"{wf.path.name} does not run on it; give "
+                              "--event with one of its triggers")
+        choice = await self.backend.choose_accel("auto")
+        if workdir is None:
+            workdir = _repository(Path(path))
+        options = Options(job=job, matrix=dict(matrix or {}), event=event, env=dict(env or {}),
+                          secrets=dict(secrets or {}), parallel=parallel, keep=keep,
+                          timeout_scale=timeout_scale, platforms=dict(platforms or {}),
+                          logs=Path(logs) if logs else None,
+                          workdir=Path(workdir) if workdir else None, net=net, on_line=on_line)
+        return await Runner(self.machines, accelerated=choice.accel == "kvm").run(wf, options)
+
+
+def _repository(path: Path) -> Path:
+    """The folder a workflow file belongs to: above .github/workflows, else its own."""
+    path = path.resolve()
+    for parent in path.parents:
+        if (parent / ".git").exists() or (parent / ".github").is_dir():
+            return parent
+    return path.parent
+
+
+__all__ = ["AsyncCI", "read_env_file"]

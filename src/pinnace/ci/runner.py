@@ -1,0 +1,544 @@
+"""Running a workflow's jobs, each in a fresh machine restored from its image's ready
+snapshot, in the order their ``needs`` allow and as many at once as ``parallel`` lets.
+
+A job's machine gets a ``runner`` user with passwordless sudo and ``/workspace``; each
+step's script is written into the machine and run as that user by its shell (GitHub's
+argv, :func:`.workflow.shell_command`), with the job's environment, while its output
+streams to :attr:`Options.on_line` and to a log file per step. After each step the
+runner reads what the step wrote to ``$GITHUB_ENV``, ``$GITHUB_OUTPUT``,
+``$GITHUB_PATH`` and ``$GITHUB_STEP_SUMMARY`` (:mod:`.envfile`). ``${{ }}`` expressions
+are evaluated on the host (:mod:`.expressions`) with GitHub's contexts. The machine is
+deleted at the end of the job, or kept (``keep``) for a look inside.
+
+Timeouts: a step's ``timeout-minutes`` and the job's (which counts from its first step,
+not from the machine's start), both multiplied by ``timeout_scale`` when guests run
+without KVM (software emulation is several times slower), and the run says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, PinnaceError
+from . import envfile
+from .expressions import condition, evaluate, interpolate
+from .workflow import Job, Skipped, Step, Workflow, expand, platform, select, stages
+
+DEFAULT_JOB_MINUTES = 360.0  # GitHub's default timeout-minutes
+WORKSPACE = "/workspace"
+RUNNER_DIR = "/tmp/_runner"
+USER = "runner"
+_SETUP = f"""set -e
+id {USER} >/dev/null 2>&1 || useradd -m -u 1001 -s /bin/bash {USER}
+echo '{USER} ALL=(ALL) NOPASSWD:ALL' > /etc/sudoers.d/{USER}
+chmod 0440 /etc/sudoers.d/{USER}
+command -v python >/dev/null || ln -sf "$(command -v python3)" /usr/local/bin/python
+mkdir -p {WORKSPACE} {RUNNER_DIR}/temp
+chown -R {USER}: {WORKSPACE} {RUNNER_DIR}
+"""
+# Read back what a step wrote for the runner, each file cut at envfile.MAX_BYTES.
+_READ_FILES = f"""import json, sys
+out = {{}}
+for name in sys.argv[1:]:
+    try:
+        with open(name, "rb") as f:
+            out[name] = f.read({envfile.MAX_BYTES}).decode("utf-8", "replace")
+    except OSError:
+        out[name] = ""
+print(json.dumps(out))
+"""
+
+
+@dataclass
+class StepResult:
+    """One step: ``outcome`` is how it ended (success, failure, skipped, cancelled);
+    ``conclusion`` is what counts after ``continue-on-error``."""
+
+    index: int
+    name: str
+    id: str | None
+    outcome: str = "skipped"
+    conclusion: str = "skipped"
+    exit_code: int | None = None
+    seconds: float = 0.0
+    reason: str = ""
+    outputs: dict[str, str] = field(default_factory=dict)
+    log: Path | None = None
+
+
+@dataclass
+class JobResult:
+    """One job (one matrix combination): its status (success, failure, skipped,
+    cancelled), steps, outputs, and where its time went: ``start`` (from asking for a
+    machine to the first step), ``steps_seconds``, ``cleanup`` (after the last step)."""
+
+    id: str
+    variant: str
+    status: str = "skipped"
+    reason: str = ""
+    steps: list[StepResult] = field(default_factory=list)
+    outputs: dict[str, str] = field(default_factory=dict)
+    start: float = 0.0
+    steps_seconds: float = 0.0
+    cleanup: float = 0.0
+    machine: str | None = None  # kept for a look inside
+    summary: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dict(self.__dict__)
+        out["steps"] = [{**s.__dict__, "log": str(s.log) if s.log else None} for s in self.steps]
+        return out
+
+
+@dataclass
+class RunResult:
+    """A workflow's run: each job's result, and the jobs that could not run."""
+
+    workflow: str
+    jobs: list[JobResult]
+    skipped: list[Skipped]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(j.status in ("success", "skipped") for j in self.jobs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"workflow": self.workflow, "ok": self.ok, "notes": self.notes,
+                "jobs": [j.to_dict() for j in self.jobs],
+                "skipped": [str(s) for s in self.skipped]}
+
+
+Line = Callable[[str, str, str], None]  # (job label, step name, a line of output)
+
+
+@dataclass
+class Options:
+    """How to run: ``job`` and ``matrix`` select (see :func:`.workflow.select`);
+    ``event`` the triggering event's name; ``env`` and ``secrets`` (from --env-file and
+    --secret-file); ``parallel`` jobs at once; ``keep`` "never", "failed" or "always";
+    ``timeout_scale`` multiplies timeouts without KVM; ``platforms`` maps runs-on labels
+    to images (-P); ``logs`` is where step logs go; ``workdir`` the repository
+    (checkout's source); ``net`` the machines' NAT NIC (None: pinnace's default)."""
+
+    job: str | None = None
+    matrix: Mapping[str, str] = field(default_factory=dict)
+    event: str = "push"
+    env: Mapping[str, str] = field(default_factory=dict)
+    secrets: Mapping[str, str] = field(default_factory=dict)
+    parallel: int = 2
+    keep: str = "never"
+    timeout_scale: float = 5.0
+    platforms: Mapping[str, str] = field(default_factory=dict)
+    logs: Path | None = None
+    workdir: Path | None = None
+    net: str | None = None
+    on_line: Line | None = None
+
+
+class Runner:
+    """Runs workflows with ``machines`` (an AsyncMachines) and ``accelerated`` (True
+    when guests run with KVM: timeouts are not scaled)."""
+
+    def __init__(self, machines: Any, *, accelerated: bool) -> None:
+        self.machines = machines
+        self.accelerated = accelerated
+
+    async def run(self, workflow: Workflow, options: Options) -> RunResult:
+        jobs = select(workflow, options.job, options.matrix)
+        plan = stages(jobs)  # (checks needs: unknown ones and cycles)
+        if not jobs:
+            raise ConfigError("workflow", str(workflow.path), "no job in it can run here: "
+                              + "; ".join(str(s) for s in workflow.skipped[:3]))
+        scale = 1.0 if self.accelerated else options.timeout_scale
+        notes = [] if scale == 1.0 else [
+            f"no KVM: guests run in software emulation, so timeouts are {scale:g}x "
+            "(--timeout-scale)"]
+        run = _Run(self, workflow, options, scale)
+        tasks = []
+        for j in (j for stage in plan for j in stage):  # (each waits for what it needs)
+            tasks.append(asyncio.ensure_future(run.job(j)))
+            run.by_id.setdefault(j.id, []).append(tasks[-1])
+        results = [r for rs in await asyncio.gather(*tasks) for r in rs]
+        return RunResult(str(workflow.path), results, workflow.skipped, notes)
+
+
+class _Run:
+    """The state of one workflow run: finished jobs by id (for ``needs``)."""
+
+    def __init__(self, runner: Runner, wf: Workflow, options: Options, scale: float) -> None:
+        self.runner, self.wf, self.options, self.scale = runner, wf, options, scale
+        self.slots = asyncio.Semaphore(max(1, options.parallel))
+        self.by_id: dict[str, list[asyncio.Future[list[JobResult]]]] = {}
+        self.failed_ids: set[str] = set()  # matrix jobs with a failed combination
+        self.run_id = str(int(time.time()))
+        self.masks = sorted((v for v in options.secrets.values() if len(v) >= 3),
+                            key=len, reverse=True)
+
+    async def needs(self, job: Job) -> dict[str, dict[str, Any]]:
+        """Wait for the jobs ``job`` needs; GitHub's ``needs`` context (a matrix job's
+        result is failure if any combination failed; its outputs are the last one's)."""
+        await asyncio.sleep(0)  # (every task registered first)
+        out: dict[str, dict[str, Any]] = {}
+        for need in job.needs:
+            results = [r for t in self.by_id.get(need, []) for r in await t]
+            status = ("failure" if any(r.status == "failure" for r in results)
+                      else "cancelled" if any(r.status == "cancelled" for r in results)
+                      else "skipped" if results and all(r.status == "skipped" for r in results)
+                      else "success")
+            outputs: dict[str, str] = {}
+            for r in results:
+                outputs.update(r.outputs)
+            out[need] = {"result": status, "outputs": outputs}
+        return out
+
+    # --- a job ---
+
+    async def job(self, job: Job) -> list[JobResult]:
+        """Run ``job`` once what it needs is done: one result, or one per combination of
+        a matrix written as an expression (evaluated now, with ``needs`` known)."""
+        needs = await self.needs(job)
+        if not job.strategy.deferred:
+            return [await self._one(job, needs)]
+        try:
+            variants = expand(job, matrix=_resolve(job.strategy.matrix,
+                                                   self.contexts(job, needs)),
+                              filters=self.options.matrix)
+        except PinnaceError as exc:
+            return [JobResult(job.id, job.name or job.id, "failure", f"its matrix: {exc}")]
+        return list(await asyncio.gather(*(self._one(v, needs) for v in variants)))
+
+    async def _one(self, job: Job, needs: dict[str, dict[str, Any]]) -> JobResult:
+        result = JobResult(job.id, job.variant or job.name or job.id)
+        contexts = self.contexts(job, needs)
+        needs_ok = all(n["result"] == "success" for n in needs.values())
+
+        def job_status(name: str) -> bool:
+            return {"success": needs_ok, "failure": not needs_ok, "always": True,
+                    "cancelled": False}.get(name, False)
+
+        if not condition(job.if_, contexts, status=job_status):
+            result.reason = "its if: is false" if job.if_ else "a job it needs did not succeed"
+            return result
+        if job.strategy.fail_fast and job.id in self.failed_ids:
+            result.status, result.reason = "cancelled", "another combination failed (fail-fast)"
+            return result
+        async with self.slots:
+            if job.strategy.fail_fast and job.id in self.failed_ids:
+                result.status, result.reason = "cancelled", "another combination failed"
+                return result
+            await self._in_machine(job, contexts, result)
+        if result.status == "failure":
+            self.failed_ids.add(job.id)
+        return result
+
+    def image(self, job: Job, contexts: dict[str, Any]) -> str:
+        if isinstance(job.image, str):
+            return job.image
+        if job.image is not None:
+            raise ConfigError("image", str(job.image), "building an image from packages for "
+                              "a job is not supported yet; build it first with 'pinnace image "
+                              "build NAME --package ...' and give its name")
+        runs_on: Any = job.runs_on
+        if isinstance(runs_on, str) and "${{" in runs_on:
+            runs_on = interpolate(runs_on, contexts)
+        image = platform(runs_on, self.options.platforms)
+        if image is None:
+            raise ConfigError("runs-on", str(runs_on), "map it to an image: -P LABEL=IMAGE")
+        return image
+
+    async def _in_machine(self, job: Job, contexts: dict[str, Any], result: JobResult) -> None:
+        opts = self.options
+        t0 = time.monotonic()
+        name = f"ci-{_slug(job.id)}-{secrets.token_hex(3)}"
+        devices: dict[str, Any] = {}
+        if opts.net is not None:
+            devices["net"] = opts.net
+        memory = job.limits.memory
+        try:
+            image = self.image(job, contexts)
+            [m] = await self.runner.machines.run(
+                image=image, name=name, rm=True, cpus=job.limits.cpus,
+                memory=f"{memory // (1 << 20)}M" if memory else None, **devices)
+        except PinnaceError as exc:
+            result.status, result.reason = "failure", f"its machine did not start: {exc}"
+            return
+        label = result.variant
+        logs = (opts.logs / _slug(label)) if opts.logs else None
+        if logs is not None:
+            logs.mkdir(parents=True, exist_ok=True)
+        try:
+            r = await m.exec(["sh", "-c", _SETUP], timeout=120)
+            if r.exit_code != 0:
+                result.status = "failure"
+                result.reason = f"setting up the machine failed: {r.stderr_text.strip()[-200:]}"
+                return
+            result.start = time.monotonic() - t0
+            t1 = time.monotonic()
+            job_minutes = _minutes(job.timeout_minutes, contexts) or DEFAULT_JOB_MINUTES
+            try:
+                await asyncio.wait_for(self._steps(m, job, contexts, result, label, logs),
+                                       job_minutes * 60 * self.scale)
+            except TimeoutError:
+                result.status = "failure"
+                result.reason = (f"the job timed out after {job_minutes:g} min"
+                                 + (f" (x{self.scale:g})" if self.scale != 1 else ""))
+                for s in result.steps:
+                    if s.outcome == "running":
+                        s.outcome = s.conclusion = "cancelled"
+            result.steps_seconds = time.monotonic() - t1
+        finally:
+            t2 = time.monotonic()
+            keep = opts.keep == "always" or (opts.keep == "failed" and result.status == "failure")
+            if keep:
+                with contextlib.suppress(PinnaceError):
+                    await m.keep()
+                    result.machine = m.name
+            else:
+                with contextlib.suppress(PinnaceError):
+                    await m.delete(force=True)
+            result.cleanup = time.monotonic() - t2
+
+    async def _steps(self, m: Any, job: Job, contexts: dict[str, Any], result: JobResult,
+                     label: str, logs: Path | None) -> None:
+        env: dict[str, str] = {}  # what steps added with $GITHUB_ENV
+        path: list[str] = []  # what they added with $GITHUB_PATH
+        failed = False
+        steps_ctx: dict[str, Any] = {}
+        contexts["steps"] = steps_ctx
+        result.status = "success"
+        for step in job.steps:
+            sr = StepResult(step.index, step.name, step.id)
+            result.steps.append(sr)
+            contexts["job"] = {"status": "failure" if failed else "success"}
+            contexts["env"] = {**contexts["env"], **env}
+
+            def status(name: str, failed: bool = failed) -> bool:
+                return {"success": not failed, "failure": failed, "always": True,
+                        "cancelled": False}.get(name, False)
+
+            if not condition(step.if_, contexts, status=status):
+                if step.id:
+                    steps_ctx[step.id] = {"outputs": {}, "outcome": "skipped",
+                                          "conclusion": "skipped"}
+                continue
+            sr.outcome = "running"
+            t = time.monotonic()
+            try:
+                ok = await self._step(m, job, step, contexts, env, path, sr, label, logs)
+            except PinnaceError as exc:
+                ok, sr.reason = False, str(exc)
+            sr.seconds = time.monotonic() - t
+            sr.outcome = "success" if ok else "failure"
+            keep_going = not ok and _flag(step.continue_on_error, contexts)
+            sr.conclusion = "success" if ok or keep_going else "failure"
+            if step.id:
+                steps_ctx[step.id] = {"outputs": sr.outputs, "outcome": sr.outcome,
+                                      "conclusion": sr.conclusion}
+            if sr.conclusion == "failure":
+                failed = True
+        contexts["job"] = {"status": "failure" if failed else "success"}
+        if failed and not _flag(job.continue_on_error, contexts):
+            result.status = "failure"
+            bad = next(s for s in result.steps if s.conclusion == "failure")
+            result.reason = f"step '{bad.name}' failed" + (f": {bad.reason}" if bad.reason else "")
+        for key, expr in job.outputs.items():
+            with contextlib.suppress(PinnaceError):
+                result.outputs[key] = interpolate(expr, contexts)
+        result.summary = contexts.get("_summary", "")
+
+    async def _step(self, m: Any, job: Job, step: Step, contexts: dict[str, Any],
+                    env: dict[str, str], path: list[str], sr: StepResult, label: str,
+                    logs: Path | None) -> bool:
+        files = {k: f"{RUNNER_DIR}/{step.index}.{k.lower()}" for k in
+                 ("GITHUB_ENV", "GITHUB_OUTPUT", "GITHUB_PATH", "GITHUB_STEP_SUMMARY")}
+        step_env = {**contexts["env"], **env,
+                    **{k: interpolate(v, contexts) for k, v in step.env.items()}}
+        contexts_here = {**contexts, "env": step_env}
+        full_env = {**self.base_env(job), **step_env, **files}
+        if path:
+            full_env["PATH"] = ":".join([*reversed(path), _GUEST_PATH])
+        if step.kind == "checkout":
+            return await self._checkout(m, sr, label)
+        script = interpolate(step.run, contexts_here)
+        argv, ext = job.command(step)
+        remote = f"{RUNNER_DIR}/{step.index}{ext}"
+        r = await m.exec(["sh", "-c", f'cat > "$1" && : > "$2" && : > "$3" && : > "$4" && '
+                          f': > "$5" && chown {USER}: "$1" "$2" "$3" "$4" "$5"', "sh", remote,
+                          *files.values()], input=script.encode())
+        if r.exit_code != 0:
+            sr.reason = "could not write the script into the machine"
+            return False
+        argv = [a.replace("{0}", remote) for a in argv]
+        workdir = job.working_directory(step)
+        cwd = WORKSPACE if not workdir else (
+            workdir if workdir.startswith("/") else f"{WORKSPACE}/{workdir}")
+        minutes = _minutes(step.timeout_minutes, contexts_here)
+        timeout = minutes * 60 * self.scale if minutes else None
+        log = (logs / f"{step.index + 1:02d}-{_slug(step.name)}.log") if logs else None
+        sr.log = log
+        on_line = self.options.on_line
+        proc = await m.start_process(argv, env=full_env, cwd=cwd, user=USER, timeout=timeout)
+        pending: dict[object, bytes] = {}  # (a line cut across chunks, per stream)
+        with (open(log, "w", encoding="utf-8") if log else contextlib.nullcontext()) as out:
+
+            def emit(raw: bytes) -> None:
+                text = self.mask(raw.decode("utf-8", "replace"))
+                if out is not None:
+                    out.write(text + "\n")
+                if on_line is not None:
+                    on_line(label, step.name, text)
+
+            async for stream, data in proc:
+                *lines, pending[stream] = (pending.get(stream, b"") + data).split(b"\n")
+                for ln in lines:
+                    emit(ln)
+                for key, rest in list(pending.items()):
+                    if len(rest) > 65536:  # (a line that never ends: shown in pieces)
+                        emit(rest)
+                        pending[key] = b""
+            for rest in pending.values():
+                if rest:
+                    emit(rest)
+        res = await proc.wait()
+        sr.exit_code = res.exit_code
+        written = await self._read_files(m, files)
+        try:
+            env.update(envfile.parse(written[files["GITHUB_ENV"]], "GITHUB_ENV"))
+            sr.outputs = envfile.parse(written[files["GITHUB_OUTPUT"]], "GITHUB_OUTPUT")
+        except PinnaceError as exc:
+            sr.reason = str(exc)
+            return False
+        path.extend(envfile.paths(written[files["GITHUB_PATH"]]))
+        summary = written[files["GITHUB_STEP_SUMMARY"]]
+        if summary:
+            contexts["_summary"] = contexts.get("_summary", "") + summary
+        if res.timed_out:
+            sr.reason = f"timed out after {minutes:g} min" + (
+                f" (x{self.scale:g})" if self.scale != 1 else "")
+            return False
+        if res.exit_code != 0:
+            sr.reason = f"exit code {res.exit_code}"
+            return False
+        return True
+
+    async def _read_files(self, m: Any, files: dict[str, str]) -> dict[str, str]:
+        r = await m.exec(["python3", "-c", _READ_FILES, *files.values()], timeout=60)
+        try:
+            data = json.loads(r.stdout[: 8 * envfile.MAX_BYTES].decode("utf-8", "replace"))
+            if not isinstance(data, dict):
+                raise ValueError
+        except ValueError:
+            data = {}
+        return {p: str(data.get(p, ""))[: envfile.MAX_BYTES] for p in files.values()}
+
+    async def _checkout(self, m: Any, sr: StepResult, label: str) -> bool:
+        src = self.options.workdir
+        if src is None:
+            sr.reason = "no working tree to check out (give the repository's folder)"
+            return False
+        from .checkout import prepare
+
+        with prepare(src) as tree:
+            await m.files.put(str(tree), WORKSPACE)
+        r = await m.exec(["chown", "-R", f"{USER}:", WORKSPACE])
+        if self.options.on_line is not None:
+            self.options.on_line(label, sr.name, f"checked out {src} into {WORKSPACE}")
+        return bool(r.exit_code == 0)
+
+    def mask(self, text: str) -> str:
+        """``text`` with every secret's value shown as ***, as GitHub's logs do."""
+        for value in self.masks:
+            text = text.replace(value, "***")
+        return text
+
+    def base_env(self, job: Job) -> dict[str, str]:
+        """The variables every step sees, as on GitHub's runners."""
+        return {
+            "CI": "true", "GITHUB_ACTIONS": "true", "HOME": f"/home/{USER}", "USER": USER,
+            "GITHUB_WORKSPACE": WORKSPACE, "GITHUB_JOB": job.id,
+            "GITHUB_EVENT_NAME": self.options.event, "GITHUB_RUN_ID": self.run_id,
+            "GITHUB_RUN_NUMBER": "1", "GITHUB_RUN_ATTEMPT": "1",
+            "GITHUB_REF": "refs/heads/main", "GITHUB_REF_NAME": "main",
+            "GITHUB_SHA": "0" * 40, "GITHUB_REPOSITORY": "local/repository",
+            "GITHUB_ACTOR": "pinnace", "RUNNER_OS": "Linux", "RUNNER_ARCH": "X64",
+            "RUNNER_NAME": "pinnace", "RUNNER_TEMP": f"{RUNNER_DIR}/temp",
+            "PATH": _GUEST_PATH,
+        }
+
+    def contexts(self, job: Job, needs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        opts = self.options
+        env = {**self.wf.env, **dict(opts.env)}
+        base = {"github": {
+            "event_name": opts.event, "event": {}, "ref": "refs/heads/main",
+            "ref_name": "main", "sha": "0" * 40, "repository": "local/repository",
+            "workspace": WORKSPACE, "job": job.id, "run_id": self.run_id, "run_number": "1",
+            "actor": "pinnace", "server_url": "https://github.com", "action": "", "token": "",
+            "workflow": self.wf.name},
+            "runner": {"os": "Linux", "arch": "X64", "name": "pinnace",
+                       "temp": f"{RUNNER_DIR}/temp"},
+            "secrets": dict(opts.secrets), "inputs": {}, "vars": {},
+            "matrix": dict(job.matrix), "needs": needs,
+            "strategy": {"fail-fast": job.strategy.fail_fast,
+                         "max-parallel": job.strategy.max_parallel},
+            "job": {"status": "success"}, "steps": {}}
+        ctx: dict[str, Any] = {**base, "env": {}}
+        resolved = {k: interpolate(v, {**ctx, "env": env}) for k, v in env.items()}
+        resolved.update({k: interpolate(v, {**ctx, "env": resolved}) for k, v in job.env.items()})
+        ctx["env"] = resolved
+        return ctx
+
+
+_GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def _minutes(value: float | str | None, contexts: dict[str, Any]) -> float | None:
+    """A timeout-minutes (a number, or an expression giving one); None if not given."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = evaluate(value.strip().removeprefix("${{").removesuffix("}}"), contexts)
+    try:
+        minutes = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError("timeout-minutes", str(value), "give a number of minutes") from None
+    if not 0 < minutes <= 10080:
+        raise ConfigError("timeout-minutes", str(value), "give 0 to 10080 minutes")
+    return minutes
+
+
+def _flag(value: bool | str, contexts: dict[str, Any]) -> bool:
+    if isinstance(value, bool):
+        return value
+    got = evaluate(value.strip().removeprefix("${{").removesuffix("}}"), contexts)
+    return bool(got) and got != "false"
+
+
+def _resolve(matrix: Any, contexts: dict[str, Any]) -> Any:
+    """A matrix written as (or holding) expressions, evaluated."""
+    if isinstance(matrix, str):
+        text = matrix.strip()
+        if text.startswith("${{") and text.endswith("}}"):
+            return evaluate(text[3:-2], contexts)
+        return interpolate(text, contexts)
+    if isinstance(matrix, dict):
+        return {k: _resolve(v, contexts) for k, v in matrix.items()}
+    if isinstance(matrix, list):
+        return [_resolve(v, contexts) for v in matrix]
+    return matrix
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")[:60] or "x"
+
+
+__all__ = ["JobResult", "Options", "RunResult", "Runner", "StepResult"]

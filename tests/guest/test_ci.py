@@ -1,0 +1,144 @@
+"""The CI runner with real machines: GitHub Actions workflow files run job by job in
+fresh microVMs (needs, matrix, env and output files, conditions, timeouts, refusals)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+# runs-on: ubuntu-* maps to an image named "ubuntu"; these tests run on the test image.
+UBUNTU = {"ubuntu-latest": "default"}
+
+
+def workflow(tmp_path: Path, text: str, name: str = "ci.yml") -> Path:
+    wf = tmp_path / ".github" / "workflows" / name
+    wf.parent.mkdir(parents=True, exist_ok=True)
+    wf.write_text(textwrap.dedent(text))
+    return wf
+
+
+def test_needs_env_and_output_files_conditions_and_a_step_timeout(pn, tmp_path):
+    """Two jobs: the second needs the first and reads its output; values pass between
+    steps through $GITHUB_ENV and $GITHUB_OUTPUT (multi-line too); a step that times out
+    fails its job, and only the if: failure() and always() steps run after it."""
+    wf = workflow(tmp_path, """\
+        name: ci
+        on: [push]
+        env:
+          GREETING: hello
+        jobs:
+          build:
+            runs-on: ubuntu-latest
+            outputs:
+              version: ${{ steps.ver.outputs.version }}
+            steps:
+              - id: ver
+                run: |
+                  echo "version=1.2.3" >> "$GITHUB_OUTPUT"
+                  echo "FROM_ENV=$GREETING world" >> "$GITHUB_ENV"
+                  { echo 'NOTES<<EOF'; echo line1; echo line2; echo EOF; } >> "$GITHUB_ENV"
+              - name: uses the env
+                run: |
+                  test "$FROM_ENV" = "hello world"
+                  test "$(printf '%s' "$NOTES" | wc -l)" = 1
+                  test "$(whoami)" = runner && test "$PWD" = /workspace
+                  sudo -n true
+              - name: expression
+                run: echo "v=${{ steps.ver.outputs.version }} os=${{ runner.os }}"
+              - uses: actions/checkout@v4
+              - name: checked out
+                run: |
+                  test -f README && test -d .git && test -f .github/workflows/ci.yml
+                  grep -q uncommitted README
+                  echo "token=${{ secrets.TOKEN }}"
+          deploy:
+            needs: build
+            runs-on: ubuntu-latest
+            timeout-minutes: 30
+            steps:
+              - run: test "${{ needs.build.outputs.version }}" = 1.2.3
+              - name: too slow
+                timeout-minutes: 0.05
+                run: sleep 600
+              - name: not run
+                run: echo should not run
+              - name: cleanup
+                if: failure()
+                run: echo cleaning up
+              - name: always
+                if: always()
+                run: echo always ran
+        """)
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "README").write_text("committed\n")
+    subprocess.run(["git", "-C", str(tmp_path), "add", "-A"], check=True)
+    subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c",
+                    "user.email=t@example.invalid", "commit", "-q", "-m", "x"], check=True)
+    (tmp_path / "README").write_text("uncommitted\n")
+    lines: list[str] = []
+    result = pn.ci.run(wf, timeout_scale=2.0, platforms=UBUNTU, secrets={"TOKEN": "s3cret!"},
+                       on_line=lambda job, step, text: lines.append(f"{job}/{step}: {text}"))
+    jobs = {j.id: j for j in result.jobs}
+    assert jobs["build"].status == "success", jobs["build"]
+    assert jobs["build"].outputs == {"version": "1.2.3"}
+    assert "build/expression: v=1.2.3 os=Linux" in lines, lines
+    assert "build/checked out: token=***" in lines, lines  # secrets are masked
+    deploy = jobs["deploy"]
+    assert deploy.status == "failure"
+    outcomes = [(s.name, s.outcome) for s in deploy.steps]
+    assert outcomes[1] == ("too slow", "failure") and "timed out" in deploy.steps[1].reason
+    assert outcomes[2:] == [("not run", "skipped"), ("cleanup", "success"),
+                            ("always", "success")], outcomes
+    assert "deploy/cleanup: cleaning up" in lines
+    assert not result.ok
+    assert not [m for m in pn.machines.list() if m.name.startswith("ci-")]
+
+
+def test_a_matrix_of_three_and_an_unsupported_action(pn, tmp_path):
+    wf = workflow(tmp_path, """\
+        on: push
+        jobs:
+          test:
+            runs-on: ubuntu-latest
+            strategy:
+              matrix:
+                n: [1, 2, 3]
+            steps:
+              - run: echo "n=${{ matrix.n }}" && test "${{ matrix.n }}" -le 3
+          node:
+            runs-on: ubuntu-latest
+            steps:
+              - uses: actions/setup-node@v4
+              - run: node --version
+        """)
+    result = pn.ci.run(wf, parallel=3, platforms=UBUNTU)
+    assert sorted(j.variant for j in result.jobs) == ["test (1)", "test (2)", "test (3)"]
+    assert all(j.status == "success" for j in result.jobs)
+    assert len(result.skipped) == 1
+    assert "ci.yml:13" in str(result.skipped[0]) and "actions/setup-node" in str(
+        result.skipped[0])
+
+
+def test_the_cli_runs_a_workflow_and_exits_with_its_result(pinnace_home, tmp_path):
+    wf = workflow(tmp_path, """\
+        on: push
+        jobs:
+          ok:
+            runs-on: ubuntu-latest
+            steps:
+              - run: echo fine
+          bad:
+            runs-on: ubuntu-latest
+            steps:
+              - run: exit 3
+        """)
+    pinnace = Path(sys.executable).parent / "pinnace"
+    r = subprocess.run([str(pinnace), "ci", "run", str(wf), "-P", "ubuntu-latest=default"],
+                       capture_output=True, text=True, timeout=900,
+                       env={**os.environ, "PINNACE_HOME": str(pinnace_home)})
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "[ok/Run echo fine] fine" in r.stdout, r.stdout
+    assert "failure   bad" in r.stdout and "exit code 3" in r.stdout, r.stdout
