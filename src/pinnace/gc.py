@@ -50,7 +50,8 @@ log = logging.getLogger(__name__)
 class Removed:
     """One thing gc removed (or, in a dry run, would remove)."""
 
-    kind: str  # "staging", "machine", "network", "volume", "process", "snapshot", "port"
+    kind: str  # "staging", "machine", "network", "volume", "process", "snapshot", "port",
+    # "cgroup"
     what: str
 
     def __str__(self) -> str:
@@ -113,6 +114,13 @@ class Collector:
             out.append(Removed("snapshot", str(path.relative_to(self.store.home))))
         for path in self.store.leftovers():
             out.append(Removed("staging", str(path.relative_to(self.store.home))))
+        try:  # cgroups of CI jobs whose run was killed (their QEMUs are gone by now)
+            from .backends.qemu import cgroup
+
+            for name in await asyncio.to_thread(cgroup.gc_leftovers, "pinnace-ci"):
+                out.append(Removed("cgroup", f"pinnace-ci/{name} (a CI job's, left behind)"))
+        except PinnaceError:
+            pass  # (no cgroups here, or not ours to touch)
         for net, port in self.networks.stale_ports():
             out.append(Removed("port", f"{port} on network {net} (its router is gone)"))
             if not dry_run:

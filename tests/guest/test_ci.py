@@ -142,3 +142,25 @@ def test_the_cli_runs_a_workflow_and_exits_with_its_result(pinnace_home, tmp_pat
     assert r.returncode == 1, r.stdout + r.stderr
     assert "[ok/Run echo fine] fine" in r.stdout, r.stdout
     assert "failure   bad" in r.stdout and "exit code 3" in r.stdout, r.stdout
+
+
+def test_a_memory_hog_is_stopped_by_the_jobs_limit_and_reported(pn, tmp_path):
+    """pinnace's own format: a job limited to 256 MiB; a step that allocates without end
+    is killed, and the step says it ran out of memory (with the console's tail); the
+    job's QEMU ran in a cgroup of its own, removed afterwards."""
+    wf = tmp_path / "pinnace-ci.yml"
+    wf.write_text(textwrap.dedent("""\
+        limits: {memory: 256M}
+        steps:
+          - name: fine
+            run: free -m
+          - name: hog
+            run: python3 -c 'b = [bytearray(16 << 20) for _ in range(100000)]'
+        """))
+    result = pn.ci.run(wf)
+    [job] = result.jobs
+    assert job.status == "failure"
+    hog = job.steps[1]
+    assert hog.outcome == "failure" and "out of memory inside the machine" in hog.reason, hog
+    assert "Killed process" in hog.reason and hog.console, hog
+    assert not list(Path("/sys/fs/cgroup/memory/pinnace-ci").glob("ci-*"))

@@ -63,7 +63,7 @@ class AsyncCI:
                   platforms: Mapping[str, str] | None = None,
                   logs: str | os.PathLike[str] | None = None,
                   workdir: str | os.PathLike[str] | None = None, net: str | None = None,
-                  on_line: Line | None = None) -> RunResult:
+                  cgroups: bool = True, on_line: Line | None = None) -> RunResult:
         """Run workflow file ``path``: every job that can run (``job``: that one and what
         it needs; ``matrix``: only the combinations with these values), in fresh
         machines. ``workdir`` is what actions/checkout checks out (default: the
@@ -88,7 +88,8 @@ class AsyncCI:
                           secrets=dict(secrets or {}), parallel=parallel, keep=keep,
                           timeout_scale=timeout_scale, platforms=dict(platforms or {}),
                           logs=Path(logs) if logs else None,
-                          workdir=Path(workdir) if workdir else None, net=net, on_line=on_line)
+                          workdir=Path(workdir) if workdir else None, net=net,
+                          cgroups=cgroups, on_line=on_line)
         return await Runner(self.machines, accelerated=choice.accel == "kvm").run(wf, options)
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import re
 import secrets
 import time
@@ -34,6 +33,8 @@ from .expressions import condition, evaluate, interpolate
 from .workflow import Job, Skipped, Step, Workflow, expand, platform, select, stages
 
 DEFAULT_JOB_MINUTES = 360.0  # GitHub's default timeout-minutes
+QEMU_OVERHEAD = 512 << 20  # what a job's QEMU may use beyond its guest's memory
+QEMU_PIDS = 1024  # threads of a job's QEMU (the guest's own processes are not the host's)
 WORKSPACE = "/workspace"
 RUNNER_DIR = "/tmp/_runner"
 USER = "runner"
@@ -45,17 +46,10 @@ command -v python >/dev/null || ln -sf "$(command -v python3)" /usr/local/bin/py
 mkdir -p {WORKSPACE} {RUNNER_DIR}/temp
 chown -R {USER}: {WORKSPACE} {RUNNER_DIR}
 """
-# Read back what a step wrote for the runner, each file cut at envfile.MAX_BYTES.
-_READ_FILES = f"""import json, sys
-out = {{}}
-for name in sys.argv[1:]:
-    try:
-        with open(name, "rb") as f:
-            out[name] = f.read({envfile.MAX_BYTES}).decode("utf-8", "replace")
-    except OSError:
-        out[name] = ""
-print(json.dumps(out))
-"""
+# Read back what a step wrote for the runner: per file "SIZE\n" then its first
+# envfile.MAX_BYTES bytes (sh, not python: a python start costs ~0.5 s without KVM).
+_READ_FILES = (f'for f do if [ -s "$f" ]; then wc -c < "$f"; head -c {envfile.MAX_BYTES} "$f"; '
+               'else echo 0; fi; done')
 
 
 @dataclass
@@ -73,6 +67,7 @@ class StepResult:
     reason: str = ""
     outputs: dict[str, str] = field(default_factory=dict)
     log: Path | None = None
+    console: str = ""  # the machine's serial console, when the step ran out of memory
 
 
 @dataclass
@@ -142,6 +137,7 @@ class Options:
     logs: Path | None = None
     workdir: Path | None = None
     net: str | None = None
+    cgroups: bool = True  # each job's QEMU in a cgroup with memory, CPU and pids limits
     on_line: Line | None = None
 
 
@@ -276,7 +272,10 @@ class _Run:
         logs = (opts.logs / _slug(label)) if opts.logs else None
         if logs is not None:
             logs.mkdir(parents=True, exist_ok=True)
+        group = None
         try:
+            if opts.cgroups:
+                group = await self._confine(m, job)
             r = await m.exec(["sh", "-c", _SETUP], timeout=120)
             if r.exit_code != 0:
                 result.status = "failure"
@@ -296,8 +295,12 @@ class _Run:
                     if s.outcome == "running":
                         s.outcome = s.conclusion = "cancelled"
             result.steps_seconds = time.monotonic() - t1
+        except PinnaceError as exc:  # (its limits could not be set, say)
+            result.status, result.reason = "failure", str(exc)
         finally:
             t2 = time.monotonic()
+            if group is not None:
+                self._oom_report(group, result)
             keep = opts.keep == "always" or (opts.keep == "failed" and result.status == "failure")
             if keep:
                 with contextlib.suppress(PinnaceError):
@@ -306,7 +309,37 @@ class _Run:
             else:
                 with contextlib.suppress(PinnaceError):
                     await m.delete(force=True)
+            if group is not None and result.machine is None:
+                with contextlib.suppress(PinnaceError):
+                    await asyncio.to_thread(group.remove)
             result.cleanup = time.monotonic() - t2
+
+    async def _confine(self, m: Any, job: Job) -> Any:
+        """Put the job's QEMU in a cgroup of its own: memory (its guest's and
+        QEMU_OVERHEAD), CPU (its guest's CPUs) and pids limits. A HostError says why
+        when the host has no cgroups to give (see --no-cgroup)."""
+        from ..backends.qemu import cgroup
+
+        st = await m.status()
+        cfg = m.config
+        limits = cgroup.Limits(memory_bytes=cfg.memory_mib * (1 << 20) + QEMU_OVERHEAD,
+                               cpus=float(cfg.cpus), pids=QEMU_PIDS)
+        group = await asyncio.to_thread(cgroup.Cgroup.create, m.name, limits, parent="pinnace-ci")
+        if st.pid is not None:
+            await asyncio.to_thread(group.add, st.pid)
+        return group
+
+    def _oom_report(self, group: Any, result: JobResult) -> None:
+        """If the kernel killed the job's QEMU for its memory limit, the failing step
+        says so."""
+        with contextlib.suppress(PinnaceError, OSError):
+            if group.oom_killed():
+                failing = [s for s in result.steps if s.outcome == "failure"]
+                why = ("out of memory: the job's QEMU reached its memory limit and the host "
+                       "killed it")
+                if failing:
+                    failing[-1].reason = why
+                result.status, result.reason = "failure", why
 
     async def _steps(self, m: Any, job: Job, contexts: dict[str, Any], result: JobResult,
                      label: str, logs: Path | None) -> None:
@@ -372,13 +405,11 @@ class _Run:
         script = interpolate(step.run, contexts_here)
         argv, ext = job.command(step)
         remote = f"{RUNNER_DIR}/{step.index}{ext}"
-        r = await m.exec(["sh", "-c", f'cat > "$1" && : > "$2" && : > "$3" && : > "$4" && '
-                          f': > "$5" && chown {USER}: "$1" "$2" "$3" "$4" "$5"', "sh", remote,
-                          *files.values()], input=script.encode())
-        if r.exit_code != 0:
-            sr.reason = "could not write the script into the machine"
-            return False
-        argv = [a.replace("{0}", remote) for a in argv]
+        # One command writes the script (from stdin; the step's own stdin is then at its
+        # end, as on GitHub), empties the step's files, and becomes the step's shell.
+        argv = ["sh", "-c", 'cat > "$1" && : > "$2" && : > "$3" && : > "$4" && : > "$5" '
+                '&& shift 5 && exec "$@"', "sh", remote, *files.values(),
+                *(a.replace("{0}", remote) for a in argv)]
         workdir = job.working_directory(step)
         cwd = WORKSPACE if not workdir else (
             workdir if workdir.startswith("/") else f"{WORKSPACE}/{workdir}")
@@ -387,7 +418,10 @@ class _Run:
         log = (logs / f"{step.index + 1:02d}-{_slug(step.name)}.log") if logs else None
         sr.log = log
         on_line = self.options.on_line
-        proc = await m.start_process(argv, env=full_env, cwd=cwd, user=USER, timeout=timeout)
+        proc = await m.start_process(argv, env=full_env, cwd=cwd, user=USER, timeout=timeout,
+                                     stdin=True)
+        await proc.write(script.encode())
+        await proc.close_stdin()
         pending: dict[object, bytes] = {}  # (a line cut across chunks, per stream)
         with (open(log, "w", encoding="utf-8") if log else contextlib.nullcontext()) as out:
 
@@ -428,18 +462,38 @@ class _Run:
             return False
         if res.exit_code != 0:
             sr.reason = f"exit code {res.exit_code}"
+            if res.exit_code in (137, -9) or res.signal == 9:
+                await self._oom_in_guest(m, sr)
             return False
         return True
 
+    async def _oom_in_guest(self, m: Any, sr: StepResult) -> None:
+        """A step killed by SIGKILL: if the guest's kernel killed it for memory, say so,
+        with the tail of the machine's console."""
+        r = await m.exec(["sh", "-c", "dmesg | grep -iE 'out of memory|oom-kill' | tail -n 3"],
+                         timeout=30)
+        found = r.stdout[-2000:].decode("utf-8", "replace").strip().splitlines()
+        if found:
+            killed = next((ln for ln in reversed(found) if "Killed process" in ln), found[-1])
+            what = killed.split("] ", 1)[-1][:160]
+            sr.reason = f"out of memory inside the machine: {what}"
+            with contextlib.suppress(PinnaceError, OSError):
+                sr.console = m.serial_tail(20)
+
     async def _read_files(self, m: Any, files: dict[str, str]) -> dict[str, str]:
-        r = await m.exec(["python3", "-c", _READ_FILES, *files.values()], timeout=60)
-        try:
-            data = json.loads(r.stdout[: 8 * envfile.MAX_BYTES].decode("utf-8", "replace"))
-            if not isinstance(data, dict):
-                raise ValueError
-        except ValueError:
-            data = {}
-        return {p: str(data.get(p, ""))[: envfile.MAX_BYTES] for p in files.values()}
+        """What the step wrote into ``files`` (from the guest: sizes are checked)."""
+        r = await m.exec(["sh", "-c", _READ_FILES, "sh", *files.values()], timeout=60)
+        data, at, out = r.stdout, 0, {}
+        for path in files.values():
+            end = data.find(b"\n", at)
+            try:
+                size = min(int(data[at:end]), envfile.MAX_BYTES) if end > at else 0
+            except ValueError:
+                size = 0
+            at = end + 1 if end >= 0 else len(data)
+            out[path] = data[at:at + size].decode("utf-8", "replace")
+            at += size
+        return out
 
     async def _checkout(self, m: Any, sr: StepResult, label: str) -> bool:
         src = self.options.workdir

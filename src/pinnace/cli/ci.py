@@ -47,11 +47,14 @@ def _pairs(values: tuple[str, ...], what: str) -> dict[str, str]:
 @click.option("-P", "--platform", "platforms", multiple=True, metavar="LABEL=IMAGE",
               help="Run jobs with this runs-on label on this image (like act).")
 @click.option("--logs", type=click.Path(file_okay=False), help="Save each step's log here.")
+@click.option("--no-cgroup", "cgroups", flag_value=False, default=True,
+              help="Do not confine jobs' QEMUs in cgroups (no memory, CPU, pids limits).")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
 @click.pass_context
 def run(ctx: click.Context, files: tuple[str, ...], job: str | None, matrix: tuple[str, ...],
         event: str, env_file: str | None, secret_file: str | None, parallel: int, keep: str,
-        timeout_scale: float, platforms: tuple[str, ...], logs: str | None, fmt: str) -> None:
+        timeout_scale: float, platforms: tuple[str, ...], logs: str | None, cgroups: bool,
+        fmt: str) -> None:
     """Run workflow FILES (default: this repository's .github/workflows and
     .pinnace/ci.yml), each job in a fresh machine; steps stream with job/step prefixes.
 
@@ -82,7 +85,7 @@ def run(ctx: click.Context, files: tuple[str, ...], job: str | None, matrix: tup
             result = await pn.ci.run(path, job=job, matrix=wanted, event=event, env=env,
                                      secrets=secrets, parallel=parallel, keep=keep,
                                      timeout_scale=timeout_scale, platforms=plat, logs=logs,
-                                     on_line=line)
+                                     cgroups=cgroups, on_line=line)
             out.append(result.to_dict())
             if not result.ok:
                 code = 1
@@ -95,6 +98,12 @@ def run(ctx: click.Context, files: tuple[str, ...], job: str | None, matrix: tup
                     took = f"{j.start:.1f}s start, {j.steps_seconds:.1f}s steps"
                     why = f": {j.reason}" if j.reason else ""
                     click.echo(f"{j.status:9} {j.variant} ({took}){why}")
+                    for step in j.steps:
+                        if step.console:
+                            click.echo(f"          console of {j.variant}, as "
+                                       f"'{step.name}' failed:")
+                            for ln in step.console.splitlines():
+                                click.echo(f"          | {ln}")
                     if j.machine:
                         click.echo(f"          kept machine {j.machine}: pinnace shell "
                                    f"{j.machine}")
