@@ -121,6 +121,9 @@ class Collector:
                 out.append(Removed("cgroup", f"pinnace-ci/{name} (a CI job's, left behind)"))
         except PinnaceError:
             pass  # (no cgroups here, or not ours to touch)
+        if await self.networks.retire_internet(dry_run=dry_run):
+            out.append(Removed("network", "internet (made when first needed; nothing is on "
+                                          "it or behind it now)"))
         for net, port in self.networks.stale_ports():
             out.append(Removed("port", f"{port} on network {net} (its router is gone)"))
             if not dry_run:

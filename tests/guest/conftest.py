@@ -1,12 +1,13 @@
 """Fixtures that boot real guests. The image is built once per store and cached."""
 
+import contextlib
 import itertools
 import os
 import sys
 
 import pytest
 
-from pinnace import Pinnace
+from pinnace import Pinnace, PinnaceError
 
 _counter = itertools.count()
 
@@ -19,6 +20,8 @@ def pn(pinnace_home):
         p.gc(owned_only=True)
         p.images.build()
         yield p
+        with contextlib.suppress(PinnaceError):  # made when a test first needed it; refused
+            p.networks.remove("internet")  # while something is on it or behind it
 
 
 @pytest.fixture

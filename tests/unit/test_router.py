@@ -369,6 +369,7 @@ def test_gc_removes_a_router_port_left_behind_and_networks_behind_others_first(l
     assert nets.depth("home") == 2 and nets.depth("carrier") == 1 and nets.depth("internet") == 0
     removed = run(pn.release())  # (what a test session does at its end)
     assert [r.what.split()[0] for r in removed] == ["home", "carrier"]
+    run(nets.create("kept", "192.168.5.0/24", nat="easy"))  # (the internet stays in use)
     inet = nets.get("internet")
     stray = inet.path / "ports" / "gone.wan.json"
     stray.write_text((inet.path / "ports" / "core.json").read_text())
@@ -376,6 +377,11 @@ def test_gc_removes_a_router_port_left_behind_and_networks_behind_others_first(l
     assert "removed port gone.wan on network internet (its router is gone)" in [
         str(r) for r in run(pn.gc())]
     assert nets.stale_ports() == [] and not stray.exists()
+    # Nothing on it or behind it: gc removes the internet (the next need makes it again).
+    run(nets.remove("kept"))
+    assert "removed network internet (made when first needed; nothing is on it or behind " \
+        "it now)" in [str(r) for r in run(pn.gc())]
+    assert "internet" not in [n.name for n in nets.list()]
 
 
 def test_nat_pmp_gives_the_outside_address_and_opens_a_port(lab):

@@ -491,3 +491,38 @@ def test_a_capture_into_a_fifo_is_refused_and_the_switch_runs_on(lan, root, capl
         assert f"capture c1: cannot write {fifo}" in caplog.text
     finally:
         sw.close()
+
+
+def test_a_switch_whose_network_folder_is_removed_stops_and_does_not_make_it_again(make_net):
+    """rm -rf of a network's folder (a store thrown away, a checkout cloned again into the
+    same path) ends its switch and supervisor; neither makes the folder anew."""
+    import shutil
+    import time
+
+    from pinnace.network.switch import ensure_running, running
+
+    net = make_net("gone")
+    ensure_running(net)
+    before = running(net)
+    assert before["switch_alive"] and before["supervisor_alive"]
+    pids = [before["switch_pid"], before["supervisor_pid"]]
+    shutil.rmtree(net)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in pids)
+    assert not net.exists()
+
+
+def _alive(pid):
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -473,8 +473,12 @@ class AsyncNetworks:
         files = self.files(name)
         up = self.files(router.upstream)
         routes = () if router.nat.translate else (self.get(name).subnet,)
-        switch.write_port(up.dir, wan_port(name), host_port(
-            files, "wan", name, mac_for(name, "wan"), router.wan_ip, routes))
+        try:
+            switch.write_port(up.dir, wan_port(name), host_port(
+                files, "wan", name, mac_for(name, "wan"), router.wan_ip, routes))
+        except FileNotFoundError:
+            raise NotFoundError("network", router.upstream, f"network {name!r} sits behind "
+                                "it; remove that and make it again") from None
         if not switch.notify(up.dir):
             switch.ensure_running(up.dir)
 
@@ -528,6 +532,24 @@ class AsyncNetworks:
 
         switch.remove_port(self.files(name).dir, port)
         switch.notify(self.files(name).dir)
+
+    async def retire_internet(self, *, dry_run: bool = False) -> bool:
+        """Remove the simulated internet if no machine is on it and no network behind it
+        (the next that needs it makes it again); True if it went (or, in a dry run,
+        would go)."""
+        try:
+            net = self.get(INTERNET)
+        except PinnaceError:
+            return False
+        if not net.internet or self.members(INTERNET) or self.routers(INTERNET):
+            return False
+        if dry_run:
+            return True
+        try:
+            await self.remove(INTERNET)
+        except PinnaceError:
+            return False  # (something joined it meanwhile)
+        return True
 
     def routers(self, upstream: str) -> dict[str, str]:
         """Network -> its router's outside address, for the networks behind a router on

@@ -233,7 +233,7 @@ def write_port(dir: Path, port_id: str, spec: PortSpec) -> None:
     except ValueError as exc:
         raise ConfigError("port", spec, str(exc)) from exc
     files = NetworkFiles(Path(dir))
-    files.ports_dir.mkdir(parents=True, exist_ok=True)
+    files.ports_dir.mkdir(exist_ok=True)  # (FileNotFoundError: the network is gone)
     write_atomic(files.port_file(port_id), text)
 
 
@@ -316,11 +316,12 @@ class Switch:
         self._timers: list[tuple[float, int, _Port, bytes]] = []  # frames held back
         self._seq = 0
         self._captures: dict[str, Capture] = {}  # capture id -> its open pcap file
+        # (not parents: a switch whose network's folder was removed must not make it anew)
+        self.files.ports_dir.mkdir(exist_ok=True)
         # Simulated hosts this switch runs (network.json says which): the network's
         # router, or the internet's core; each is a port of some switch, like a QEMU.
         self._hosts: dict[str, Router | Core] = {}
         self._host_specs: dict[str, object] = {}
-        self.files.ports_dir.mkdir(parents=True, exist_ok=True)
         self.rescan()
 
     # --- requests from signal handlers and other threads ---
@@ -383,6 +384,10 @@ class Switch:
             write_atomic(self.files.stats, json.dumps(self.stats(), indent=2) + "\n")
         if now >= self._next_tick:
             self._next_tick = now + _POLL_INTERVAL
+            if not self.files.dir.is_dir():  # its network was removed under it: done
+                log.info("the network's folder is gone; stopping")
+                self._stopping = True
+                return
             if self._retry_binds or self._ports_changed():
                 self.rescan()
             elif self._captures:  # (a capture whose command died ends)
@@ -1032,6 +1037,9 @@ def supervise(dir: Path, *, detach: bool = False) -> int:
             ran = time.monotonic() - started
             if stopping:
                 break
+            if not Path(dir).is_dir():  # the network was removed (rm -rf, say): no restart
+                log.info("the network's folder is gone; the supervisor stops")
+                break
             if ran >= _HEALTHY:
                 backoff = _BACKOFF_MIN
             delay = backoff
@@ -1107,7 +1115,10 @@ def ensure_running(dir: Path, timeout: float = 5.0) -> int:
     a reason in switch.log); raises SwitchError if that takes longer than ``timeout``.
     """
     files = NetworkFiles(Path(dir).absolute())
-    files.ports_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        files.ports_dir.mkdir(exist_ok=True)
+    except FileNotFoundError:
+        raise _error(files, "its folder does not exist (the network was removed)") from None
     with FileLock(files.lock, _LOCK_TIMEOUT):
         sup = _live(files.supervisor_pid)
         if sup is None:
