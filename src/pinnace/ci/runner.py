@@ -176,6 +176,7 @@ class _Run:
         self.slots = asyncio.Semaphore(max(1, options.parallel))
         self.by_id: dict[str, list[asyncio.Future[list[JobResult]]]] = {}
         self.failed_ids: set[str] = set()  # matrix jobs with a failed combination
+        self.per_job: dict[str, asyncio.Semaphore] = {}
         self.run_id = str(int(time.time()))
         self.masks = sorted((v for v in options.secrets.values() if len(v) >= 3),
                             key=len, reverse=True)
@@ -222,13 +223,20 @@ class _Run:
             return {"success": needs_ok, "failure": not needs_ok, "always": True,
                     "cancelled": False}.get(name, False)
 
-        if not condition(job.if_, contexts, status=job_status):
+        try:
+            go = condition(job.if_, contexts, status=job_status)
+        except PinnaceError as exc:
+            result.status, result.reason = "failure", f"its if: {exc}"
+            return result
+        if not go:
             result.reason = "its if: is false" if job.if_ else "a job it needs did not succeed"
             return result
         if job.strategy.fail_fast and job.id in self.failed_ids:
             result.status, result.reason = "cancelled", "another combination failed (fail-fast)"
             return result
-        async with self.slots:
+        most = job.strategy.max_parallel  # (strategy.max-parallel: of this job's combinations)
+        own = self.per_job.setdefault(job.id, asyncio.Semaphore(most or 64))
+        async with own, self.slots:
             if job.strategy.fail_fast and job.id in self.failed_ids:
                 result.status, result.reason = "cancelled", "another combination failed"
                 return result
@@ -359,7 +367,14 @@ class _Run:
                 return {"success": not failed, "failure": failed, "always": True,
                         "cancelled": False}.get(name, False)
 
-            if not condition(step.if_, contexts, status=status):
+            try:
+                go = condition(step.if_, contexts, status=status)
+            except PinnaceError as exc:
+                sr.outcome = sr.conclusion = "failure"
+                sr.reason = f"its if: {exc}"
+                failed = True
+                continue
+            if not go:
                 if step.id:
                     steps_ctx[step.id] = {"outputs": {}, "outcome": "skipped",
                                           "conclusion": "skipped"}
