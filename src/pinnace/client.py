@@ -66,7 +66,7 @@ class AsyncPinnace:
         self.snapshots.on_replaced = lambda snap: self.pool.drain(snapshot=snap.ref,
                                                                   wait_for_fillers=False)
         self.images.before_remove = lambda digest: self.pool.drain(image_digest=digest)
-        self.ci = AsyncCI(self.machines, backend)
+        self.ci = AsyncCI(self.machines, backend, images=images, volumes=self.volumes)
         self.collector = Collector(self.store, self.machines, self.snapshots, self.networks,
                                    self.volumes, self.pool, KernelCache())
 

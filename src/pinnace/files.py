@@ -84,8 +84,10 @@ class AsyncFiles:
         if not result.ok:
             raise _failure(what, bytes(err))
 
-    async def get(self, remote: str, local: str | os.PathLike[str]) -> int:
-        """Copy ``remote`` (a file or a directory) from the guest to the host; return bytes."""
+    async def get(self, remote: str, local: str | os.PathLike[str], *,
+                  limit: int | None = None) -> int:
+        """Copy ``remote`` (a file or a directory) from the guest to the host; return bytes.
+        ``limit``: refuse (and keep nothing of) more than this many bytes from the guest."""
         remote = _remote(remote)
         dst = Path(local)
         agent = await self._agent()
@@ -108,6 +110,9 @@ class AsyncFiles:
                     if stream == P.STDOUT:
                         out.write(data)
                         received += len(data)
+                        if limit is not None and received > limit:
+                            raise ConfigError("guest path", remote, f"it is more than "
+                                              f"{limit} bytes, the most asked for here")
                     elif len(err) < 4096:
                         err += data[: 4096 - len(err)]
             result = await proc.wait()

@@ -24,7 +24,8 @@ import os
 import shutil
 import subprocess
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,12 +75,13 @@ class Volume:
     journal: bool
     created: float
     label: str  # the ext4 label: the name, cut to 16 bytes
+    labels: dict[str, str] = field(default_factory=dict)  # what its maker noted on it
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready fields."""
         return {"name": self.name, "path": str(self.path), "image": str(self.image),
                 "size": self.size, "journal": self.journal, "created": self.created,
-                "label": self.label}
+                "label": self.label, "labels": dict(self.labels)}
 
 
 def volume_size(value: str | int) -> int:
@@ -132,6 +134,10 @@ def _read(files: VolumeFiles, name: str) -> Volume:
         raise _damaged(name, files.meta, f"has a bad creation time {created!r}")
     if not isinstance(label, str):
         raise _damaged(name, files.meta, f"has a bad label {label!r}")
+    labels = meta.get("labels", {})
+    if not isinstance(labels, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+        raise _damaged(name, files.meta, f"has bad labels {labels!r}")
     try:
         actual = files.image.stat().st_size
     except FileNotFoundError:
@@ -141,7 +147,7 @@ def _read(files: VolumeFiles, name: str) -> Volume:
     if actual != size:
         raise _damaged(name, files.image, f"is {actual} bytes, but volume.json says {size}")
     return Volume(name=name, path=files.dir, image=files.image, size=size, journal=journal,
-                  created=float(created), label=label)
+                  created=float(created), label=label, labels=labels)
 
 
 def _make_sparse(path: Path, size: int, asked: str | int) -> None:
@@ -181,6 +187,18 @@ def _mkfs(mkfs: str, image: Path, *, name: str, label: str, journal: bool) -> No
         detail = (r.stderr.strip() or r.stdout.strip() or "no output").splitlines()
         raise VolumeError(name, f"{MKFS} failed with exit code {r.returncode}: "
                           + " / ".join(detail[-5:]))
+
+
+def _copy_sparse(src: Path, dst: Path, name: str) -> None:
+    """Copy a volume's file, keeping its holes (so a copy takes what the data takes)."""
+    try:
+        r = subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(src), str(dst)],
+                           stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                           errors="replace", timeout=MKFS_TIMEOUT, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise VolumeError(name, f"copying {src} failed: {exc}") from None
+    if r.returncode != 0:
+        raise VolumeError(name, f"copying {src} failed: {r.stderr.strip()[-300:]}")
 
 
 class AsyncVolumes:
@@ -238,25 +256,33 @@ class AsyncVolumes:
     # -- changes -------------------------------------------------------------------------
 
     async def create(self, name: str, size: str | int, *, journal: bool = True,
-                     ephemeral: bool = False) -> Volume:
+                     ephemeral: bool = False, labels: Mapping[str, str] | None = None,
+                     source: str | None = None) -> Volume:
         """Make volume ``name``: a sparse file of ``size`` ('10G'; a bare number is MiB)
-        formatted ext4, with or without a journal. An existing volume is never touched.
-        ``ephemeral``: it belongs to this process (a test session), and ``gc`` removes it
-        once the process is gone (see :class:`pinnace.store.Owned`)."""
+        formatted ext4, with or without a journal; or, with ``source``, a copy of that
+        volume (its size and contents; ``size`` and ``journal`` are then its). An existing
+        volume is never touched. ``ephemeral``: it belongs to this process (a test
+        session), and ``gc`` removes it once the process is gone (see
+        :class:`pinnace.store.Owned`). ``labels``: notes kept with it (``Volume.labels``)."""
         files = self.files(name)
-        nbytes = volume_size(size)
+        if source is not None:
+            src = self.get(source)
+            size = nbytes = src.size
+            journal = src.journal
+        else:
+            nbytes = volume_size(size)
         if files.dir.exists():
             raise AlreadyExistsError("volume", name)
         mkfs = mkfs_binary()
         return await asyncio.to_thread(self._create, name, size, nbytes, journal, mkfs,
-                                       ephemeral)
+                                       ephemeral, dict(labels or {}), source)
 
     def keep(self, name: str) -> None:
         """Make a volume made ``ephemeral`` an ordinary one, which ``gc`` leaves alone."""
         drop_owner(self.files(name))
 
     def _create(self, name: str, asked: str | int, size: int, journal: bool, mkfs: str,
-                ephemeral: bool) -> Volume:
+                ephemeral: bool, labels: dict[str, str], source: str | None) -> Volume:
         store = self.store
         final = self.files(name)
         try:
@@ -266,10 +292,21 @@ class AsyncVolumes:
         with store.staging_dir("volume-") as stage:
             staged = VolumeFiles(stage)
             label = name[:LABEL_MAX]
-            _make_sparse(staged.image, size, asked)
-            _mkfs(mkfs, staged.image, name=name, label=label, journal=journal)
-            write_json(staged.meta, {"name": name, "size": size, "journal": journal,
-                                     "created": time.time(), "label": label})
+            if source is None:
+                _make_sparse(staged.image, size, asked)
+                _mkfs(mkfs, staged.image, name=name, label=label, journal=journal)
+            else:
+                # Copied under the source's lock, which a machine using it holds shared
+                # (so it is not removed meanwhile; its writers are the caller's to stop).
+                with store.locked(shared=(("volume", source),)):
+                    src = self.get(source)
+                    label = src.label
+                    _copy_sparse(src.image, staged.image, name)
+            meta: dict[str, Any] = {"name": name, "size": size, "journal": journal,
+                                    "created": time.time(), "label": label}
+            if labels:
+                meta["labels"] = labels
+            write_json(staged.meta, meta)
             if ephemeral:
                 write_atomic(staged.owner, this_process() + "\n")
             with store.locked(("volume", name)):

@@ -3,6 +3,7 @@ fresh microVMs (needs, matrix, env and output files, conditions, timeouts, refus
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -150,17 +151,101 @@ def test_a_memory_hog_is_stopped_by_the_jobs_limit_and_reported(pn, tmp_path):
     job's QEMU ran in a cgroup of its own, removed afterwards."""
     wf = tmp_path / "pinnace-ci.yml"
     wf.write_text(textwrap.dedent("""\
-        limits: {memory: 256M}
+        limits: {memory: 256M, pids: 64}
         steps:
           - name: fine
-            run: free -m
+            run: free -m && test "$(ulimit -u)" = 64
           - name: hog
             run: python3 -c 'b = [bytearray(16 << 20) for _ in range(100000)]'
         """))
     result = pn.ci.run(wf)
     [job] = result.jobs
     assert job.status == "failure"
-    hog = job.steps[1]
+    assert [s.name for s in job.steps] == ["checkout", "fine", "hog"]
+    hog = job.steps[2]
     assert hog.outcome == "failure" and "out of memory inside the machine" in hog.reason, hog
     assert "Killed process" in hog.reason and hog.console, hog
     assert not list(Path("/sys/fs/cgroup/memory/pinnace-ci").glob("ci-*"))
+
+
+def test_a_cache_is_restored_by_a_second_run_and_artifacts_are_copied_out(pn, tmp_path):
+    """pinnace's format: a cache keyed by hashFiles() starts empty, is saved after the
+    job succeeds, and the next run finds what the first left; a changed key restores
+    from restore-keys' prefix and saves the new key; artifacts (a folder, a file, a
+    glob) are copied out after each job."""
+    for v in pn.volumes.list():  # (what a failed run of this test saved)
+        if v.name.startswith("ci-cache-deps-"):
+            pn.volumes.remove(v.name)
+    (tmp_path / "requirements.txt").write_text("one\n")
+    wf = tmp_path / "pinnace-ci.yml"
+    wf.write_text(textwrap.dedent("""\
+        caches:
+          - name: deps
+            path: ~/.cache/deps
+            key: deps-${{ hashFiles('requirements.txt') }}
+            restore-keys: [deps-]
+            size: 64M
+        artifacts: [dist/, report.txt, "logs/*.log", missing/]
+        steps:
+          - name: use the cache
+            run: |
+              test -O ~/.cache/deps && test -O ~ && test -f ~/.bashrc
+              if [ -f ~/.cache/deps/made ]; then
+                echo "found $(cat ~/.cache/deps/made)"
+              else
+                echo "empty"; echo "$RUN" > ~/.cache/deps/made
+              fi
+          - run: |
+              mkdir -p dist logs && echo "built $RUN" > dist/app && echo ok > report.txt
+              echo a > logs/x.log && echo b > logs/y.txt
+        """))
+    lines: list[str] = []
+
+    def run(n: int, out: str) -> None:
+        lines.clear()
+        result = pn.ci.run(wf, env={"RUN": str(n)}, artifacts=tmp_path / out,
+                           on_line=lambda job, step, text: lines.append(f"{step}: {text}"))
+        assert result.ok, (result, lines)
+
+    key = "deps-" + hashlib.sha256(hashlib.sha256(b"one\n").digest()).hexdigest()
+    run(1, "a1")
+    assert "use the cache: empty" in lines, lines
+    assert f"cache: cache deps: saved under key {key}" in lines, lines
+    got = tmp_path / "a1" / "ci"
+    assert (got / "dist" / "app").read_text() == "built 1\n"
+    assert (got / "report.txt").read_text() == "ok\n"
+    assert [p.name for p in (got / "logs").iterdir()] == ["x.log"]
+    assert not (got / "missing").exists()
+
+    run(2, "a2")
+    assert "use the cache: found 1" in lines, lines
+    assert f"cache: cache deps: restored from key {key}" in lines, lines
+    assert (tmp_path / "a2" / "ci" / "dist" / "app").read_text() == "built 2\n"
+
+    (tmp_path / "requirements.txt").write_text("two\n")
+    run(3, "a3")
+    assert "use the cache: found 1" in lines, lines  # from restore-keys: deps-
+    assert any(f"restored from key {key} (no entry" in ln for ln in lines), lines
+    assert any("saved under key deps-" in ln and key not in ln for ln in lines), lines
+    saved = [v for v in pn.volumes.list() if v.name.startswith("ci-cache-deps-")]
+    assert len(saved) == 2
+    assert not [v for v in pn.volumes.list() if v.name.startswith("ci-work-")]
+    for v in saved:
+        pn.volumes.remove(v.name)
+
+
+def test_a_job_on_an_image_made_from_packages(pn, tmp_path):
+    """image: {packages: [...]} builds (once) an image with those Debian packages."""
+    wf = tmp_path / "pinnace-ci.yml"
+    wf.write_text(textwrap.dedent("""\
+        image: {packages: [jq]}
+        steps:
+          - name: jq
+            run: echo '{"a":41}' | jq '.a + 1'
+        """))
+    lines: list[str] = []
+    result = pn.ci.run(wf, on_line=lambda job, step, text: lines.append(f"{step}: {text}"))
+    assert result.ok, (result, lines)
+    assert "jq: 42" in lines, lines
+    assert [i for i in pn.images.list() if any(n.startswith("ci-") for n in i.names)
+            and "jq" in i.manifest["inputs"]["packages"]]

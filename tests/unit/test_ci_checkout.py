@@ -52,3 +52,44 @@ def test_a_folder_that_is_no_repository_is_copied(tmp_path):
     (tmp_path / "src" / "x").write_text("x")
     with prepare(tmp_path / "src") as tree:
         assert (tree / "x").read_text() == "x"
+
+
+def github_hash(*contents: bytes) -> str:
+    """hashFiles as GitHub's runner computes it: SHA-256 over each file's SHA-256."""
+    import hashlib
+
+    total = hashlib.sha256()
+    for c in contents:
+        total.update(hashlib.sha256(c).digest())
+    return total.hexdigest()
+
+
+def test_hash_files_hashes_what_a_checkout_holds_as_github_does(tmp_path):
+    from pinnace.ci.checkout import checked_out_files, hash_files
+
+    repo = make_repo(tmp_path)
+    (repo / "sub").mkdir()
+    (repo / "sub" / "req.txt").write_text("pkg\n")
+    files = checked_out_files(repo)
+    assert "build/out.o" not in files and "gone.c" not in files  # ignored, deleted
+    assert {"new.py", "a.txt", "sub/req.txt", "tests/t.py"} <= set(files)
+    ws = "/workspace"
+    assert hash_files(repo, ["**/req.txt"], ws) == github_hash(b"pkg\n")
+    assert hash_files(repo, ["/workspace/sub/req.txt"], ws) == github_hash(b"pkg\n")
+    assert hash_files(repo, ["./sub/*.txt"], ws) == github_hash(b"pkg\n")
+    assert hash_files(repo, ["*.txt"], ws) == github_hash(b"one\nchanged\n")
+    both = github_hash(b"one\nchanged\n", b"pkg\n")  # (in path order)
+    assert hash_files(repo, ["**/*.txt"], ws) == both
+    assert hash_files(repo, ["**/*.txt\n!sub/**"], ws) == github_hash(b"one\nchanged\n")
+    assert hash_files(repo, ["sub"], ws) == github_hash(b"pkg\n")  # a folder: its files
+    assert hash_files(repo, ["nothing*"], ws) == ""
+    assert hash_files(repo, ["build/*"], ws) == ""  # ignored by git: not checked out
+
+
+def test_hash_files_of_a_folder_that_is_not_a_repository(tmp_path):
+    from pinnace.ci.checkout import hash_files
+
+    (tmp_path / "d" / ".git").mkdir(parents=True)
+    (tmp_path / "d" / ".git" / "x").write_text("no")
+    (tmp_path / "d" / "f").write_text("yes")
+    assert hash_files(tmp_path / "d", ["**"], "/workspace") == github_hash(b"yes")

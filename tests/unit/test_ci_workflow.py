@@ -718,7 +718,12 @@ def test_pinnace_format_with_one_job(tmp_path):
         limits: {memory: 2G, cpus: 2, pids: 4096}
         caches:
           - {name: pip, path: ~/.cache/pip, key: "pip-${{ hashFiles('requirements.txt') }}"}
-          - {name: ccache, path: ~/.ccache}
+          - name: ccache
+            path: ~/.ccache
+            restore-keys: |
+              ccache-
+              cc
+            size: 2G
         artifacts: [dist/, build/log.txt]
         steps:
           - make
@@ -740,15 +745,17 @@ def test_pinnace_format_with_one_job(tmp_path):
         timeout_minutes=30.0, limits=Limits(memory=2 << 30, cpus=2, pids=4096),
         defaults_run=DefaultsRun(shell="bash"),
         caches=(Cache("pip", "~/.cache/pip", "pip-${{ hashFiles('requirements.txt') }}"),
-                Cache("ccache", "~/.ccache", "ccache")),
+                Cache("ccache", "~/.ccache", "ccache", ("ccache-", "cc"), 2 << 30)),
         artifacts=("dist/", "build/log.txt"),
-        steps=(Step(index=0, name="make", line=10, run="make"),
-               Step(index=1, name="test", line=11, run="make check\n", env={"X": "y"},
+        steps=(Step(index=0, name="checkout", line=1, kind="checkout",
+                    uses="actions/checkout@builtin"),
+               Step(index=1, name="make", line=15, run="make"),
+               Step(index=2, name="test", line=16, run="make check\n", env={"X": "y"},
                     shell="sh", timeout_minutes=1.5, working_directory="src")),
     )
-    assert job.command(job.steps[0]) == (
+    assert job.command(job.steps[1]) == (
         ["bash", "--noprofile", "--norc", "-eo", "pipefail", "{0}"], ".sh")
-    assert job.command(job.steps[1]) == (["sh", "-e", "{0}"], ".sh")
+    assert job.command(job.steps[2]) == (["sh", "-e", "{0}"], ".sh")
     assert select(wf) == [job] and stages([job]) == [[job]]
 
 
@@ -787,6 +794,9 @@ def test_pinnace_jobs_without_image_in_a_github_folder_are_github(tmp_path):
     assert error(path).problem == "the workflow has no on:"
     wf = load(write(tmp_path, "jobs:\n  a:\n    steps: [make]\n", "pinnace-ci.yml"))
     assert wf.kind == "pinnace" and wf.jobs["a"].image == "default"
+    assert [s.kind for s in wf.jobs["a"].steps] == ["checkout", "run"]
+    wf = load(write(tmp_path, "checkout: false\nsteps: [make]\n", "pinnace-ci.yml"))
+    assert [(s.index, s.kind) for s in wf.jobs["ci"].steps] == [(0, "run")]
 
 
 @pytest.mark.parametrize(("text", "line", "problem", "hint"), [
@@ -813,6 +823,10 @@ def test_pinnace_jobs_without_image_in_a_github_folder_are_github(tmp_path):
      "job 'a' needs 'b', which is not a job of this workflow", "jobs: a"),
     ("jobs:\n  a: {image: x, steps: [make], needs: b}\n  b: {image: x, needs: a, steps: [m]}\n",
      2, "needs form a cycle: a -> b -> a", "remove one of these needs"),
+    ("steps: [make]\ncheckout: no\n", 2, "workflow: checkout must be true or false",
+     "checkout: false starts with an empty /workspace"),
+    ("steps: [make]\ncaches: [{name: a, path: x, size: huge}]\n", 2,
+     "workflow: cache 1: size is 'huge'", "give a size such as 512M or 2G (units K, M, G, T)"),
     ("steps: [make]\njobs: {}\n", 1, "the file has both steps: and jobs:",
      "put the steps under a job, or drop jobs:"),
 ])

@@ -326,3 +326,37 @@ def test_cli_help_has_examples():
     for name in volume.commands:
         r = CliRunner().invoke(volume, [name, "--help"])
         assert r.exit_code == 0 and "Example" in r.output, name
+
+
+# --- labels and copies ----------------------------------------------------------------
+
+
+def test_labels_are_kept_and_a_copy_has_the_sources_size_and_data(vols, home):
+    src = create(vols, "src", "64M", labels={"pinnace.ci.cache": "pip", "k": "v"})
+    assert src.labels == {"pinnace.ci.cache": "pip", "k": "v"}
+    with open(src.image, "r+b") as f:  # some data past the filesystem's first blocks
+        f.seek(40 * MiB)
+        f.write(b"cached bytes")
+    copy = create(vols, "copy", 0, source="src", ephemeral=True)
+    assert (copy.size, copy.journal, copy.labels) == (src.size, src.journal, {})
+    assert copy.image.read_bytes() == src.image.read_bytes()
+    assert copy.image.stat().st_blocks <= src.image.stat().st_blocks + 64  # holes kept
+    assert (home / "volumes" / "copy" / "owner").exists()
+    assert vols.get("src").labels == src.labels  # the source is untouched
+    assert leftovers(home) == []
+
+
+def test_copying_a_missing_volume_is_not_found_and_makes_nothing(vols, home):
+    with pytest.raises(NotFoundError):
+        create(vols, "copy", 0, source="nope")
+    assert not (home / "volumes" / "copy").exists()
+
+
+@pytest.mark.parametrize("labels", [[1, 2], {"a": 1}, "x"])
+def test_bad_labels_in_volume_json_are_damage(vols, home, labels):
+    create(vols, "v", "16M")
+    meta = home / "volumes" / "v" / "volume.json"
+    data = json.loads(meta.read_text())
+    write_json(meta, {**data, "labels": labels})
+    with pytest.raises(VolumeError, match="bad labels"):
+        vols.get("v")

@@ -42,12 +42,15 @@ def read_env_file(path: str | os.PathLike[str], what: str = "env file") -> dict[
 
 
 class AsyncCI:
-    """Workflows run in fresh machines: ``machines`` (AsyncMachines) make them;
-    ``backend`` says whether guests get KVM (timeouts are scaled without it)."""
+    """Workflows run in fresh machines: ``machines`` (AsyncMachines) make them from
+    ``images`` (Images: jobs' images are built when missing); ``volumes`` (AsyncVolumes)
+    hold caches; ``backend`` says whether guests get KVM (timeouts are scaled without it)."""
 
-    def __init__(self, machines: Any, backend: Any) -> None:
+    def __init__(self, machines: Any, backend: Any, *, images: Any, volumes: Any) -> None:
         self.machines = machines
         self.backend = backend
+        self.images = images
+        self.volumes = volumes
 
     def workflows(self, root: str | os.PathLike[str] = ".") -> list[Path]:
         """The workflow files of a repository: .github/workflows/*.yml, .pinnace/ci.yml."""
@@ -58,22 +61,27 @@ class AsyncCI:
     async def run(self, path: str | os.PathLike[str], *, job: str | None = None,
                   matrix: Mapping[str, str] | None = None, event: str = "push",
                   env: Mapping[str, str] | None = None,
-                  secrets: Mapping[str, str] | None = None, parallel: int = 2,
+                  secrets: Mapping[str, str] | None = None, parallel: int | None = None,
                   keep: str = "never", timeout_scale: float = 5.0,
                   platforms: Mapping[str, str] | None = None,
                   logs: str | os.PathLike[str] | None = None,
-                  workdir: str | os.PathLike[str] | None = None, net: str | None = None,
+                  workdir: str | os.PathLike[str] | None = None,
+                  artifacts: str | os.PathLike[str] = "ci-artifacts", bind: bool = False,
+                  net: str | None = None,
                   cgroups: bool = True, on_line: Line | None = None) -> RunResult:
         """Run workflow file ``path``: every job that can run (``job``: that one and what
         it needs; ``matrix``: only the combinations with these values), in fresh
-        machines. ``workdir`` is what actions/checkout checks out (default: the
-        repository the file is in). Returns each job's result with its steps."""
+        machines, as many at once as the host's free memory and CPUs hold (``parallel``:
+        at most that many). ``workdir`` is what actions/checkout checks out and hashFiles
+        hashes (default: the repository the file is in); ``bind``: jobs work in
+        ``workdir`` itself, shared into their machines, not in a copy; ``artifacts`` the
+        folder jobs' artifacts are copied to. Returns each job's result with its steps."""
         from .runner import Options, Runner
         from .workflow import load, triggered
 
         if keep not in ("never", "failed", "always"):
             raise ConfigError("keep", keep, "give never, failed or always")
-        if not isinstance(parallel, int) or not 1 <= parallel <= 64:
+        if parallel is not None and (not isinstance(parallel, int) or not 1 <= parallel <= 64):
             raise ConfigError("parallel", parallel, "give 1 to 64 jobs at once")
         if not 1 <= timeout_scale <= 100:
             raise ConfigError("timeout scale", timeout_scale, "give 1 to 100")
@@ -88,9 +96,12 @@ class AsyncCI:
                           secrets=dict(secrets or {}), parallel=parallel, keep=keep,
                           timeout_scale=timeout_scale, platforms=dict(platforms or {}),
                           logs=Path(logs) if logs else None,
-                          workdir=Path(workdir) if workdir else None, net=net,
-                          cgroups=cgroups, on_line=on_line)
-        return await Runner(self.machines, accelerated=choice.accel == "kvm").run(wf, options)
+                          workdir=Path(workdir) if workdir else None,
+                          artifacts=Path(artifacts), bind=bind, net=net, cgroups=cgroups,
+                          on_line=on_line)
+        runner = Runner(self.machines, images=self.images, volumes=self.volumes,
+                        accelerated=choice.accel == "kvm")
+        return await runner.run(wf, options)
 
 
 def _repository(path: Path) -> Path:

@@ -11,6 +11,9 @@ repository is copied as it is.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -67,4 +70,85 @@ def prepare(repo: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-__all__ = ["prepare"]
+def checked_out_files(repo: Path) -> list[str]:
+    """The files (relative paths, sorted) a checkout of ``repo`` with its working tree's
+    changes holds: tracked and untracked files that git does not ignore; every file of a
+    folder that is not a git repository."""
+    repo = Path(repo).resolve()
+    top = subprocess.run(["git", "-C", str(repo), "rev-parse", "--show-prefix"],
+                         capture_output=True, text=True)
+    if top.returncode == 0:
+        names = _git(repo, "ls-files", "-z", "--cached", "--others", "--exclude-standard",
+                     "--full-name", ".").split(b"\0")
+        prefix = top.stdout.strip()
+        rels = [n.decode(errors="surrogateescape").removeprefix(prefix) for n in names if n]
+        return sorted(r for r in set(rels) if (repo / r).is_file())
+    out = []
+    for folder, dirs, files in os.walk(repo):
+        dirs[:] = [d for d in dirs if d != ".git"]
+        out += [os.path.relpath(os.path.join(folder, f), repo) for f in files]
+    return sorted(out)
+
+
+def _glob_re(pattern: str) -> re.Pattern[str]:
+    """A glob as @actions/glob reads it: ``**`` any folders (none too), ``*`` and ``?``
+    within one name, ``[...]`` a class."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        elif pattern[i] == "[" and "]" in pattern[i + 2:]:
+            end = pattern.index("]", i + 2)
+            body = pattern[i + 1:end]
+            out.append("[" + ("^" + body[1:] if body.startswith("!") else body) + "]")
+            i = end + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out) + "(?:/.*)?")  # (a folder matches what is in it)
+
+
+def hash_files(repo: Path, patterns: list[str], workspace: str) -> str:
+    """GitHub's ``hashFiles(patterns...)`` over the files a checkout of ``repo`` holds
+    (the workspace's files before any step changes them): the SHA-256 of the matched
+    files' SHA-256s, in path order; "" when none match. A pattern may start with ``!``
+    (the last pattern that matches a file decides), with ``./`` or with the workspace's
+    path; several may be given in one string, a line each."""
+    rules: list[tuple[bool, re.Pattern[str]]] = []
+    for arg in patterns:
+        for line in str(arg).splitlines():
+            text = line.strip()
+            if not text or text.startswith("#"):
+                continue
+            negate = text.startswith("!")
+            text = text.lstrip("!").strip()
+            text = text.removeprefix(workspace.rstrip("/") + "/").removeprefix("./")
+            rules.append((negate, _glob_re(text)))
+    total = hashlib.sha256()
+    found = False
+    for rel in checked_out_files(repo):
+        keep = False
+        for negate, rx in rules:
+            if rx.fullmatch(rel):
+                keep = not negate
+        if keep:
+            found = True
+            h = hashlib.sha256()
+            with open(Path(repo) / rel, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+            total.update(h.digest())
+    return total.hexdigest() if found else ""
+
+
+__all__ = ["checked_out_files", "hash_files", "prepare"]

@@ -19,22 +19,42 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import re
 import secrets
+import shlex
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
+from ..config import MachineConfig
 from ..errors import ConfigError, PinnaceError
 from . import envfile
+from .budget import Budget
+from .caches import Attached, Caches
 from .expressions import condition, evaluate, interpolate
-from .workflow import Job, Skipped, Step, Workflow, expand, platform, select, stages
+from .workflow import (
+    ImageSpec,
+    Job,
+    Skipped,
+    Step,
+    Workflow,
+    expand,
+    platform,
+    select,
+    stages,
+)
+
+# Images jobs get by name that pinnace builds itself (Images.ensure_preset): "ubuntu" is
+# what runs-on: ubuntu-* maps to.
+PRESETS = ("ubuntu",)
 
 DEFAULT_JOB_MINUTES = 360.0  # GitHub's default timeout-minutes
 QEMU_OVERHEAD = 512 << 20  # what a job's QEMU may use beyond its guest's memory
 QEMU_PIDS = 1024  # threads of a job's QEMU (the guest's own processes are not the host's)
+MAX_ARTIFACTS = 4 << 30  # bytes of artifacts one job may copy out
 WORKSPACE = "/workspace"
 RUNNER_DIR = "/tmp/_runner"
 USER = "runner"
@@ -87,6 +107,7 @@ class JobResult:
     cleanup: float = 0.0
     machine: str | None = None  # kept for a look inside
     summary: str = ""
+    artifacts: list[str] = field(default_factory=list)  # files and folders copied out
 
     def to_dict(self) -> dict[str, Any]:
         out = dict(self.__dict__)
@@ -120,34 +141,63 @@ Line = Callable[[str, str, str], None]  # (job label, step name, a line of outpu
 class Options:
     """How to run: ``job`` and ``matrix`` select (see :func:`.workflow.select`);
     ``event`` the triggering event's name; ``env`` and ``secrets`` (from --env-file and
-    --secret-file); ``parallel`` jobs at once; ``keep`` "never", "failed" or "always";
+    --secret-file); ``parallel`` jobs at once at most (None: as many as the host's free
+    memory and CPUs hold, see :mod:`.budget`); ``keep`` "never", "failed" or "always";
     ``timeout_scale`` multiplies timeouts without KVM; ``platforms`` maps runs-on labels
     to images (-P); ``logs`` is where step logs go; ``workdir`` the repository
-    (checkout's source); ``net`` the machines' NAT NIC (None: pinnace's default)."""
+    (checkout's source, and what hashFiles hashes); ``bind``: jobs work in ``workdir``
+    itself (shared into the machine as /workspace, so what they change stays) instead
+    of a checkout's copy; ``artifacts`` the folder jobs' artifacts are copied to (a
+    folder per job); ``net`` the machines' NAT NIC (None: pinnace's default)."""
 
     job: str | None = None
     matrix: Mapping[str, str] = field(default_factory=dict)
     event: str = "push"
     env: Mapping[str, str] = field(default_factory=dict)
     secrets: Mapping[str, str] = field(default_factory=dict)
-    parallel: int = 2
+    parallel: int | None = None
     keep: str = "never"
     timeout_scale: float = 5.0
     platforms: Mapping[str, str] = field(default_factory=dict)
     logs: Path | None = None
     workdir: Path | None = None
+    artifacts: Path = Path("ci-artifacts")
+    bind: bool = False  # /workspace is ``workdir`` itself, shared, not a checkout's copy
     net: str | None = None
     cgroups: bool = True  # each job's QEMU in a cgroup with memory, CPU and pids limits
     on_line: Line | None = None
 
 
 class Runner:
-    """Runs workflows with ``machines`` (an AsyncMachines) and ``accelerated`` (True
-    when guests run with KVM: timeouts are not scaled)."""
+    """Runs workflows with ``machines`` (an AsyncMachines), ``images`` (an Images: jobs'
+    images are built when missing), ``volumes`` (an AsyncVolumes: caches) and
+    ``accelerated`` (True when guests run with KVM: timeouts are not scaled)."""
 
-    def __init__(self, machines: Any, *, accelerated: bool) -> None:
+    def __init__(self, machines: Any, *, images: Any, volumes: Any, accelerated: bool,
+                 budget: Budget | None = None) -> None:
         self.machines = machines
+        self.images = images
+        self.caches = Caches(volumes)
         self.accelerated = accelerated
+        self.budget = budget
+        self._building: dict[str, asyncio.Task[str]] = {}
+
+    async def build(self, name: str, what: str, line: Callable[[str, str], None], *,
+                    packages: tuple[str, ...] = (), preset: bool = False) -> str:
+        """Image ``name`` (from ``packages``, or the preset of that name), built unless
+        the store has it as it should be; once however many jobs ask at once."""
+        task = self._building.get(name)
+        if task is None:
+            reporter = _LineReporter(lambda text: line(what.partition(":")[0], text))
+
+            def build() -> str:
+                if preset:
+                    return str(self.images.ensure_preset(name, reporter=reporter).names[0])
+                self.images.build(name, packages, reporter=reporter)
+                return name
+
+            task = self._building[name] = asyncio.ensure_future(asyncio.to_thread(build))
+        return await asyncio.shield(task)
 
     async def run(self, workflow: Workflow, options: Options) -> RunResult:
         jobs = select(workflow, options.job, options.matrix)
@@ -159,7 +209,8 @@ class Runner:
         notes = [] if scale == 1.0 else [
             f"no KVM: guests run in software emulation, so timeouts are {scale:g}x "
             "(--timeout-scale)"]
-        run = _Run(self, workflow, options, scale)
+        budget = self.budget or Budget.for_host(options.parallel or 64)
+        run = _Run(self, workflow, options, scale, budget)
         tasks = []
         for j in (j for stage in plan for j in stage):  # (each waits for what it needs)
             tasks.append(asyncio.ensure_future(run.job(j)))
@@ -171,13 +222,16 @@ class Runner:
 class _Run:
     """The state of one workflow run: finished jobs by id (for ``needs``)."""
 
-    def __init__(self, runner: Runner, wf: Workflow, options: Options, scale: float) -> None:
+    def __init__(self, runner: Runner, wf: Workflow, options: Options, scale: float,
+                 budget: Budget) -> None:
         self.runner, self.wf, self.options, self.scale = runner, wf, options, scale
-        self.slots = asyncio.Semaphore(max(1, options.parallel))
+        self.budget = budget
         self.by_id: dict[str, list[asyncio.Future[list[JobResult]]]] = {}
         self.failed_ids: set[str] = set()  # matrix jobs with a failed combination
         self.per_job: dict[str, asyncio.Semaphore] = {}
         self.run_id = str(int(time.time()))
+        self.functions = {"hashFiles": self.hash_files}
+        self.image_line = lambda label, text: self.say(label, "image", text)
         self.masks = sorted((v for v in options.secrets.values() if len(v) >= 3),
                             key=len, reverse=True)
 
@@ -236,47 +290,87 @@ class _Run:
             return result
         most = job.strategy.max_parallel  # (strategy.max-parallel: of this job's combinations)
         own = self.per_job.setdefault(job.id, asyncio.Semaphore(most or 64))
-        async with own, self.slots:
-            if job.strategy.fail_fast and job.id in self.failed_ids:
-                result.status, result.reason = "cancelled", "another combination failed"
-                return result
-            await self._in_machine(job, contexts, result)
+        try:
+            image = await self.image(job, contexts)
+            memory, cpus = await self.shape(image, job)
+            async with own, self.budget.take(memory, cpus):
+                if job.strategy.fail_fast and job.id in self.failed_ids:
+                    result.status, result.reason = "cancelled", "another combination failed"
+                    return result
+                await self._in_machine(job, image, contexts, result)
+        except PinnaceError as exc:
+            result.status, result.reason = "failure", f"its machine did not start: {exc}"
         if result.status == "failure":
             self.failed_ids.add(job.id)
         return result
 
-    def image(self, job: Job, contexts: dict[str, Any]) -> str:
+    async def image(self, job: Job, contexts: dict[str, Any]) -> str:
+        """The name of the image ``job`` runs on, built first if it is missing: an image
+        from packages (pinnace's format), or a preset such as ``ubuntu`` (runs-on)."""
+        if isinstance(job.image, ImageSpec):
+            digest = hashlib.sha256(" ".join(sorted(job.image.packages)).encode())
+            name = f"ci-{digest.hexdigest()[:12]}"
+            return await self.runner.build(name, f"{(job.variant or job.name or job.id)}: image with "
+                                           + ", ".join(job.image.packages), self.image_line,
+                                           packages=job.image.packages)
         if isinstance(job.image, str):
-            return job.image
-        if job.image is not None:
-            raise ConfigError("image", str(job.image), "building an image from packages for "
-                              "a job is not supported yet; build it first with 'pinnace image "
-                              "build NAME --package ...' and give its name")
-        runs_on: Any = job.runs_on
-        if isinstance(runs_on, str) and "${{" in runs_on:
-            runs_on = interpolate(runs_on, contexts)
-        image = platform(runs_on, self.options.platforms)
-        if image is None:
-            raise ConfigError("runs-on", str(runs_on), "map it to an image: -P LABEL=IMAGE")
-        return image
+            name = job.image
+        else:
+            runs_on: Any = job.runs_on
+            if isinstance(runs_on, str) and "${{" in runs_on:
+                runs_on = interpolate(runs_on, contexts)
+            found = platform(runs_on, self.options.platforms)
+            if found is None:
+                raise ConfigError("runs-on", str(runs_on), "map it to an image: -P LABEL=IMAGE")
+            name = found
+        if name in PRESETS:
+            return await self.runner.build(
+                name, f"{job.variant or job.name or job.id}: the {name} image",
+                self.image_line, preset=True)
+        return name
 
-    async def _in_machine(self, job: Job, contexts: dict[str, Any], result: JobResult) -> None:
+    async def shape(self, image: str, job: Job) -> tuple[int, int]:
+        """Memory (with its QEMU's share) and CPUs a job's machine takes."""
+        memory = job.limits.memory
+        cpus = job.limits.cpus
+        if memory is None or cpus is None:
+            default = MachineConfig.build(name="x")
+            memory = memory if memory is not None else default.memory_mib << 20
+            cpus = cpus if cpus is not None else default.cpus
+        return memory + QEMU_OVERHEAD, cpus
+
+
+    async def _in_machine(self, job: Job, image: str, contexts: dict[str, Any],
+                          result: JobResult) -> None:
         opts = self.options
         t0 = time.monotonic()
+        label = result.variant
         name = f"ci-{_slug(job.id)}-{secrets.token_hex(3)}"
         devices: dict[str, Any] = {}
         if opts.net is not None:
             devices["net"] = opts.net
         memory = job.limits.memory
+        caches: list[Attached] = []
         try:
-            image = self.image(job, contexts)
+            for cache in job.caches:
+                key = interpolate(cache.key, contexts, functions=self.functions)
+                restore = tuple(interpolate(k, contexts, functions=self.functions)
+                                for k in cache.restore_keys)
+                caches.append(await self.runner.caches.attach(
+                    cache.name, key, _guest_path(cache.path), restore_keys=restore,
+                    size=f"{-(-cache.size // (1 << 20))}M" if cache.size else None))
+                self.say(label, "cache", caches[-1].describe())
+            if caches:
+                devices["volumes"] = [f"{a.volume}:{a.path}" for a in caches]
+            if opts.bind and opts.workdir is not None:
+                devices["shares"] = [f"{opts.workdir}:{WORKSPACE}"]
             [m] = await self.runner.machines.run(
                 image=image, name=name, rm=True, cpus=job.limits.cpus,
                 memory=f"{memory // (1 << 20)}M" if memory else None, **devices)
         except PinnaceError as exc:
             result.status, result.reason = "failure", f"its machine did not start: {exc}"
+            await self._close_caches(caches, label, success=False)
             return
-        label = result.variant
         logs = (opts.logs / _slug(label)) if opts.logs else None
         if logs is not None:
             logs.mkdir(parents=True, exist_ok=True)
@@ -284,7 +378,8 @@ class _Run:
         try:
             if opts.cgroups:
                 group = await self._confine(m, job)
-            r = await m.exec(["sh", "-c", _SETUP], timeout=120)
+            r = await m.exec(["sh", "-c", _SETUP + _own([a.path for a in caches])],
+                             timeout=120)
             if r.exit_code != 0:
                 result.status = "failure"
                 result.reason = f"setting up the machine failed: {r.stderr_text.strip()[-200:]}"
@@ -303,6 +398,8 @@ class _Run:
                     if s.outcome == "running":
                         s.outcome = s.conclusion = "cancelled"
             result.steps_seconds = time.monotonic() - t1
+            if job.artifacts:
+                await self._artifacts(m, job, result)
         except PinnaceError as exc:  # (its limits could not be set, say)
             result.status, result.reason = "failure", str(exc)
         finally:
@@ -320,7 +417,77 @@ class _Run:
             if group is not None and result.machine is None:
                 with contextlib.suppress(PinnaceError):
                     await asyncio.to_thread(group.remove)
+            if result.machine is None:
+                await self._close_caches(caches, label, success=result.status == "success")
+            elif caches:
+                self.say(label, "cache", "nothing saved: the caches' volumes stay with the "
+                         f"kept machine {result.machine}")
             result.cleanup = time.monotonic() - t2
+
+    async def _close_caches(self, caches: list[Attached], label: str, *, success: bool) -> None:
+        for att in caches:
+            try:
+                self.say(label, "cache", await self.runner.caches.detach(att, success=success))
+            except PinnaceError as exc:
+                self.say(label, "cache", f"cache {att.name}: {exc}")
+
+    async def _artifacts(self, m: Any, job: Job, result: JobResult) -> None:
+        """Copy the job's artifacts (paths or globs in the workspace) to the host: into
+        ``artifacts/<job>/`` with their paths. The guest names what matched; a name that
+        is absolute or climbs out is refused, and no more than MAX_ARTIFACTS bytes come."""
+        label = result.variant
+        # (a \1 before each pattern's matches, a NUL after each; the shell expands globs)
+        r = await m.exec(["sh", "-c", 'cd "$1" || exit; shift; for pat do printf "\\1\\0"; '
+                          'for p in $pat; do [ -e "$p" ] && printf "%s\\0" "$p"; done; done',
+                          "sh", WORKSPACE, *job.artifacts], timeout=60)
+        found: list[list[str]] = []
+        for n in r.stdout[:1 << 20].split(b"\0"):
+            if n == b"\1":
+                found.append([])
+            elif n and found:
+                found[-1].append(n.decode("utf-8", "replace"))
+        for pattern, matched in zip(job.artifacts, found, strict=False):
+            if not matched:
+                self.say(label, "artifacts", f"no artifact matched {pattern}")
+        names = [n for matched in found for n in matched]
+        if not names:
+            return
+        dest = self.options.artifacts.resolve() / _slug(label)
+        left = MAX_ARTIFACTS
+        for raw in dict.fromkeys(names):
+            rel = PurePosixPath(raw.rstrip("/"))
+            if rel.is_absolute() or ".." in rel.parts or not rel.parts or rel.parts == (".",):
+                self.say(label, "artifacts", f"refused artifact {raw!r}: not inside the "
+                         "workspace")
+                continue
+            target = dest.joinpath(*[part for part in rel.parts if part != "."])
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                left -= await m.files.get(f"{WORKSPACE}/{rel}", target, limit=left)
+            except PinnaceError as exc:
+                self.say(label, "artifacts", f"artifact {raw}: {exc}")
+                if left <= 0:
+                    break
+                continue
+            result.artifacts.append(str(target))
+        if result.artifacts:
+            self.say(label, "artifacts", f"copied {len(result.artifacts)} artifact(s) to {dest}")
+
+    def say(self, label: str, what: str, text: str) -> None:
+        if self.options.on_line is not None:
+            self.options.on_line(label, what, text)
+
+    def hash_files(self, *patterns: Any) -> str:
+        """``hashFiles()``: over the files the checkout lays out (see checkout.hash_files)."""
+        if self.options.workdir is None:
+            return ""
+        from .checkout import hash_files
+
+        try:
+            return hash_files(self.options.workdir, [str(p) for p in patterns], WORKSPACE)
+        except OSError as exc:
+            raise ConfigError("hashFiles", ", ".join(map(str, patterns)),
+                              f"cannot read the files: {exc.strerror}") from None
 
     async def _confine(self, m: Any, job: Job) -> Any:
         """Put the job's QEMU in a cgroup of its own: memory (its guest's and
@@ -368,7 +535,7 @@ class _Run:
                         "cancelled": False}.get(name, False)
 
             try:
-                go = condition(step.if_, contexts, status=status)
+                go = condition(step.if_, contexts, status=status, functions=self.functions)
             except PinnaceError as exc:
                 sr.outcome = sr.conclusion = "failure"
                 sr.reason = f"its if: {exc}"
@@ -410,20 +577,25 @@ class _Run:
         files = {k: f"{RUNNER_DIR}/{step.index}.{k.lower()}" for k in
                  ("GITHUB_ENV", "GITHUB_OUTPUT", "GITHUB_PATH", "GITHUB_STEP_SUMMARY")}
         step_env = {**contexts["env"], **env,
-                    **{k: interpolate(v, contexts) for k, v in step.env.items()}}
+                    **{k: interpolate(v, contexts, functions=self.functions)
+                       for k, v in step.env.items()}}
         contexts_here = {**contexts, "env": step_env}
         full_env = {**self.base_env(job), **step_env, **files}
         if path:
             full_env["PATH"] = ":".join([*reversed(path), _GUEST_PATH])
         if step.kind == "checkout":
             return await self._checkout(m, sr, label)
-        script = interpolate(step.run, contexts_here)
+        script = interpolate(step.run, contexts_here, functions=self.functions)
         argv, ext = job.command(step)
         remote = f"{RUNNER_DIR}/{step.index}{ext}"
         # One command writes the script (from stdin; the step's own stdin is then at its
         # end, as on GitHub), empties the step's files, and becomes the step's shell.
-        argv = ["sh", "-c", 'cat > "$1" && : > "$2" && : > "$3" && : > "$4" && : > "$5" '
-                '&& shift 5 && exec "$@"', "sh", remote, *files.values(),
+        # limits.pids: processes of the runner user at once (RLIMIT_NPROC; not root's).
+        # (dash's name for it is -p, bash's and busybox's -u)
+        n = job.limits.pids
+        nproc = f"{{ ulimit -p {n} || ulimit -u {n}; }} 2>/dev/null && " if n else ""
+        argv = ["sh", "-c", nproc + 'cat > "$1" && : > "$2" && : > "$3" && : > "$4" && '
+                ': > "$5" && shift 5 && exec "$@"', "sh", remote, *files.values(),
                 *(a.replace("{0}", remote) for a in argv)]
         workdir = job.working_directory(step)
         cwd = WORKSPACE if not workdir else (
@@ -515,6 +687,9 @@ class _Run:
         if src is None:
             sr.reason = "no working tree to check out (give the repository's folder)"
             return False
+        if self.options.bind:
+            self.say(label, sr.name, f"{WORKSPACE} is {src} itself (--bind)")
+            return True
         from .checkout import prepare
 
         with prepare(src) as tree:
@@ -567,6 +742,26 @@ class _Run:
         return ctx
 
 
+class _LineReporter:
+    """An image build's progress as lines of the run's output."""
+
+    def __init__(self, line: Callable[[str], None]) -> None:
+        self.line = line
+
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        start = time.monotonic()
+        self.line(f"{name} ...")
+        yield
+        self.line(f"{name}: done in {time.monotonic() - start:.1f} s")
+
+    def output(self, line: str) -> None:
+        pass  # (in the build's log)
+
+    def note(self, text: str) -> None:
+        self.line(text)
+
+
 _GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -604,6 +799,31 @@ def _resolve(matrix: Any, contexts: dict[str, Any]) -> Any:
     if isinstance(matrix, list):
         return [_resolve(v, contexts) for v in matrix]
     return matrix
+
+
+def _guest_path(path: str) -> str:
+    """A cache's path in the guest: ``~`` is the runner user's home; a relative path is
+    in the workspace (as actions/cache reads it)."""
+    if path == "~" or path.startswith("~/"):
+        return f"/home/{USER}" + path[1:]
+    path = path if path.startswith("/") else f"{WORKSPACE}/{path}"
+    return str(PurePosixPath(path))
+
+
+def _own(paths: list[str]) -> str:
+    """Shell lines that give the runner user the caches' folders (volumes mount as
+    root's) and the folders above them in its home."""
+    lines = []
+    home = PurePosixPath(f"/home/{USER}")
+    for path in paths:
+        p = PurePosixPath(path)
+        chain = [p, *[q for q in p.parents if q.is_relative_to(home)]]
+        lines.append("chown " + USER + ": " + " ".join(shlex.quote(str(q)) for q in chain))
+    if paths:  # (its home was made by the mounts, before useradd could fill it)
+        lines.insert(0, f"cp -rn /etc/skel/. /home/{USER}/; for f in /etc/skel/.[!.]* "
+                     f'/etc/skel/*; do [ ! -e "$f" ] || chown -R {USER}: '
+                     f'"/home/{USER}/${{f##*/}}"; done')
+    return "\n".join(lines) + "\n"
 
 
 def _slug(text: str) -> str:

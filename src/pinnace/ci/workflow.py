@@ -16,8 +16,14 @@ a PowerShell or cmd ``shell:``, and any job that ``needs`` a skipped job.
                                # image: {packages: [gcc, make]} to build one from Debian packages
     env: {A: b}
     timeout: 30m               # durations: 90s, 30m, 1h, 1h30m
+    checkout: true             # the repository in /workspace first (the default)
     limits: {memory: 2G, cpus: 2, pids: 4096}
-    caches: [{name: pip, path: ~/.cache/pip, key: "pip-${{ hashFiles('requirements.txt') }}"}]
+    caches:                    # kept between runs, as actions/cache keeps them
+      - name: pip
+        path: ~/.cache/pip     # ~ is the runner user's home
+        key: "pip-${{ hashFiles('requirements.txt') }}"
+        restore-keys: [pip-]   # on a miss, the newest entry whose key starts so
+        size: 4G               # what the cache's volume can hold (default 8G, sparse)
     artifacts: [dist/, build/log.txt]   # copied out of the machine after the job
     steps:
       - make                   # a string is a step that runs it
@@ -148,7 +154,8 @@ _GITHUB_JOB = ("name", "permissions", "needs", "if", "runs-on", "snapshot", "env
                "secrets")
 _GITHUB_STEP = ("id", "if", "name", "uses", "run", "working-directory", "shell", "with", "env",
                 "continue-on-error", "timeout-minutes")
-_PINNACE_JOB = ("name", "image", "env", "timeout", "limits", "caches", "artifacts", "steps")
+_PINNACE_JOB = ("name", "image", "env", "timeout", "limits", "caches", "artifacts", "checkout",
+                "steps")
 _PINNACE_STEP = ("name", "run", "env", "shell", "timeout", "working-directory")
 
 
@@ -173,11 +180,15 @@ class ImageSpec:
 @dataclass(frozen=True)
 class Cache:
     """A directory kept between runs (pinnace's format): restored before the steps when
-    ``key`` (which may hold an expression) matches a saved one, saved after them."""
+    ``key`` (which may hold an expression) matches a saved one, or else from the newest
+    entry whose key starts with one of ``restore_keys``; saved after the job succeeds
+    when its key had no entry (see :mod:`.caches`)."""
 
     name: str
     path: str
     key: str
+    restore_keys: tuple[str, ...] = ()
+    size: int | None = None  # bytes the volume can hold (None: caches.DEFAULT_SIZE)
 
 
 @dataclass(frozen=True)
@@ -1313,10 +1324,18 @@ class _Reader:
             raise self.fail(_key_line(node, "steps") if "steps" in node else line,
                             f"{what}: 'steps' is missing or empty",
                             "give a list of steps, e.g. steps: [make, make check]")
+        checkout = node.get("checkout", True)
+        if not isinstance(checkout, bool | ScalarBoolean):
+            raise self.fail(_at(node, "checkout"), f"{what}: checkout must be true or false",
+                            "checkout: false starts with an empty /workspace")
         steps = []
-        for i, s in enumerate(seq):
-            sline = _item_line(seq, i) or line
-            where = f"{what}: step {i + 1}"
+        if checkout:  # (the repository in /workspace before the first step, as a checkout)
+            steps.append(Step(index=0, name="checkout", line=line, kind="checkout",
+                              uses=_CHECKOUT + "builtin"))
+        for n, s in enumerate(seq):
+            i = len(steps)
+            sline = _item_line(seq, n) or line
+            where = f"{what}: step {n + 1}"
             if isinstance(s, str):
                 s_map: Any = {"run": s}
             elif isinstance(s, dict):
@@ -1389,7 +1408,7 @@ class _Reader:
             where = f"{what}: cache {i + 1}"
             if not isinstance(c, dict):
                 raise self.fail(line, f"{where} must be a mapping", "give it name: and path:")
-            self.known(c, ("name", "path", "key"), where)
+            self.known(c, ("name", "path", "key", "restore-keys", "size"), where)
             name = self.scalar(c, "name", where)
             path = self.scalar(c, "path", where)
             if not name or not _CACHE_NAME_RE.match(name):
@@ -1400,7 +1419,16 @@ class _Reader:
                                 "give each cache its own name")
             if not path:
                 raise self.fail(line, f"{where}: 'path' is missing", "give the directory to keep")
-            out.append(Cache(name, path, self.scalar(c, "key", where) or name))
+            size = None
+            if c.get("size") is not None:
+                try:
+                    size = parse_size(self.plain(c["size"], None), "cache size")
+                except ConfigError as exc:
+                    raise self.fail(_at(c, "size"), f"{where}: size is {c['size']!r}",
+                                    exc.hint) from None
+            out.append(Cache(name, path, self.scalar(c, "key", where) or name,
+                             tuple(k.strip() for ks in self.names(c, "restore-keys", where)
+                                   for k in ks.splitlines() if k.strip()), size))
         return tuple(out)
 
     def artifacts(self, node: Any, what: str) -> tuple[str, ...]:

@@ -38,8 +38,9 @@ def _pairs(values: tuple[str, ...], what: str) -> dict[str, str]:
 @click.option("--env-file", type=click.Path(dir_okay=False), help="KEY=VALUE lines: env.")
 @click.option("--secret-file", type=click.Path(dir_okay=False),
               help="KEY=VALUE lines: the secrets context.")
-@click.option("--parallel", type=click.IntRange(1, 64), default=2, show_default=True,
-              help="Jobs at once.")
+@click.option("--parallel", type=click.IntRange(1, 64), default=None,
+              help="Jobs at once at most [default: as many as the host's free memory and "
+                   "CPUs hold].")
 @click.option("--keep", type=click.Choice(["never", "failed", "always"]), default="never",
               show_default=True, help="Keep a job's machine afterwards.")
 @click.option("--timeout-scale", type=click.FloatRange(1, 100), default=5.0,
@@ -47,14 +48,18 @@ def _pairs(values: tuple[str, ...], what: str) -> dict[str, str]:
 @click.option("-P", "--platform", "platforms", multiple=True, metavar="LABEL=IMAGE",
               help="Run jobs with this runs-on label on this image (like act).")
 @click.option("--logs", type=click.Path(file_okay=False), help="Save each step's log here.")
+@click.option("--bind", is_flag=True, help="Jobs work in this folder itself (shared into "
+              "their machines; what they change stays), not in a checkout's copy.")
+@click.option("--artifacts", type=click.Path(file_okay=False), default="ci-artifacts",
+              show_default=True, help="Copy jobs' artifacts here (a folder per job).")
 @click.option("--no-cgroup", "cgroups", flag_value=False, default=True,
               help="Do not confine jobs' QEMUs in cgroups (no memory, CPU, pids limits).")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
 @click.pass_context
 def run(ctx: click.Context, files: tuple[str, ...], job: str | None, matrix: tuple[str, ...],
-        event: str, env_file: str | None, secret_file: str | None, parallel: int, keep: str,
-        timeout_scale: float, platforms: tuple[str, ...], logs: str | None, cgroups: bool,
-        fmt: str) -> None:
+        event: str, env_file: str | None, secret_file: str | None, parallel: int | None,
+        keep: str, timeout_scale: float, platforms: tuple[str, ...], logs: str | None,
+        bind: bool, artifacts: str, cgroups: bool, fmt: str) -> None:
     """Run workflow FILES (default: this repository's .github/workflows and
     .pinnace/ci.yml), each job in a fresh machine; steps stream with job/step prefixes.
 
@@ -85,7 +90,8 @@ def run(ctx: click.Context, files: tuple[str, ...], job: str | None, matrix: tup
             result = await pn.ci.run(path, job=job, matrix=wanted, event=event, env=env,
                                      secrets=secrets, parallel=parallel, keep=keep,
                                      timeout_scale=timeout_scale, platforms=plat, logs=logs,
-                                     cgroups=cgroups, on_line=line)
+                                     artifacts=artifacts, bind=bind, cgroups=cgroups,
+                                     on_line=line)
             out.append(result.to_dict())
             if not result.ok:
                 code = 1

@@ -219,7 +219,7 @@ class ImageBuilder:
                 f"--customize-hook={hook}",
                 f'--customize-hook=copy-out /var/cache/pinnace-debs {debs}',
                 '--customize-hook=rm -rf "$1/var/cache/pinnace-debs"',
-                '--customize-hook=chroot "$1" dpkg-query -W -f "${Package}=${Version}\\n" '
+                '--customize-hook=chroot "$1" dpkg-query -W -f \'${Package}=${Version}\\n\' '
                 '> "$1/.pinnace-packages"',
                 '--customize-hook=copy-out /.pinnace-packages ' + str(stage_dir),
                 '--customize-hook=rm -f "$1/.pinnace-packages"',
