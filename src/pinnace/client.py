@@ -436,6 +436,14 @@ class CI:
     def workflows(self, root: str | os.PathLike[str] = ".") -> list[Path]:
         return self._c.workflows(root)
 
+    def caches(self) -> list[dict[str, Any]]:
+        """The saved cache entries (see AsyncCI.caches)."""
+        return self._c.caches()
+
+    def remove_caches(self, name: str | None = None, key: str | None = None) -> list[str]:
+        """Remove saved cache entries (see AsyncCI.remove_caches)."""
+        return self._loop.run(self._c.remove_caches(name, key))
+
 
 class Pool:
     """``pinnace.pool`` in the sync API: the warm pool (see :mod:`pinnace.pool`)."""

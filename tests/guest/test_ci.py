@@ -249,3 +249,20 @@ def test_a_job_on_an_image_made_from_packages(pn, tmp_path):
     assert "jq: 42" in lines, lines
     assert [i for i in pn.images.list() if any(n.startswith("ci-") for n in i.names)
             and "jq" in i.manifest["inputs"]["packages"]]
+
+
+def test_bind_makes_the_jobs_workspace_the_folder_itself(pn, tmp_path):
+    """--bind: the job works in the repository's folder (shared), so what it writes
+    stays; without it the job works in a copy and the folder is untouched."""
+    (tmp_path / "input.txt").write_text("from the host\n")
+    wf = tmp_path / "pinnace-ci.yml"
+    wf.write_text(textwrap.dedent("""\
+        steps:
+          - grep -q 'from the host' input.txt && echo "made in $RUNNER_NAME" > out.txt
+        """))
+    result = pn.ci.run(wf)
+    assert result.ok, result
+    assert not (tmp_path / "out.txt").exists()
+    result = pn.ci.run(wf, bind=True)
+    assert result.ok, result
+    assert (tmp_path / "out.txt").read_text() == "made in pinnace\n"

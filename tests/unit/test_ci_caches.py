@@ -63,7 +63,7 @@ def test_a_miss_starts_empty_and_success_saves_it_under_the_key(caches, vols):
     assert "saved under key pip-1" in detach(caches, att)
     saved = vols.get(att.volume)
     assert saved.labels == {LABEL_NAME: "pip", LABEL_KEY: "pip-1"}
-    assert caches.saved() == [("pip", "pip-1", saved.created)]
+    assert [v.name for v in caches.saved()] == [saved.name]
 
 
 def test_an_exact_hit_gets_a_copy_and_the_entry_never_changes(caches, vols):
@@ -90,7 +90,11 @@ def test_restore_keys_take_the_newest_entry_with_the_prefix_and_save_the_new_key
     assert read(vols, att.volume, 6) == b"BBBBBB"
     assert "restored from key pip-b" in att.describe()
     detach(caches, att)
-    assert [k for _, k, _ in caches.saved()] == ["other", "pip-a", "pip-b", "pip-c"]
+    assert [v.labels[LABEL_KEY] for v in caches.saved()] == ["pip-a", "pip-b", "other",
+                                                             "pip-c"]  # (oldest first)
+    gone = asyncio.run(caches.remove("pip", "pip-a"))
+    assert [v.labels[LABEL_KEY] for v in gone] == ["pip-a"]
+    assert len(asyncio.run(caches.remove())) == 3 and volumes(vols) == []
 
 
 def test_a_failed_job_saves_nothing(caches, vols):
@@ -118,3 +122,20 @@ def test_while_another_run_fills_a_key_a_job_gets_a_volume_that_is_not_saved(cac
     assert "another run" in detach(caches, other)
     detach(caches, filling)
     assert volumes(vols) == [filling.volume]
+
+
+def test_the_cli_lists_and_removes_saved_entries(caches, vols, tmp_path):
+    from click.testing import CliRunner
+
+    from pinnace.cli import main
+
+    att = attach(caches, "pip-1")
+    detach(caches, att)
+    cli = CliRunner(env={"PINNACE_HOME": str(tmp_path / "home")})
+    r = cli.invoke(main, ["ci", "cache", "ls"])
+    assert r.exit_code == 0 and "pip" in r.output and "pip-1" in r.output, r.output
+    r = cli.invoke(main, ["ci", "cache", "rm"])
+    assert r.exit_code == 2 and "give a cache's NAME, or --all" in r.output
+    r = cli.invoke(main, ["ci", "cache", "rm", "pip"])
+    assert r.exit_code == 0 and f"removed {att.volume}" in r.output, r.output
+    assert volumes(vols) == []

@@ -922,3 +922,14 @@ def test_workflow_is_a_frozen_dataclass(tmp_path):
     assert isinstance(wf, Workflow)
     with pytest.raises(AttributeError):
         wf.name = "x"  # type: ignore[misc]
+
+
+def test_pinnaces_own_ci_is_a_workflow_pinnace_runs():
+    """.github/workflows/ci.yml (what .ci/run does, as jobs) loads with nothing skipped."""
+    root = Path(__file__).resolve().parents[2]
+    wf = load(root / ".github" / "workflows" / "ci.yml")
+    assert wf.skipped == [] and list(wf.jobs) == ["lint", "unit", "test"]
+    assert [[j.id for j in stage] for stage in stages(select(wf))] == [["lint", "unit"],
+                                                                       ["test"]]
+    assert any(".ci/run" in s.run for s in wf.jobs["test"].steps)
+    assert platform(wf.jobs["test"].runs_on, {}) == "ubuntu"

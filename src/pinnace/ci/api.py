@@ -52,6 +52,22 @@ class AsyncCI:
         self.images = images
         self.volumes = volumes
 
+    def caches(self) -> list[dict[str, Any]]:
+        """The saved cache entries: cache name, key, volume, bytes used, when saved."""
+        from .caches import LABEL_KEY, LABEL_NAME, Caches
+
+        return [{"cache": v.labels[LABEL_NAME], "key": v.labels.get(LABEL_KEY, ""),
+                 "volume": v.name, "used": self.volumes.usage(v), "saved": v.created}
+                for v in Caches(self.volumes).saved()]
+
+    async def remove_caches(self, name: str | None = None,
+                            key: str | None = None) -> list[str]:
+        """Remove saved cache entries (of cache ``name``; only ``key``'s if given); the
+        volumes removed."""
+        from .caches import Caches
+
+        return [v.name for v in await Caches(self.volumes).remove(name, key)]
+
     def workflows(self, root: str | os.PathLike[str] = ".") -> list[Path]:
         """The workflow files of a repository: .github/workflows/*.yml, .pinnace/ci.yml."""
         from .workflow import discover

@@ -142,12 +142,24 @@ class Caches:
             return f"cache {att.name}: not saved (key {att.key} was restored)"
         return f"cache {att.name}: not saved (another run is saving key {att.key})"
 
-    def saved(self) -> list[tuple[str, str, float]]:
-        """Every saved entry: (cache name, key, when it was saved)."""
-        return sorted((v.labels.get(LABEL_NAME, ""), v.labels.get(LABEL_KEY, ""), v.created)
-                      for v in self.volumes.list()
-                      if v.name.startswith(PREFIX) and v.labels.get(LABEL_NAME)
-                      and owner_of(self.volumes.files(v.name)) is None)
+    def saved(self) -> list[Any]:
+        """Every saved entry (its Volume; the cache's name and key are in its labels), by
+        cache name, then oldest first."""
+        return sorted((v for v in self.volumes.list()
+                       if v.name.startswith(PREFIX) and v.labels.get(LABEL_NAME)
+                       and owner_of(self.volumes.files(v.name)) is None),
+                      key=lambda v: (v.labels[LABEL_NAME], v.created))
+
+    async def remove(self, name: str | None = None, key: str | None = None) -> list[Any]:
+        """Remove the saved entries of cache ``name`` (every cache's if None), only the
+        one of ``key`` if given; the entries removed."""
+        gone = []
+        for v in self.saved():
+            if (name is None or v.labels[LABEL_NAME] == name) and (
+                    key is None or v.labels.get(LABEL_KEY) == key):
+                await self.volumes.remove(v.name)
+                gone.append(v)
+        return gone
 
 
 __all__ = ["Attached", "Caches", "entry_name"]

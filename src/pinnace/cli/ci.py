@@ -1,4 +1,4 @@
-"""CI verbs: run."""
+"""CI verbs: run, cache ls, cache rm."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from .common import Group, call
+from .common import Group, call, echo_table
 
 if TYPE_CHECKING:
     from ..client import AsyncPinnace
@@ -118,3 +118,56 @@ def run(ctx: click.Context, files: tuple[str, ...], job: str | None, matrix: tup
         return code
 
     sys.exit(call(ctx, go))
+
+
+@ci.group(cls=Group)
+def cache() -> None:
+    """The caches jobs saved (pinnace's format: caches:), kept as volumes."""
+
+
+@cache.command(name="ls")
+@click.option("--json", "as_json", is_flag=True, help="As JSON.")
+@click.pass_context
+def cache_ls(ctx: click.Context, as_json: bool) -> None:
+    """List saved cache entries: cache, key, space used, when saved."""
+    import time
+
+    from ..config import format_size
+
+    async def go(pn: AsyncPinnace) -> list[dict[str, Any]]:
+        return pn.ci.caches()
+
+    rows = call(ctx, go)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = [("CACHE", "KEY", "USED", "SAVED")]
+    for r in rows:
+        table.append((r["cache"], r["key"], format_size(r["used"]),
+                      time.strftime("%Y-%m-%d %H:%M", time.localtime(r["saved"]))))
+    echo_table(table)
+
+
+@cache.command(name="rm")
+@click.argument("name", required=False)
+@click.option("--key", help="Only the entry of this key.")
+@click.option("--all", "all_", is_flag=True, help="Every cache's entries.")
+@click.pass_context
+def cache_rm(ctx: click.Context, name: str | None, key: str | None, all_: bool) -> None:
+    """Remove the saved entries of cache NAME (or of every cache, with --all).
+
+    \b
+    Example:
+      pinnace ci cache rm pip --key pip-3f2a...
+    """
+    if (name is None) == (not all_):
+        raise click.UsageError("give a cache's NAME, or --all")
+
+    async def go(pn: AsyncPinnace) -> list[str]:
+        return await pn.ci.remove_caches(name, key)
+
+    gone = call(ctx, go)
+    for v in gone:
+        click.echo(f"removed {v}")
+    if not gone:
+        click.echo("no saved entry matched", err=True)
