@@ -122,14 +122,25 @@ def run(ctx: click.Context, files: tuple[str, ...], job: str | None, matrix: tup
 
 @ci.group(cls=Group)
 def cache() -> None:
-    """The caches jobs saved (pinnace's format: caches:), kept as volumes."""
+    """The caches jobs saved (pinnace's format: caches:), kept as volumes.
+
+    \b
+    Example:
+      pinnace ci cache ls
+      pinnace ci cache rm pip
+    """
 
 
 @cache.command(name="ls")
 @click.option("--json", "as_json", is_flag=True, help="As JSON.")
 @click.pass_context
 def cache_ls(ctx: click.Context, as_json: bool) -> None:
-    """List saved cache entries: cache, key, space used, when saved."""
+    """List saved cache entries: cache, key, space used, when saved.
+
+    \b
+    Example:
+      pinnace ci cache ls --json
+    """
     import time
 
     from ..config import format_size
