@@ -219,7 +219,9 @@ class ImageBuilder:
                 f"--customize-hook={hook}",
                 f'--customize-hook=copy-out /var/cache/pinnace-debs {debs}',
                 '--customize-hook=rm -rf "$1/var/cache/pinnace-debs"',
-                '--customize-hook=chroot "$1" dpkg-query -W -f "${Package}=${Version}\\n" '
+                # (single quotes: the hook is a shell's, which would expand ${Package}
+                # to nothing)
+                "--customize-hook=chroot \"$1\" dpkg-query -W -f '${Package}=${Version}\\n' "
                 '> "$1/.pinnace-packages"',
                 '--customize-hook=copy-out /.pinnace-packages ' + str(stage_dir),
                 '--customize-hook=rm -f "$1/.pinnace-packages"',
