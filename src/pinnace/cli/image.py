@@ -79,9 +79,17 @@ def image() -> None:
               help="pinnace: pinnace's own kernel, built from linux-source once per host "
               "(the default, or $PINNACE_KERNEL); debian: Debian's packaged kernel, its "
               "modules and an initramfs.")
+@click.option("--init", "init", type=click.Choice(["agent", "systemd"]), default="agent",
+              show_default=True,
+              help="agent: pinnace's agent is PID 1 and nothing else runs; systemd: systemd "
+              "is PID 1 (services, journald, systemctl) and runs the agent early.")
+@click.option("--apt-ready", is_flag=True,
+              help="apt assumes yes and its package lists are fetched, as on GitHub's "
+              "runners.")
 @click.pass_context
 def build(ctx: click.Context, name: str, packages: tuple[str, ...], suite: str | None,
-          mirror: str | None, refresh: bool, kernel: str | None) -> None:
+          mirror: str | None, refresh: bool, kernel: str | None, init: str,
+          apt_ready: bool) -> None:
     """Build an image from Debian's packages; cached by a digest of its inputs.
 
     The first build on a host also builds pinnace's guest kernel (several minutes; every
@@ -92,11 +100,13 @@ def build(ctx: click.Context, name: str, packages: tuple[str, ...], suite: str |
       pinnace image build
       pinnace image build web --package nginx --package curl
       pinnace image build stock --kernel debian
+      pinnace image build services --init systemd --apt-ready -p build-essential
     """
     start = time.monotonic()
     try:
         img = _images(ctx).build(name, packages, suite=suite, mirror=mirror, refresh=refresh,
-                                 kernel=kernel, reporter=RichReporter())
+                                 kernel=kernel, init=init, apt_ready=apt_ready,
+                                 reporter=RichReporter())
     except KeyboardInterrupt:
         click.echo("pinnace: build interrupted; nothing was added to the store", err=True)
         raise SystemExit(130) from None

@@ -80,14 +80,19 @@ class Images:
 
     def build(self, name: str = DEFAULT_IMAGE, packages: Sequence[str] = (), *,
               suite: str | None = None, mirror: str | None = None, refresh: bool = False,
-              kernel: str | None = None, reporter: Reporter | None = None) -> Image:
+              kernel: str | None = None, init: str = "agent", apt_ready: bool = False,
+              reporter: Reporter | None = None) -> Image:
         """Build (or find in the cache) the image for these inputs and point ``name`` at it.
         ``kernel``: 'pinnace' (the own kernel, built once per host; the default, or
-        $PINNACE_KERNEL) or 'debian' (Debian's packaged kernel and an initramfs)."""
+        $PINNACE_KERNEL) or 'debian' (Debian's packaged kernel and an initramfs).
+        ``init``: 'agent' (the agent is PID 1) or 'systemd' (systemd is, and runs the agent
+        as a service). ``apt_ready``: apt assumes yes and its package lists are in the
+        image, as on GitHub's runners."""
         from .build import ImageBuilder, ImageSpec
 
         validate_name("image", name)
-        spec = ImageSpec.create(packages, suite=suite, mirror=mirror, kernel=kernel)
+        spec = ImageSpec.create(packages, suite=suite, mirror=mirror, kernel=kernel,
+                                init=init, apt_ready=apt_ready)
         builder = ImageBuilder(self.store, spec, reporter)
         if refresh:
             with self.store.locked(("image", spec.digest), timeout=60):
