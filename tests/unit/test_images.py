@@ -229,3 +229,43 @@ def test_systemd_setup_is_laid_into_the_root(tmp_path):
     assert len(machine_id) == 32 and int(machine_id, 16)
     assert machine_id == systemd.machine_id("ab" * 16) != systemd.machine_id("cd" * 16)
     systemd.install(root, "ab" * 16)  # again: links replaced, not refused
+
+
+def test_presets_name_real_inputs():
+    from pinnace.images import presets
+
+    runner = presets.PRESETS["ubuntu"]
+    assert runner.init == "systemd" and runner.apt_ready
+    assert runner.packages == presets.RUNNER_PACKAGES
+    spec = B.ImageSpec.create(runner.packages, init=runner.init, apt_ready=runner.apt_ready)
+    assert {"build-essential", "cmake", "clang", "git", "python3-venv"} <= set(spec.packages)
+
+
+def test_ensure_preset_builds_only_when_missing_or_stale(tmp_path, monkeypatch):
+    from pinnace.errors import ConfigError
+    from pinnace.images import Images, presets
+    from pinnace.store import Store, write_json
+
+    store = Store(str(tmp_path / "home"))
+    store.ensure()
+    images = Images(store)
+    preset = presets.PRESETS["ubuntu"]
+    spec = B.ImageSpec.create(preset.packages, init=preset.init, apt_ready=preset.apt_ready)
+    built = []
+
+    def fake_build(self):  # what ImageBuilder.build leaves: the image's folder
+        built.append(self.spec)
+        files = store.image_files(self.spec.digest)
+        files.dir.mkdir(parents=True, exist_ok=True)
+        write_json(files.manifest, {"digest": self.spec.digest, "inputs": self.spec.inputs()})
+        return files.dir
+
+    monkeypatch.setattr(B.ImageBuilder, "build", fake_build)
+    image = images.ensure_preset("ubuntu")
+    assert image.digest == spec.digest and image.names == ("ubuntu",) and built == [spec]
+    assert images.ensure_preset("ubuntu").digest == spec.digest and len(built) == 1
+    store.image_ref("ubuntu").write_text("0" * 32 + "\n")  # an image of other inputs
+    assert images.ensure_preset("ubuntu").digest == spec.digest and len(built) == 2
+    assert image.manifest["inputs"]["init_system"]["name"] == "systemd"
+    with pytest.raises(ConfigError, match=r"invalid preset 'debian'.*ubuntu"):
+        images.ensure_preset("debian")

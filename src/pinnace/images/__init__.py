@@ -105,6 +105,24 @@ class Images:
         write_atomic(self._ref(name), spec.digest + "\n")
         return self.get(name)
 
+    def ensure_preset(self, name: str = "ubuntu", *, reporter: Reporter | None = None) -> Image:
+        """The image of preset ``name`` (images/presets.py; "ubuntu": what CI jobs with
+        runs-on: ubuntu-* run on), built first if the name is missing or points at an
+        image of other inputs than the preset's now (a new pinnace or kernel)."""
+        from .build import ImageSpec
+        from .presets import PRESETS
+
+        preset = PRESETS.get(name)
+        if preset is None:
+            raise ConfigError("preset", name, f"give one of {', '.join(sorted(PRESETS))}")
+        spec = ImageSpec.create(preset.packages, init=preset.init, apt_ready=preset.apt_ready)
+        with contextlib.suppress(NotFoundError):
+            image = self.get(name)
+            if image.digest == spec.digest:
+                return image
+        return self.build(name, preset.packages, init=preset.init, apt_ready=preset.apt_ready,
+                          reporter=reporter)
+
     def resolve(self, ref: str) -> str:
         """The digest a name (or digest prefix) points at."""
         if not isinstance(ref, str) or not ref:
@@ -230,6 +248,10 @@ class AsyncImages:
     async def build(self, name: str = DEFAULT_IMAGE, packages: Sequence[str] = (),
                     **kwargs: Any) -> Image:
         return await asyncio.to_thread(self.sync.build, name, packages, **kwargs)
+
+    async def ensure_preset(self, name: str = "ubuntu", *,
+                            reporter: Reporter | None = None) -> Image:
+        return await asyncio.to_thread(self.sync.ensure_preset, name, reporter=reporter)
 
     async def get(self, ref: str) -> Image:
         return self.sync.get(ref)
