@@ -104,6 +104,16 @@ def test_modules_load_and_the_agent_still_sets_up_the_guest(runner):
     assert abs(guest - time.time()) < 30
 
 
+def test_files_and_hostname_as_on_the_default_image(runner, tmp_path):
+    src = tmp_path / "in.txt"
+    src.write_text("to the guest and back\n")
+    runner.files.put(src, "/srv/in.txt")
+    runner.files.get("/srv/in.txt", tmp_path / "back.txt")
+    assert (tmp_path / "back.txt").read_text() == "to the guest and back\n"
+    runner.set_hostname("renamed-runner")
+    assert sh(runner, "hostname; hostnamectl hostname").split() == ["renamed-runner"] * 2
+
+
 def test_apt_is_ready_without_fetching_anything(runner):
     assert '"true"' in sh(runner, "apt-config dump | grep -i assume-yes")
     policy = sh(runner, "apt-cache policy hello")
