@@ -266,3 +266,46 @@ def test_bind_makes_the_jobs_workspace_the_folder_itself(pn, tmp_path):
     result = pn.ci.run(wf, bind=True)
     assert result.ok, result
     assert (tmp_path / "out.txt").read_text() == "made in pinnace\n"
+
+
+def test_systemd_services_and_kernel_modules_work_in_a_job_on_ubuntu(pn, tmp_path):
+    """runs-on: ubuntu-latest without -P: the job runs on pinnace's 'ubuntu' image
+    (built on first use: systemd, build tools, apt ready) and does what a container
+    cannot: starts a systemd service and loads a kernel module. Nothing leaves the host:
+    apt is only asked what it knows."""
+    wf = workflow(tmp_path, """\
+        on: push
+        jobs:
+          system:
+            runs-on: ubuntu-latest
+            steps:
+              - name: a service
+                run: |
+                  test "$(cat /proc/1/comm)" = systemd
+                  sudo mkdir -p /srv && echo 'from a unit' | sudo tee /srv/index.html
+                  printf '%s\\n' '[Service]' \\
+                    'ExecStart=/usr/bin/python3 -m http.server 8080 --directory /srv' \\
+                    | sudo tee /etc/systemd/system/hello.service
+                  sudo systemctl daemon-reload && sudo systemctl start hello
+                  systemctl is-active hello
+                  for i in $(seq 100); do curl -fs localhost:8080/ && break; sleep 0.2; done
+              - name: a kernel module
+                run: |
+                  sudo modprobe dummy
+                  sudo ip link add d0 type dummy && sudo ip link set d0 up
+                  lsmod | grep -q '^dummy' && ip -br link show d0
+              - name: tools
+                run: |
+                  cc --version | head -1 && cmake --version | head -1 && clang --version | head -1
+                  test "$(whoami)" = runner && git --version
+              - name: apt ready
+                run: |
+                  apt-config dump | grep -i 'APT::Get::Assume-Yes "true"'
+                  apt-cache policy hello | grep -v '(none)' | grep Candidate
+        """)
+    lines: list[str] = []
+    result = pn.ci.run(wf, on_line=lambda job, step, text: lines.append(f"{step}: {text}"))
+    assert result.ok, (result, lines)
+    assert "a service: from a unit" in lines, lines
+    assert any(ln.startswith("a kernel module: d0 ") for ln in lines), lines
+    assert "ubuntu" in pn.images.get("ubuntu").names

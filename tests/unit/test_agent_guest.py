@@ -70,3 +70,75 @@ def test_panic_reasons_in_one_line():
     hostile = "Kernel panic - not syncing: \x1b[2J" + "A" * 500
     said = panic_reason(hostile)
     assert "\x1b" not in said and len(said) < 200
+
+
+def test_under_systemd_commands_do_not_inherit_the_services_environment(monkeypatch):
+    for name in ("INVOCATION_ID", "JOURNAL_STREAM", "SYSTEMD_EXEC_PID"):
+        monkeypatch.setenv(name, "1")
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.setenv("LANG", "de_DE.UTF-8")
+    guest.set_environment()
+    assert not {"INVOCATION_ID", "JOURNAL_STREAM", "SYSTEMD_EXEC_PID"} & set(os.environ)
+    assert os.environ["HOME"] == "/root" and os.environ["LANG"] == "de_DE.UTF-8"
+    assert os.environ["PATH"].startswith("/usr/local/sbin:")
+
+
+class _Done(Exception):
+    pass
+
+
+class _Kernel:
+    """libc() as power() uses it: records the calls instead of making them."""
+
+    def __init__(self):
+        self.calls = []
+
+    def mount(self, *args):
+        self.calls.append("remount-ro")
+        return 0
+
+    def reboot(self, cmd):
+        self.calls.append(hex(cmd))
+        raise _Done
+
+
+class _Ran:
+    def __init__(self, code, stderr=b""):
+        self.returncode, self.stderr = code, stderr
+
+
+@pytest.mark.parametrize(("answer", "kernel_calls"), [
+    (_Ran(0), []),  # systemd takes it from here
+    (_Ran(1, b"Failed to connect to bus"), ["remount-ro", "0x4321fedc"]),
+    (FileNotFoundError(2, "no systemctl"), ["remount-ro", "0x4321fedc"]),
+])
+def test_power_off_when_not_pid_1_asks_systemd_first(monkeypatch, answer, kernel_calls):
+    import subprocess
+
+    kernel = _Kernel()
+    asked = []
+
+    class FakeSubprocess:
+        DEVNULL = subprocess.DEVNULL
+        SubprocessError = subprocess.SubprocessError
+
+        @staticmethod
+        def run(argv, **kw):
+            asked.append(argv)
+            if isinstance(answer, BaseException):
+                raise answer
+            return answer
+
+    monkeypatch.setattr(guest, "IS_INIT", False)
+    monkeypatch.setattr(guest, "_subprocess", lambda: FakeSubprocess)
+    monkeypatch.setattr(guest, "libc", lambda: kernel)
+    monkeypatch.setattr(guest, "unmount_attached", lambda: ([], []))
+    monkeypatch.setattr(guest.os, "sync", lambda: None)
+    monkeypatch.setattr(guest.os, "kill", lambda *a: pytest.fail("not PID 1: kills nothing"))
+    if kernel_calls:
+        with pytest.raises(_Done):
+            guest.power("poweroff")
+    else:
+        guest.power("poweroff")
+    assert asked == [["systemctl", "--no-block", "poweroff"]]
+    assert kernel.calls == kernel_calls

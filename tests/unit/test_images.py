@@ -3,6 +3,7 @@
 import io
 import lzma
 import struct
+from pathlib import Path
 
 import pytest
 
@@ -116,3 +117,155 @@ def test_bad_package_names_are_refused():
     for bad in ("Curl", "a b", "x;rm", "-o"):
         with pytest.raises(ConfigError, match="package"):
             B.ImageSpec.create([bad])
+
+
+def _inputs_before_init_and_apt_ready(spec):
+    """An image's inputs as pinnace computed them before init= and apt_ready existed."""
+    base = {"builder": B.BUILDER_VERSION, "suite": spec.suite, "mirror": spec.mirror,
+            "security_mirror": spec.security_mirror,
+            "packages": sorted(set(B.BASE_PACKAGES) | set(spec.packages)),
+            "kernel_package": spec.kernel_package}
+    common = {**base, "agent": B.source_digest(B.agent_sources()),
+              "rootfs_layout": B.ROOTFS_LAYOUT}
+    if spec.kernel == "pinnace":
+        return base, {**common, "kernel": spec.kernel_key,
+                      "boot": "root=/dev/vda rw rootfstype=ext4 init=/usr/lib/pinnace/agent"}
+    return base, {**common, "init": B.source_digest([B.init_script()]),
+                  "initramfs_modules": [*K.INITRAMFS_MODULES, *K.INITRAMFS_PCI_MODULES]}
+
+
+@pytest.mark.parametrize("kernel", ["pinnace", "debian"])
+@pytest.mark.parametrize("packages", [(), ("curl", "jq")])
+def test_default_init_and_apt_keep_the_digests_of_existing_images(kernel, packages):
+    spec = B.ImageSpec.create(packages, kernel=kernel)
+    explicit = B.ImageSpec.create(packages, kernel=kernel, init="agent", apt_ready=False)
+    base, inputs = _inputs_before_init_and_apt_ready(spec)
+    assert spec.base_inputs() == base and spec.inputs() == inputs
+    assert spec.base_key == B._digest(base) and spec.digest == B._digest(inputs)
+    assert (explicit.digest, explicit.base_key) == (spec.digest, spec.base_key)
+    assert "init_system" not in spec.inputs() and "apt_ready" not in spec.inputs()
+    assert "apt_lists" not in spec.base_inputs()
+    assert spec.boot_args == ("" if kernel == "debian" else B.OWN_KERNEL_ARGS)
+
+
+def test_systemd_changes_packages_boot_and_digest():
+    from pinnace.images import systemd
+
+    default = B.ImageSpec.create()
+    sd = B.ImageSpec.create(init="systemd")
+    assert sd.digest != default.digest and sd.base_key != default.base_key
+    assert set(B.SYSTEMD_PACKAGES) <= set(sd.all_packages)
+    assert not set(B.SYSTEMD_PACKAGES) & set(default.all_packages)
+    assert sd.inputs()["init_system"] == {"name": "systemd",
+                                          "setup": B.source_digest([systemd.source()])}
+    assert sd.inputs()["boot"] == sd.boot_args
+    assert sd.boot_args.startswith(B.OWN_KERNEL_ROOT + " init=/lib/systemd/systemd")
+    assert "/usr/lib/pinnace/agent" not in sd.boot_args
+    debian = B.ImageSpec.create(init="systemd", kernel="debian")
+    assert debian.boot_args == systemd.KERNEL_ARGS
+    assert debian.digest != B.ImageSpec.create(kernel="debian").digest
+    # the same packages asked for by name are not the same image
+    assert B.ImageSpec.create(list(B.SYSTEMD_PACKAGES)).digest != sd.digest
+
+
+def test_apt_ready_changes_base_layer_and_digest():
+    default = B.ImageSpec.create()
+    apt = B.ImageSpec.create(apt_ready=True)
+    assert apt.base_inputs()["apt_lists"] is True and apt.base_key != default.base_key
+    assert apt.inputs()["apt_ready"] == B.APT_ASSUME_YES and apt.digest != default.digest
+    assert "Assume-Yes" in B.APT_ASSUME_YES and B.APT_ASSUME_YES_FILE.startswith(
+        "etc/apt/apt.conf.d/")
+    both = B.ImageSpec.create(init="systemd", apt_ready=True)
+    assert len({both.digest, apt.digest, default.digest,
+                B.ImageSpec.create(init="systemd").digest}) == 4
+
+
+def test_mmdebstrap_keeps_apt_lists_only_when_apt_ready(tmp_path):
+    def argv(**kw):
+        return B.mmdebstrap_argv(B.ImageSpec.create(**kw), tmp_path / "root.tar",
+                                 tmp_path / "debs", tmp_path)
+
+    plain, ready = argv(), argv(apt_ready=True)
+    assert not any(a.startswith("--skip") for a in plain)
+    assert "--skip=cleanup/apt/lists" in ready
+    assert [a for a in ready if a != "--skip=cleanup/apt/lists"] == plain
+    assert plain[-5:-3] == ["bookworm", str(tmp_path / "root.tar")]
+    include = next(a for a in argv(init="systemd") if a.startswith("--include="))
+    assert {"systemd", "systemd-sysv", "dbus", "python3"} <= set(include[10:].split(","))
+
+
+def test_bad_init_and_apt_ready_are_refused():
+    from pinnace.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"invalid init 'upstart'.*'agent'.*'systemd'"):
+        B.ImageSpec.create(init="upstart")
+    with pytest.raises(ConfigError, match="apt_ready"):
+        B.ImageSpec.create(apt_ready="yes")  # type: ignore[arg-type]
+
+
+def test_systemd_setup_is_laid_into_the_root(tmp_path):
+    from pinnace.images import systemd
+
+    root = tmp_path / "root"
+    for d in ("etc/systemd/system", "usr", "var"):
+        (root / d).mkdir(parents=True)
+    (root / "etc/systemd/system/getty.target").write_text("an old file\n")
+    systemd.install(root, "ab" * 16)
+    unit = root / "etc/systemd/system/pinnace-agent.service"
+    assert "ExecStart=/usr/lib/pinnace/agent" in unit.read_text()
+    assert "DefaultDependencies=no" in unit.read_text()
+    wants = root / "etc/systemd/system/sysinit.target.wants/pinnace-agent.service"
+    assert wants.readlink() == Path("/etc/systemd/system/pinnace-agent.service")
+    for name in ("getty.target", "systemd-timesyncd.service", "systemd-networkd.service",
+                 "apt-daily.timer", "systemd-networkd-wait-online.service"):
+        assert (root / "etc/systemd/system" / name).readlink() == Path("/dev/null"), name
+    assert not (root / "etc/systemd/system/systemd-journald.service").exists()
+    generator = root / "etc/systemd/system-generators/systemd-getty-generator"
+    assert generator.readlink() == Path("/dev/null")
+    usr = (root / "usr").stat().st_mtime_ns
+    for mark in (root / "etc/.updated", root / "var/.updated"):  # ConditionNeedsUpdate: no
+        assert mark.stat().st_mtime_ns > usr and f"TIMESTAMP_NSEC={usr}" in mark.read_text()
+    machine_id = (root / "etc/machine-id").read_text().strip()
+    assert len(machine_id) == 32 and int(machine_id, 16)
+    assert machine_id == systemd.machine_id("ab" * 16) != systemd.machine_id("cd" * 16)
+    systemd.install(root, "ab" * 16)  # again: links replaced, not refused
+
+
+def test_presets_name_real_inputs():
+    from pinnace.images import presets
+
+    runner = presets.PRESETS["ubuntu"]
+    assert runner.init == "systemd" and runner.apt_ready
+    assert runner.packages == presets.RUNNER_PACKAGES
+    spec = B.ImageSpec.create(runner.packages, init=runner.init, apt_ready=runner.apt_ready)
+    assert {"build-essential", "cmake", "clang", "git", "python3-venv"} <= set(spec.packages)
+
+
+def test_ensure_preset_builds_only_when_missing_or_stale(tmp_path, monkeypatch):
+    from pinnace.errors import ConfigError
+    from pinnace.images import Images, presets
+    from pinnace.store import Store, write_json
+
+    store = Store(str(tmp_path / "home"))
+    store.ensure()
+    images = Images(store)
+    preset = presets.PRESETS["ubuntu"]
+    spec = B.ImageSpec.create(preset.packages, init=preset.init, apt_ready=preset.apt_ready)
+    built = []
+
+    def fake_build(self):  # what ImageBuilder.build leaves: the image's folder
+        built.append(self.spec)
+        files = store.image_files(self.spec.digest)
+        files.dir.mkdir(parents=True, exist_ok=True)
+        write_json(files.manifest, {"digest": self.spec.digest, "inputs": self.spec.inputs()})
+        return files.dir
+
+    monkeypatch.setattr(B.ImageBuilder, "build", fake_build)
+    image = images.ensure_preset("ubuntu")
+    assert image.digest == spec.digest and image.names == ("ubuntu",) and built == [spec]
+    assert images.ensure_preset("ubuntu").digest == spec.digest and len(built) == 1
+    store.image_ref("ubuntu").write_text("0" * 32 + "\n")  # an image of other inputs
+    assert images.ensure_preset("ubuntu").digest == spec.digest and len(built) == 2
+    assert image.manifest["inputs"]["init_system"]["name"] == "systemd"
+    with pytest.raises(ConfigError, match=r"invalid preset 'debian'.*ubuntu"):
+        images.ensure_preset("debian")

@@ -3,7 +3,8 @@
 Started right after the root is mounted, usually as PID 1 (the init= of pinnace's
 kernel, or exec'd by the initramfs that boots Debian's), in
 which case it also does init's duties: mounts, loopback, hostname, reaping
-orphans and a clean poweroff. It serves the host on every virtio-serial port
+orphans and a clean poweroff. On an image whose init is systemd it is an early
+service instead, and leaves those duties to systemd (poweroff is asked of it). It serves the host on every virtio-serial port
 named ``org.pinnace.agent.N``: one session per port, many requests per session,
 all on one single-threaded selector loop.
 """
@@ -125,12 +126,49 @@ def init_system() -> None:
     """What init would do before services start (pinnace's initramfs did the mounts)."""
     if not os.path.exists("/proc/self"):
         mount_all()
+    set_environment()
+    _netconf().set_up("lo")
+    take_identity()
+
+
+def join_system() -> None:
+    """Under another init (systemd, whose service the agent is): init's duties are its,
+    but what the host sets (the hostname, the name servers' file) is still the agent's."""
+    set_environment()
+    take_identity()
+
+
+# What systemd puts in a service's environment: about the agent's service, not about the
+# commands it runs (a program that sees JOURNAL_STREAM may take its stderr for the journal).
+SERVICE_ENV = ("INVOCATION_ID", "JOURNAL_STREAM", "SYSTEMD_EXEC_PID", "NOTIFY_SOCKET",
+               "WATCHDOG_PID", "WATCHDOG_USEC", "MANAGERPID", "LISTEN_FDS", "LISTEN_PID",
+               "LISTEN_FDNAMES")
+
+
+def set_environment() -> None:
+    """The environment commands start with, whoever started the agent."""
     os.environ["PATH"] = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
     os.environ.setdefault("HOME", "/root")
     os.environ.setdefault("LANG", "C.UTF-8")
-    _netconf().set_up("lo")
+    for name in SERVICE_ENV:
+        os.environ.pop(name, None)
+
+
+def leave_boot_priority() -> None:
+    """Back to the usual priority: systemd starts the agent at a higher one (its unit's
+    Nice=), to be up early in the boot, which the commands it runs must not inherit."""
+    try:
+        if os.getpriority(os.PRIO_PROCESS, 0) < 0:
+            os.setpriority(os.PRIO_PROCESS, 0, 0)
+    except OSError:
+        pass
+
+
+def take_identity() -> None:
+    """An empty name servers' file (its link's target is on tmpfs: none yet after a cold
+    boot), and the hostname the host put on the kernel's command line."""
     if os.path.islink(RESOLV_CONF) and not os.path.exists(RESOLV_CONF):
-        try:  # its target is in /run (tmpfs): no DNS yet
+        try:
             open(RESOLV_CONF, "w").close()
         except OSError:
             pass
@@ -214,23 +252,33 @@ def as_user(user: str | None, env: dict[str, str], asked: dict[str, str]) -> dic
 
 
 def power(action: str) -> None:
-    """Stop every process, sync, and power off or reboot; does not return when PID 1."""
+    """Stop every process, sync, and power off or reboot; does not return when PID 1.
+    Under systemd, ask it to (its units stop in order); if it cannot, do it at once."""
     os.sync()
     if not IS_INIT:
-        _subprocess().run(["systemctl", action], check=False)
-        return
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.kill(-1, sig)
-        except ProcessLookupError:
-            pass
-        deadline = time.monotonic() + 2.0
-        while time.monotonic() < deadline:
+        sp = _subprocess()
+        try:  # --no-block: queued, not waited for (systemd stops the agent on the way)
+            asked = sp.run(["systemctl", "--no-block", action], timeout=30,
+                           stdin=sp.DEVNULL, capture_output=True)
+            if asked.returncode == 0:
+                return
+            why = asked.stderr.decode(errors="replace").strip()
+        except (OSError, sp.SubprocessError) as exc:  # no systemctl, or a hung systemd
+            why = repr(exc)
+        log(f"systemctl {action} failed ({why}); {action} at once")
+    else:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
             try:
-                if os.waitpid(-1, os.WNOHANG) == (0, 0):
-                    time.sleep(0.02)
-            except ChildProcessError:
-                break
+                os.kill(-1, sig)
+            except ProcessLookupError:
+                pass
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline:
+                try:
+                    if os.waitpid(-1, os.WNOHANG) == (0, 0):
+                        time.sleep(0.02)
+                except ChildProcessError:
+                    break
     os.sync()
     unmount_attached()
     libc().mount(b"none", b"/", None, MS_REMOUNT | MS_RDONLY, None)
@@ -1591,9 +1639,13 @@ def main() -> None:
     log(f"started at {uptime()} s")
     if IS_INIT:
         init_system()
+    else:
+        join_system()
     log(f"init done at {uptime()} s")
     agent = Agent()
     agent.open_ports()
+    if not IS_INIT:
+        leave_boot_priority()
     agent.run()
 
 

@@ -31,6 +31,7 @@ from typing import Any
 
 from ..config import MachineConfig
 from ..errors import ConfigError, PinnaceError
+from ..images.presets import PRESETS
 from . import envfile
 from .budget import Budget
 from .caches import Attached, Caches
@@ -46,10 +47,6 @@ from .workflow import (
     select,
     stages,
 )
-
-# Images jobs get by name that pinnace builds itself (Images.ensure_preset): "ubuntu" is
-# what runs-on: ubuntu-* maps to.
-PRESETS = ("ubuntu",)
 
 DEFAULT_JOB_MINUTES = 360.0  # GitHub's default timeout-minutes
 QEMU_OVERHEAD = 512 << 20  # what a job's QEMU may use beyond its guest's memory
@@ -192,8 +189,9 @@ class Runner:
 
             def build() -> str:
                 if preset:
-                    return str(self.images.ensure_preset(name, reporter=reporter).names[0])
-                self.images.build(name, packages, reporter=reporter)
+                    self.images.ensure_preset(name, reporter=reporter)
+                else:
+                    self.images.ensure(name, packages, reporter=reporter)
                 return name
 
             task = self._building[name] = asyncio.ensure_future(asyncio.to_thread(build))
@@ -323,7 +321,7 @@ class _Run:
             if found is None:
                 raise ConfigError("runs-on", str(runs_on), "map it to an image: -P LABEL=IMAGE")
             name = found
-        if name in PRESETS:
+        if name in PRESETS:  # (pinnace's own: "ubuntu", what runs-on: ubuntu-* maps to)
             return await self.runner.build(
                 name, f"{job.variant or job.name or job.id}: the {name} image",
                 self.image_line, preset=True)

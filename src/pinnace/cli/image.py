@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from ..images.presets import PRESETS
 from .common import each, echo_table, fail, verbosity
 
 if TYPE_CHECKING:
@@ -79,9 +80,20 @@ def image() -> None:
               help="pinnace: pinnace's own kernel, built from linux-source once per host "
               "(the default, or $PINNACE_KERNEL); debian: Debian's packaged kernel, its "
               "modules and an initramfs.")
+@click.option("--init", "init", type=click.Choice(["agent", "systemd"]), default="agent",
+              show_default=True,
+              help="agent: pinnace's agent is PID 1 and nothing else runs; systemd: systemd "
+              "is PID 1 (services, journald, systemctl) and runs the agent early.")
+@click.option("--apt-ready", is_flag=True,
+              help="apt assumes yes and its package lists are fetched, as on GitHub's "
+              "runners.")
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
+              help="Build one of pinnace's own images under its name: ubuntu is what CI "
+              "jobs with runs-on: ubuntu-* run on (built on their first use otherwise).")
 @click.pass_context
 def build(ctx: click.Context, name: str, packages: tuple[str, ...], suite: str | None,
-          mirror: str | None, refresh: bool, kernel: str | None) -> None:
+          mirror: str | None, refresh: bool, kernel: str | None, init: str,
+          apt_ready: bool, preset: str | None) -> None:
     """Build an image from Debian's packages; cached by a digest of its inputs.
 
     The first build on a host also builds pinnace's guest kernel (several minutes; every
@@ -92,11 +104,23 @@ def build(ctx: click.Context, name: str, packages: tuple[str, ...], suite: str |
       pinnace image build
       pinnace image build web --package nginx --package curl
       pinnace image build stock --kernel debian
+      pinnace image build services --init systemd --apt-ready -p build-essential
+      pinnace image build --preset ubuntu
     """
     start = time.monotonic()
+    if preset is not None:
+        if packages or suite or mirror or refresh or kernel or init != "agent" or apt_ready \
+                or ctx.get_parameter_source("name") != click.core.ParameterSource.DEFAULT:
+            raise click.UsageError("--preset builds the preset as pinnace defines it, under "
+                                   "its own name; give it alone")
+        name = preset
     try:
-        img = _images(ctx).build(name, packages, suite=suite, mirror=mirror, refresh=refresh,
-                                 kernel=kernel, reporter=RichReporter())
+        if preset is not None:
+            img = _images(ctx).ensure_preset(preset, reporter=RichReporter())
+        else:
+            img = _images(ctx).build(name, packages, suite=suite, mirror=mirror,
+                                     refresh=refresh, kernel=kernel, init=init,
+                                     apt_ready=apt_ready, reporter=RichReporter())
     except KeyboardInterrupt:
         click.echo("pinnace: build interrupted; nothing was added to the store", err=True)
         raise SystemExit(130) from None

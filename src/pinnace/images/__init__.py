@@ -80,14 +80,19 @@ class Images:
 
     def build(self, name: str = DEFAULT_IMAGE, packages: Sequence[str] = (), *,
               suite: str | None = None, mirror: str | None = None, refresh: bool = False,
-              kernel: str | None = None, reporter: Reporter | None = None) -> Image:
+              kernel: str | None = None, init: str = "agent", apt_ready: bool = False,
+              reporter: Reporter | None = None) -> Image:
         """Build (or find in the cache) the image for these inputs and point ``name`` at it.
         ``kernel``: 'pinnace' (the own kernel, built once per host; the default, or
-        $PINNACE_KERNEL) or 'debian' (Debian's packaged kernel and an initramfs)."""
+        $PINNACE_KERNEL) or 'debian' (Debian's packaged kernel and an initramfs).
+        ``init``: 'agent' (the agent is PID 1) or 'systemd' (systemd is, and runs the agent
+        as a service). ``apt_ready``: apt assumes yes and its package lists are in the
+        image, as on GitHub's runners."""
         from .build import ImageBuilder, ImageSpec
 
         validate_name("image", name)
-        spec = ImageSpec.create(packages, suite=suite, mirror=mirror, kernel=kernel)
+        spec = ImageSpec.create(packages, suite=suite, mirror=mirror, kernel=kernel,
+                                init=init, apt_ready=apt_ready)
         builder = ImageBuilder(self.store, spec, reporter)
         if refresh:
             with self.store.locked(("image", spec.digest), timeout=60):
@@ -99,6 +104,31 @@ class Images:
         self.store.image_refs_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(self._ref(name), spec.digest + "\n")
         return self.get(name)
+
+    def ensure_preset(self, name: str = "ubuntu", *, reporter: Reporter | None = None) -> Image:
+        """The image of preset ``name`` (images/presets.py; "ubuntu": what CI jobs with
+        runs-on: ubuntu-* run on), built first if the name is missing or points at an
+        image of other inputs than the preset's now (a new pinnace or kernel)."""
+        from .presets import PRESETS
+
+        preset = PRESETS.get(name)
+        if preset is None:
+            raise ConfigError("preset", name, f"give one of {', '.join(sorted(PRESETS))}")
+        return self.ensure(name, preset.packages, init=preset.init,
+                           apt_ready=preset.apt_ready, reporter=reporter)
+
+    def ensure(self, name: str, packages: Sequence[str] = (), *, init: str = "agent",
+               apt_ready: bool = False, reporter: Reporter | None = None) -> Image:
+        """Image ``name`` as these inputs make it now: the one it names if that is it
+        (no build, no root needed), else built (see :meth:`build`)."""
+        from .build import ImageSpec
+
+        spec = ImageSpec.create(packages, init=init, apt_ready=apt_ready)
+        with contextlib.suppress(NotFoundError):
+            image = self.get(name)
+            if image.digest == spec.digest:
+                return image
+        return self.build(name, packages, init=init, apt_ready=apt_ready, reporter=reporter)
 
     def resolve(self, ref: str) -> str:
         """The digest a name (or digest prefix) points at."""
@@ -225,6 +255,10 @@ class AsyncImages:
     async def build(self, name: str = DEFAULT_IMAGE, packages: Sequence[str] = (),
                     **kwargs: Any) -> Image:
         return await asyncio.to_thread(self.sync.build, name, packages, **kwargs)
+
+    async def ensure_preset(self, name: str = "ubuntu", *,
+                            reporter: Reporter | None = None) -> Image:
+        return await asyncio.to_thread(self.sync.ensure_preset, name, reporter=reporter)
 
     async def get(self, ref: str) -> Image:
         return self.sync.get(ref)

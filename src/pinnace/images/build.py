@@ -7,7 +7,11 @@ suite, mirror, the agent's and the init script's code, the builder's version),
 so an image is rebuilt exactly when one of them changes.
 
 The slow part, mmdebstrap, is its own cached layer (``cache/base/<key>/``): it
-depends only on the package list, so changing the agent rebuilds in seconds.
+depends only on the package list (and whether apt's lists are kept), so changing the
+agent rebuilds in seconds.
+
+An image's init is the agent itself (the default: PID 1, nothing else runs) or systemd
+(``init="systemd"``), which then runs the agent as an early service (images/systemd.py).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from pathlib import Path
 from ..errors import ConfigError, HostError, ImageBuildError, store_error
 from ..store import BaseLayerFiles, ImageFiles, Store, write_json
 from . import kernel as K
+from . import systemd
 from .cpio import CpioWriter
 from .steps import LogReporter, Reporter, Runner
 
@@ -47,7 +52,8 @@ DEFAULT_KERNEL = "pinnace"
 # How the own kernel boots: it mounts the root disk itself and runs the agent as init
 # (the agent's file starts with '#!/usr/bin/python3 -IS'). A later init= on a machine's
 # own --cmdline wins.
-OWN_KERNEL_ARGS = "root=/dev/vda rw rootfstype=ext4 init=/usr/lib/pinnace/agent"
+OWN_KERNEL_ROOT = "root=/dev/vda rw rootfstype=ext4"
+OWN_KERNEL_ARGS = f"{OWN_KERNEL_ROOT} init=/usr/lib/pinnace/agent"
 AGENT_SCRIPT = ("#!/usr/bin/python3 -IS\n"
                 "import sys\nsys.path.insert(0, '/usr/lib/pinnace')\nimport guest\n"
                 "guest.run_main()\n")
@@ -56,12 +62,21 @@ AGENT_SCRIPT = ("#!/usr/bin/python3 -IS\n"
 # (testinfra's host.sudo(), non-root test users).
 BASE_PACKAGES = ("python3", "iproute2", "iputils-ping", "procps", "ca-certificates", "kmod",
                  "nftables", "iptables", "mount", "sudo")
+# What runs as PID 1: the agent (the default), or systemd with the agent as its service.
+INITS = ("agent", "systemd")
+DEFAULT_INIT = "agent"
+# dbus: systemctl as a user, hostnamectl, timedatectl and busctl reach systemd over it.
+SYSTEMD_PACKAGES = ("systemd", "systemd-sysv", "dbus")
 ROOTFS_MIN_SIZE = 2 << 30
 AGENT_DIR = "usr/lib/pinnace"
 # Bump when what this module writes into the root filesystem changes (images rebuild).
 # 2: /etc/hostname is a link to the kernel's hostname; 3: resolv.conf to /run;
 # 4: the agent's file is executable (init= of the own kernel)
 ROOTFS_LAYOUT = 4
+# apt_ready (GitHub's runners do the same): 'apt-get install foo' without -y and
+# without 'apt-get update' first.
+APT_ASSUME_YES_FILE = "etc/apt/apt.conf.d/90pinnace-assume-yes"
+APT_ASSUME_YES = 'APT::Get::Assume-Yes "true";\n'
 _PKG_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+(=[A-Za-z0-9.+~:-]+)?$")
 HOST_TOOLS = {
     "mmdebstrap": "mmdebstrap", "mkfs.ext4": "e2fsprogs", "dpkg-deb": "dpkg", "depmod": "kmod",
@@ -80,10 +95,13 @@ class ImageSpec:
     kernel_package: str = KERNEL_PACKAGE
     kernel: str = DEFAULT_KERNEL
     kernel_key: str = ""  # the own kernel's cache key (kbuild.kernel_key)
+    init: str = DEFAULT_INIT
+    apt_ready: bool = False  # apt assumes yes, and its package lists stay in the image
 
     @classmethod
     def create(cls, packages: Sequence[str] = (), *, suite: str | None = None,
-               mirror: str | None = None, kernel: str | None = None) -> ImageSpec:
+               mirror: str | None = None, kernel: str | None = None,
+               init: str | None = None, apt_ready: bool = False) -> ImageSpec:
         for pkg in packages:
             if not _PKG_RE.match(pkg):
                 raise ConfigError("package", pkg, "give a Debian package name such as 'curl' "
@@ -99,35 +117,58 @@ class ImageSpec:
         if kernel not in KERNELS:
             raise ConfigError("kernel", kernel, "give 'pinnace' (pinnace's own, the default) "
                               "or 'debian' (Debian's packaged kernel)")
+        init = init or DEFAULT_INIT
+        if init not in INITS:
+            raise ConfigError("init", init, "give 'agent' (the agent is PID 1, the default) "
+                              "or 'systemd' (systemd is, and runs the agent as a service)")
+        if not isinstance(apt_ready, bool):
+            raise ConfigError("apt_ready", repr(apt_ready), "give True or False")
         kernel_key = ""
         if kernel == "pinnace":
             from .kbuild import current_kernel_key
 
             kernel_key = current_kernel_key()
         return cls(packages=tuple(sorted(set(packages))), suite=suite, mirror=mirror.rstrip("/"),
-                   security_mirror=security.rstrip("/"), kernel=kernel, kernel_key=kernel_key)
+                   security_mirror=security.rstrip("/"), kernel=kernel, kernel_key=kernel_key,
+                   init=init, apt_ready=apt_ready)
 
     @property
     def all_packages(self) -> tuple[str, ...]:
-        return tuple(sorted(set(BASE_PACKAGES) | set(self.packages)))
+        extra = SYSTEMD_PACKAGES if self.init == "systemd" else ()
+        return tuple(sorted(set(BASE_PACKAGES) | set(self.packages) | set(extra)))
 
     def base_inputs(self) -> dict[str, object]:
+        # What is not the default is added only when set: existing images keep their digests.
+        extra: dict[str, object] = {"apt_lists": True} if self.apt_ready else {}
         return {
             "builder": BUILDER_VERSION, "suite": self.suite, "mirror": self.mirror,
             "security_mirror": self.security_mirror, "packages": list(self.all_packages),
-            "kernel_package": self.kernel_package,
+            "kernel_package": self.kernel_package, **extra,
         }
 
     def inputs(self) -> dict[str, object]:
         common = {**self.base_inputs(), "agent": source_digest(agent_sources()),
                   "rootfs_layout": ROOTFS_LAYOUT}
+        if self.apt_ready:
+            common["apt_ready"] = APT_ASSUME_YES
+        if self.init == "systemd":
+            common["init_system"] = {"name": "systemd",
+                                     "setup": source_digest([systemd.source()])}
         if self.kernel == "pinnace":
-            return {**common, "kernel": self.kernel_key, "boot": OWN_KERNEL_ARGS}
+            return {**common, "kernel": self.kernel_key, "boot": self.boot_args}
         return {
             **common,
             "init": source_digest([init_script()]),
             "initramfs_modules": [*K.INITRAMFS_MODULES, *K.INITRAMFS_PCI_MODULES],
         }
+
+    @property
+    def boot_args(self) -> str:
+        """The kernel arguments the image boots with (the manifest's boot_args)."""
+        if self.init == "systemd":
+            args = systemd.KERNEL_ARGS
+            return f"{OWN_KERNEL_ROOT} {args}" if self.kernel == "pinnace" else args
+        return OWN_KERNEL_ARGS if self.kernel == "pinnace" else ""
 
     @property
     def base_key(self) -> str:
@@ -156,6 +197,45 @@ def source_digest(paths: Sequence[Path]) -> str:
     for p in paths:
         h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
     return h.hexdigest()[:16]
+
+
+def mmdebstrap_argv(spec: ImageSpec, rootfs_tar: Path, debs: Path, out_dir: Path) -> list[str]:
+    """mmdebstrap's command line for the base layer of ``spec``: the root filesystem as
+    a tarball, the kernel and busybox packages copied out to ``debs`` and the list of
+    installed packages to ``out_dir``."""
+    hook = (
+        'set -e; mkdir -p "$1/var/cache/pinnace-debs"; '
+        f'kpkg=$(chroot "$1" apt-cache depends {spec.kernel_package} '
+        "| sed -n 's/^ *Depends: \\(linux-image-[^ ]*\\).*/\\1/p' | head -n1); "
+        f'[ -n "$kpkg" ] || kpkg={spec.kernel_package}; '
+        'chroot "$1" sh -c "cd /var/cache/pinnace-debs && '
+        'apt-get download -q $kpkg busybox-static"'
+    )
+    sources = [
+        f"deb {spec.mirror} {spec.suite} main",
+        f"deb {spec.mirror} {spec.suite}-updates main",
+        f"deb {spec.security_mirror} {spec.suite}-security main",
+    ]
+    # apt_ready: apt's package lists stay (mmdebstrap removes them at its cleanup).
+    keep = ["--skip=cleanup/apt/lists"] if spec.apt_ready else []
+    return [
+        "mmdebstrap", "--variant=apt", "--mode=root", "--format=tar", *keep,
+        f"--include={','.join(spec.all_packages)}",
+        "--dpkgopt=path-exclude=/usr/share/man/*",
+        "--dpkgopt=path-exclude=/usr/share/locale/*",
+        "--dpkgopt=path-exclude=/usr/share/doc/*",
+        "--dpkgopt=path-include=/usr/share/doc/*/copyright",
+        "--dpkgopt=path-exclude=/usr/share/info/*",
+        f"--customize-hook={hook}",
+        f'--customize-hook=copy-out /var/cache/pinnace-debs {debs}',
+        '--customize-hook=rm -rf "$1/var/cache/pinnace-debs"',
+        # (single quotes: the hook is a shell's, which would expand ${Package} to nothing)
+        "--customize-hook=chroot \"$1\" dpkg-query -W -f '${Package}=${Version}\\n' "
+        '> "$1/.pinnace-packages"',
+        '--customize-hook=copy-out /.pinnace-packages ' + str(out_dir),
+        '--customize-hook=rm -f "$1/.pinnace-packages"',
+        spec.suite, str(rootfs_tar), *sources,
+    ]
 
 
 def check_host_tools() -> None:
@@ -194,37 +274,7 @@ class ImageBuilder:
             runner = Runner(stage.build_log, self.reporter)
             debs = stage.debs
             debs.mkdir()
-            spec = self.spec
-            hook = (
-                'set -e; mkdir -p "$1/var/cache/pinnace-debs"; '
-                f'kpkg=$(chroot "$1" apt-cache depends {spec.kernel_package} '
-                "| sed -n 's/^ *Depends: \\(linux-image-[^ ]*\\).*/\\1/p' | head -n1); "
-                f'[ -n "$kpkg" ] || kpkg={spec.kernel_package}; '
-                'chroot "$1" sh -c "cd /var/cache/pinnace-debs && '
-                'apt-get download -q $kpkg busybox-static"'
-            )
-            sources = [
-                f"deb {spec.mirror} {spec.suite} main",
-                f"deb {spec.mirror} {spec.suite}-updates main",
-                f"deb {spec.security_mirror} {spec.suite}-security main",
-            ]
-            argv = [
-                "mmdebstrap", "--variant=apt", "--mode=root", "--format=tar",
-                f"--include={','.join(spec.all_packages)}",
-                "--dpkgopt=path-exclude=/usr/share/man/*",
-                "--dpkgopt=path-exclude=/usr/share/locale/*",
-                "--dpkgopt=path-exclude=/usr/share/doc/*",
-                "--dpkgopt=path-include=/usr/share/doc/*/copyright",
-                "--dpkgopt=path-exclude=/usr/share/info/*",
-                f"--customize-hook={hook}",
-                f'--customize-hook=copy-out /var/cache/pinnace-debs {debs}',
-                '--customize-hook=rm -rf "$1/var/cache/pinnace-debs"',
-                '--customize-hook=chroot "$1" dpkg-query -W -f \'${Package}=${Version}\\n\' '
-                '> "$1/.pinnace-packages"',
-                '--customize-hook=copy-out /.pinnace-packages ' + str(stage_dir),
-                '--customize-hook=rm -f "$1/.pinnace-packages"',
-                spec.suite, str(stage.rootfs_tar), *sources,
-            ]
+            argv = mmdebstrap_argv(self.spec, stage.rootfs_tar, debs, stage_dir)
             with self.reporter.step("Installing Debian packages (mmdebstrap)"):
                 runner.run("mmdebstrap", argv)
             got = sorted(p.name for p in (debs / "pinnace-debs").glob("*.deb"))
@@ -311,6 +361,13 @@ class ImageBuilder:
             with contextlib.suppress(FileNotFoundError):
                 (root / "etc/resolv.conf").unlink()
             (root / "etc/resolv.conf").symlink_to("/run/resolv.conf")
+            if self.spec.apt_ready:
+                (root / APT_ASSUME_YES_FILE).write_text(APT_ASSUME_YES)
+                # apt's caches of the lists made now, not by each machine's first apt-get
+                # (seconds under TCG)
+                runner.run("apt", ["chroot", str(root), "apt-cache", "gencaches"])
+            if self.spec.init == "systemd":
+                systemd.install(root, self.spec.digest)
             used = sum(p.lstat().st_size for p in root.rglob("*"))
             size = max(ROOTFS_MIN_SIZE, int(used * 1.5) + (512 << 20))
             size = (size + (1 << 20) - 1) & ~((1 << 20) - 1)
@@ -350,7 +407,7 @@ class ImageBuilder:
             shutil.copytree(built.files.modules / "lib/modules" / built.release,
                             root / "lib/modules" / built.release, symlinks=True)
         return {"kernel": "pinnace", "kernel_version": built.release,
-                "kernel_key": built.key, "boot_args": OWN_KERNEL_ARGS}
+                "kernel_key": built.key, "boot_args": self.spec.boot_args}
 
     def _debian_kernel(self, out: ImageFiles, root: Path, layer: BaseLayerFiles,
                        runner: Runner, work: Path) -> dict[str, object]:
@@ -386,7 +443,8 @@ class ImageBuilder:
             names = [K.module_name(m) for m in order + pci_order]
         K.copy_modules(kroot, root, kver)
         return {"kernel": "debian", "kernel_version": kver, "kernel_package": kdeb.name,
-                "busybox_package": bdeb.name, "initramfs_modules": names, "boot_args": ""}
+                "busybox_package": bdeb.name, "initramfs_modules": names,
+                "boot_args": self.spec.boot_args}
 
 
 FSTAB_EARLY = """\

@@ -392,9 +392,9 @@ class AsyncSnapshots:
 
 async def _warm(agent: AgentClient, cfg: MachineConfig) -> None:
     """Walk the template through what every clone does first (the identity and network
-    requests, an exec, the 9p modules its shares need), so the modules, binaries and
-    files that takes are already loaded in the RAM that clones map; then flush the disk
-    that the snapshot freezes. Its volumes and shares are not mounted: a mounted 9p
+    requests, an exec, the 9p modules its shares need; under systemd, the end of its
+    boot), so the modules, binaries and files that takes are already loaded in the RAM
+    that clones map; then flush the disk that the snapshot freezes. Its volumes and shares are not mounted: a mounted 9p
     share blocks saving, and a clone's volume is another disk than the template's.
 
     The NAT NIC gets the address every clone's has (NAT_GUEST), without the default
@@ -406,6 +406,12 @@ async def _warm(agent: AgentClient, cfg: MachineConfig) -> None:
         *([agent.request("set_network", mac=macs["nat"], addresses=[NAT_GUEST], up=True)]
           if macs["nat"] else []),
         *(agent.request("set_network", mac=mac, addresses=[], up=False) for mac in macs["nics"]))
+    if agent.welcome.get("pid") != 1:
+        # The image's init is systemd, and the agent, one of its first services, answers
+        # long before its boot is done: let it finish once here, not in every clone.
+        # (Its answer, running or degraded, is the guest's business.)
+        await agent.exec(["systemctl", "is-system-running", "--wait"],
+                         timeout=TEMPLATE_BOOT_TIMEOUT)
     (await agent.exec(["true"])).check()
     if cfg.shares:  # so that a clone's first 9p mount need not run modprobe (if this
         # fails, the clone's mount runs it and says what went wrong)
