@@ -60,3 +60,37 @@ def test_cwd_path_is_relative_inside_the_folder_and_absolute_elsewhere():
     assert f.cwd_path(f.dir / "sub" / "x") == "sub/x"
     assert f.cwd_path(Path("/s/machines/vm2/disk.qcow2")) == "/s/machines/vm2/disk.qcow2"
     assert f.cwd_path(Path("/i/vmlinux")) == "/i/vmlinux"
+
+
+def test_a_sandboxed_qemu_may_not_spawn_or_gain_privileges():
+    assert "-sandbox" not in build_argv("qemu", spec("kvm"))
+    argv = build_argv("qemu", replace(spec("kvm"), sandbox=True))
+    opts = argv[argv.index("-sandbox") + 1].split(",")
+    assert opts[0] == "on" and {"spawn=deny", "elevateprivileges=deny",
+                                "obsolete=deny", "resourcecontrol=deny"} <= set(opts)
+
+
+def test_whether_qemu_takes_the_sandbox_is_probed_once_per_binary(tmp_path):
+    import shutil
+    import subprocess
+
+    from pinnace.backends.qemu import host
+    from pinnace.store import CacheFiles
+
+    cache = CacheFiles(tmp_path / "cache")
+    qemu = shutil.which("qemu-system-x86_64")
+    assert qemu is not None
+    # (this host's QEMU is Debian's, built with seccomp)
+    assert host.cached_sandbox(qemu, cache) is True
+    assert host.cached_qemu_version(qemu, cache) == host.qemu_version(qemu)
+    fake = tmp_path / "qemu"  # a QEMU without seccomp: the option is refused
+    fake.write_text("#!/bin/sh\ncase \"$*\" in *-sandbox*) exit 1;; esac\n"
+                    "echo 'QEMU emulator version 9.9.9'\n")
+    fake.chmod(0o755)
+    assert host.sandbox_supported(str(fake)) is False
+    assert host.cached_sandbox(str(fake), cache) is False
+    assert host.cached_qemu_version(str(fake), cache) == "9.9.9"
+    fake.write_text("#!/bin/sh\nexit 0\n")  # changed: probed again (size, mtime)
+    host.sandbox_supported.cache_clear()
+    assert host.cached_sandbox(str(fake), cache) is True
+    assert subprocess.run([str(fake)]).returncode == 0

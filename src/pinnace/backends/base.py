@@ -66,6 +66,9 @@ class LaunchSpec:
     cmdline: str = ""  # the machine's own kernel arguments, last (they win)
     kernel_args: str = ""  # what the image needs to boot (root=, init=)
     tsc_khz: int | None = None
+    # Confine the monitor's own system calls (QEMU: -sandbox with seccomp): no new
+    # programs, no privileges, no obsolete calls. The backend sets it where supported.
+    sandbox: bool = False
     agent_ports: int = AGENT_PORTS
     # Guest RAM: anonymous memory unless ``memory_file`` is given; that file is mapped
     # shared (writes go to the file: a snapshot template) or private (copy-on-write: a clone).

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import subprocess
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
@@ -104,6 +105,9 @@ class QemuBackend:
         if spec.accel == "tcg" and spec.tsc_khz is None:
             spec = replace(spec, tsc_khz=await asyncio.to_thread(qhost.cached_tsc_khz,
                                                                  self.cache))
+        if not spec.sandbox and os.environ.get("PINNACE_SANDBOX", "on") != "off":
+            spec = replace(spec, sandbox=await asyncio.to_thread(qhost.cached_sandbox,
+                                                                 self.binary, self.cache))
         argv = qcmd.build_argv(self.binary, spec)
         log.debug("launching: %s", qcmd.render(argv))
         try:

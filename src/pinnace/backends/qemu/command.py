@@ -47,6 +47,11 @@ def kernel_cmdline(spec: LaunchSpec) -> str:
     return " ".join(words)
 
 
+# seccomp: QEMU may not start programs (its state goes to and from files as descriptors,
+# not through exec:), gain privileges, call obsolete syscalls or change its scheduling.
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+
+
 def build_argv(binary: str, spec: LaunchSpec) -> list[str]:
     """QEMU's argv. QEMU runs in the machine's folder (its working directory), and every
     path inside that folder is given relative to it (:func:`here`): the folder can then
@@ -73,6 +78,7 @@ def build_argv(binary: str, spec: LaunchSpec) -> list[str]:
         "-m", f"{spec.memory_mib}M",
         "-object", backend,
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        *(["-sandbox", SANDBOX] if spec.sandbox else []),
         "-kernel", f.cwd_path(spec.kernel),
         *(["-initrd", f.cwd_path(spec.initrd)] if spec.initrd is not None else []),
         "-append", kernel_cmdline(spec),

@@ -12,12 +12,14 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ...errors import HostError, StoreError
 from ...store import CacheFiles, write_json
 from ..base import AccelChoice
-from .command import CPU_MODEL
+from .command import CPU_MODEL, SANDBOX
 
 PROBE_TIMED_OUT = "no output within"
 
@@ -59,20 +61,43 @@ def qemu_version(binary: str) -> str:
 def cached_qemu_version(binary: str, cache: CacheFiles) -> str:
     """``qemu_version`` remembered per binary (path, size, mtime): it is part of every
     snapshot key, and running ``qemu --version`` costs a process start each time."""
+    return str(_cached_fact(binary, cache, "version", lambda: qemu_version(binary)))
+
+
+def _cached_fact(binary: str, cache: CacheFiles, name: str, probe: Callable[[], Any]) -> Any:
+    """A fact about the QEMU binary (its version, its -sandbox), kept in the store's
+    cache until the binary changes (path, size, mtime)."""
     st = os.stat(binary)
     key = f"{binary}:{st.st_size}:{st.st_mtime_ns}"
     path = cache.qemu_version
-    try:
-        data = json.loads(path.read_text())
-        if data.get("key") == key:
-            return str(data["version"])
-    except (OSError, ValueError, KeyError):
-        pass
-    version = qemu_version(binary)
+    data: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        loaded = json.loads(path.read_text())
+        if isinstance(loaded, dict) and loaded.get("key") == key:
+            data = loaded
+    if name in data:
+        return data[name]
+    value = probe()
     with contextlib.suppress(OSError, StoreError):
         cache.dir.mkdir(parents=True, exist_ok=True)
-        write_json(path, {"key": key, "version": version})
-    return version
+        write_json(path, {**data, "key": key, name: value})
+    return value
+
+
+@functools.cache
+def sandbox_supported(binary: str) -> bool:
+    """True if QEMU takes pinnace's -sandbox (built with seccomp): it checks the option
+    before it prints its version."""
+    try:
+        return subprocess.run([binary, "-sandbox", SANDBOX, "-version"], capture_output=True,
+                              timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def cached_sandbox(binary: str, cache: CacheFiles) -> bool:
+    """``sandbox_supported``, remembered per binary as its version is."""
+    return bool(_cached_fact(binary, cache, "sandbox", lambda: sandbox_supported(binary)))
 
 
 def boot_id() -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shlex
+import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -74,6 +74,7 @@ __all__ += ["EventListener", "execute"]
 # --- saving and loading a machine's state (QEMU migration to and from a file) -----------
 
 MIGRATION_POLL = 0.003
+MIGRATION_FD = "pinnace-state"
 
 
 async def _set_caps(client: QMPClient, ignore_shared: bool) -> None:
@@ -97,6 +98,19 @@ async def _await_migration(client: QMPClient, name: str, what: str, timeout: flo
         await asyncio.sleep(MIGRATION_POLL)
 
 
+async def _migrate_fd(client: QMPClient, command: str, fd: int) -> None:
+    """Start ``command`` (migrate or migrate-incoming) on ``fd``, handed to QEMU over the
+    QMP socket: QEMU holds its own copy, so the caller may close ``fd`` once this returns."""
+    client.send_fd_scm(fd)
+    await execute(client, "getfd", {"fdname": MIGRATION_FD})
+    try:
+        await execute(client, command, {"uri": f"fd:{MIGRATION_FD}"})
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await execute(client, "closefd", {"fdname": MIGRATION_FD})
+        raise
+
+
 async def save_state(sock: Path, name: str, state: Path, *, ignore_shared: bool,
                      resume: bool = False, timeout: float = 300.0) -> float:
     """Pause the guest and write its device state (and RAM, unless it lives in a shared
@@ -106,7 +120,13 @@ async def save_state(sock: Path, name: str, state: Path, *, ignore_shared: bool,
         await execute(client, "stop")
         stopped = time.monotonic()
         await _set_caps(client, ignore_shared)
-        await execute(client, "migrate", {"uri": f"exec:cat > {shlex.quote(str(state))}"})
+        # The file goes to QEMU as a descriptor (SCM_RIGHTS): a sandboxed QEMU
+        # (-sandbox spawn=deny) could not start the `cat` of an exec: migration.
+        fd = os.open(state, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            await _migrate_fd(client, "migrate", fd)
+        finally:
+            os.close(fd)
         await _await_migration(client, name, "saving the state", timeout)
         if resume:
             await execute(client, "cont")
@@ -118,7 +138,11 @@ async def load_state(sock: Path, name: str, state: Path, *, ignore_shared: bool,
     """Load a saved state into a QEMU started with ``-incoming defer``; then run it."""
     async with qmp_session(sock, name, starting=True) as client:
         await _set_caps(client, ignore_shared)
-        await execute(client, "migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(state))}"})
+        fd = os.open(state, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            await _migrate_fd(client, "migrate-incoming", fd)
+        finally:
+            os.close(fd)
         await _await_migration(client, name, "loading the state", timeout)
         if run:
             await execute(client, "cont")
