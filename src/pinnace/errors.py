@@ -34,6 +34,7 @@
           +-- RemoteError             the agent refused a request (code, message)
           +-- AgentDisconnected       the channel closed while requests were in flight
           +-- UnsafeArchive           a directory from the guest tried to write outside its target
+          +-- TooLargeError                a copy from the guest was larger than allowed; nothing kept
 
 Exceptions carry their facts as fields, so a caller can act on them without
 parsing the message; ``str()`` of each is one line a user can act on.
@@ -305,6 +306,10 @@ class AgentDisconnected(AgentError):
 
 class UnsafeArchive(AgentError):
     """A tar stream from the guest tried to write outside its target directory."""
+
+
+class TooLargeError(AgentError):
+    """A copy from the guest sent more bytes than the caller allowed; nothing was kept."""
 
 
 class ToolFailed(HostError):

@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath
 
 from .agent import protocol as P
 from .agent.client import AgentClient, Process
-from .errors import ConfigError, RemoteError, UnsafeArchive
+from .errors import ConfigError, RemoteError, TooLargeError, UnsafeArchive
 
 CHUNK = 1 << 20
 
@@ -111,8 +111,8 @@ class AsyncFiles:
                         out.write(data)
                         received += len(data)
                         if limit is not None and received > limit:
-                            raise ConfigError("guest path", remote, f"it is more than "
-                                              f"{limit} bytes, the most asked for here")
+                            raise TooLargeError(f"{remote}: more than {limit} bytes, the most "
+                                           "allowed here; nothing was kept")
                     elif len(err) < 4096:
                         err += data[: 4096 - len(err)]
             result = await proc.wait()

@@ -1184,14 +1184,16 @@ class AsyncMachine:
     async def start_process(self, argv: list[str] | str, *, stdin: bool = False,
                             pty: dict[str, Any] | None = None, timeout: float | None = None,
                             env: dict[str, str] | None = None, cwd: str | None = None,
-                            user: str | None = None) -> Process:
-        """Start a command and stream its output: ``async for stream, data in proc``."""
+                            user: str | None = None,
+                            collect: list[str] | None = None) -> Process:
+        """Start a command and stream its output: ``async for stream, data in proc``.
+        ``collect``: files read back with its exit status (see AgentClient.start_exec)."""
         agent = await self.agent()
         shell = argv if isinstance(argv, str) else None
         started = time.monotonic()
         proc = agent.start_exec(None if shell is not None else list(argv), shell=shell,
                                 stdin=stdin, pty=pty, timeout=timeout, env=env, cwd=cwd,
-                                user=user)
+                                user=user, collect=collect)
         proc.on_exit = lambda result: self._record_command(argv, started,
                                                             exit_code=result.exit_code)
         return proc

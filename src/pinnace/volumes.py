@@ -45,6 +45,7 @@ from .store import (
     Store,
     VolumeFiles,
     drop_owner,
+    owner_of,
     read_record,
     this_process,
     validate_name,
@@ -317,16 +318,17 @@ class AsyncVolumes:
         log.info("volume %s: created, %d bytes, journal %s", name, size, journal)
         return self.get(name)
 
-    async def remove(self, name: str) -> None:
+    async def remove(self, name: str, *, owner: str | None = None) -> None:
         """Delete volume ``name`` and its data; refused (VolumeInUse) while a machine uses it.
-        A damaged volume can be removed too."""
+        A damaged volume can be removed too. ``owner``: only if its owner file still says
+        that ("PID STARTTIME"; NotFoundError otherwise), checked under its lock."""
         validate_name("volume", name)
-        await asyncio.to_thread(self._remove, name)
+        await asyncio.to_thread(self._remove, name, owner)
 
-    def _remove(self, name: str) -> None:
+    def _remove(self, name: str, owner: str | None = None) -> None:
         files = self.files(name)
         with self.store.locked(("volume", name)):
-            if not files.dir.is_dir():
+            if not files.dir.is_dir() or (owner is not None and owner_of(files) != owner):
                 raise NotFoundError("volume", name, "see 'pinnace volume ls'")
             users = self.users(name)
             if users:

@@ -142,3 +142,30 @@ def test_power_off_when_not_pid_1_asks_systemd_first(monkeypatch, answer, kernel
         guest.power("poweroff")
     assert asked == [["systemctl", "--no-block", "poweroff"]]
     assert kernel.calls == kernel_calls
+
+
+def test_files_collected_after_an_exec_are_regular_files_only_and_capped(tmp_path):
+    import base64
+
+    (tmp_path / "env").write_text("A=1\n")
+    (tmp_path / "empty").write_bytes(b"")
+    (tmp_path / "big").write_bytes(b"x" * (guest.COLLECT_BYTES + 10))
+    os.mkfifo(tmp_path / "fifo")  # would block a plain open() forever
+    (tmp_path / "link").symlink_to(tmp_path / "env")
+    got = guest.collect_files([str(tmp_path / n) for n in
+                               ("env", "empty", "big", "fifo", "link", "none")])
+    assert got[0] == [4, base64.b64encode(b"A=1\n").decode()]
+    assert got[1] == [0, ""]
+    assert got[2][0] == guest.COLLECT_BYTES + 10
+    assert len(base64.b64decode(got[2][1])) == guest.COLLECT_BYTES
+    assert got[3:] == [[-1, ""], [-1, ""], [-1, ""]]
+
+
+def test_what_the_host_takes_of_collected_files():
+    from pinnace.agent.client import _collected
+
+    assert _collected([[3, "YWJj"], [-1, ""]]) == [(3, b"abc"), (-1, b"")]
+    assert _collected([[-7, ""]]) == [(-1, b"")]
+    for bad in (None, "x", [[1]], [["1", "YQ=="]], [[True, "YQ=="]], [[1, "!!"]],
+                [[1, "ü"]]):
+        assert _collected(bad) is None, bad

@@ -82,6 +82,9 @@ def test_hash_files_hashes_what_a_checkout_holds_as_github_does(tmp_path):
     assert hash_files(repo, ["**/*.txt"], ws) == both
     assert hash_files(repo, ["**/*.txt\n!sub/**"], ws) == github_hash(b"one\nchanged\n")
     assert hash_files(repo, ["sub"], ws) == github_hash(b"pkg\n")  # a folder: its files
+    assert hash_files(repo, ["sub/"], ws) == github_hash(b"pkg\n")
+    assert hash_files(repo, ["s**.txt"], ws) == ""  # ** inside a name stays in the folder
+    assert hash_files(repo, ["sub/**"], ws) == github_hash(b"pkg\n")
     assert hash_files(repo, ["nothing*"], ws) == ""
     assert hash_files(repo, ["build/*"], ws) == ""  # ignored by git: not checked out
 

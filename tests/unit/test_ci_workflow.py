@@ -933,3 +933,7 @@ def test_pinnaces_own_ci_is_a_workflow_pinnace_runs():
                                                                        ["test"]]
     assert any(".ci/run" in s.run for s in wf.jobs["test"].steps)
     assert platform(wf.jobs["test"].runs_on, {}) == "ubuntu"
+    own = load(root / ".pinnace" / "ci.yml")
+    assert own.kind == "pinnace" and list(own.jobs) == ["lint", "unit"]
+    assert [s.kind for s in own.jobs["unit"].steps] == ["checkout", "run"]
+    assert "qemu-system-x86" in own.jobs["unit"].image.packages

@@ -241,26 +241,37 @@ def test_presets_name_real_inputs():
     assert {"build-essential", "cmake", "clang", "git", "python3-venv"} <= set(spec.packages)
 
 
-def test_ensure_preset_builds_only_when_missing_or_stale(tmp_path, monkeypatch):
-    from pinnace.errors import ConfigError
-    from pinnace.images import Images, presets
+@pytest.fixture
+def fake_images(tmp_path, monkeypatch):
+    """Images on a store whose builds only lay down a manifest (ImageBuilder.build's
+    result, without mmdebstrap); the specs built are in ``.built``."""
+    from pinnace.images import Images
     from pinnace.store import Store, write_json
 
     store = Store(str(tmp_path / "home"))
     store.ensure()
     images = Images(store)
-    preset = presets.PRESETS["ubuntu"]
-    spec = B.ImageSpec.create(preset.packages, init=preset.init, apt_ready=preset.apt_ready)
-    built = []
+    images.built = []
 
     def fake_build(self):  # what ImageBuilder.build leaves: the image's folder
-        built.append(self.spec)
+        images.built.append(self.spec)
         files = store.image_files(self.spec.digest)
         files.dir.mkdir(parents=True, exist_ok=True)
         write_json(files.manifest, {"digest": self.spec.digest, "inputs": self.spec.inputs()})
         return files.dir
 
     monkeypatch.setattr(B.ImageBuilder, "build", fake_build)
+    monkeypatch.setattr(B, "check_host_tools", lambda: None)
+    return images
+
+
+def test_ensure_preset_builds_only_when_missing_or_stale(fake_images):
+    from pinnace.errors import ConfigError
+    from pinnace.images import presets
+
+    images, built, store = fake_images, fake_images.built, fake_images.store
+    preset = presets.PRESETS["ubuntu"]
+    spec = B.ImageSpec.create(preset.packages, init=preset.init, apt_ready=preset.apt_ready)
     image = images.ensure_preset("ubuntu")
     assert image.digest == spec.digest and image.names == ("ubuntu",) and built == [spec]
     assert images.ensure_preset("ubuntu").digest == spec.digest and len(built) == 1
@@ -269,3 +280,27 @@ def test_ensure_preset_builds_only_when_missing_or_stale(tmp_path, monkeypatch):
     assert image.manifest["inputs"]["init_system"]["name"] == "systemd"
     with pytest.raises(ConfigError, match=r"invalid preset 'debian'.*ubuntu"):
         images.ensure_preset("debian")
+
+
+def test_ensure_preset_leaves_a_users_own_image_and_needs_no_toolchain_to_use_one(
+        fake_images, monkeypatch):
+    from pinnace.errors import HostError
+    from pinnace.images import presets
+
+    images, built = fake_images, fake_images.built
+    mine = images.build("ubuntu", ["curl"])  # the user's own image, named ubuntu
+    assert images.ensure_preset("ubuntu").digest == mine.digest and len(built) == 1
+    images.remove("ubuntu")
+    preset = images.ensure_preset("ubuntu")
+    assert preset.digest != mine.digest and len(built) == 2
+    monkeypatch.setattr(kbuild, "current_kernel_key", lambda: "k" + "1" * 24)  # new kernel
+    assert images.ensure_preset("ubuntu").digest != preset.digest and len(built) == 3
+
+    def no_source():
+        raise HostError("the kernel source package linux-source-6.1 is not installed", "")
+
+    monkeypatch.setattr(kbuild, "current_kernel_key", no_source)
+    assert images.ensure_preset("ubuntu").names == ("ubuntu",) and len(built) == 3
+    with pytest.raises(HostError, match="linux-source"):  # (building again needs it)
+        images.ensure_preset("ubuntu", refresh=True)
+    assert presets.PRESETS["ubuntu"].init == "systemd"

@@ -360,3 +360,13 @@ def test_bad_labels_in_volume_json_are_damage(vols, home, labels):
     write_json(meta, {**data, "labels": labels})
     with pytest.raises(VolumeError, match="bad labels"):
         vols.get("v")
+
+
+def test_removing_only_if_its_owner_is_still_the_one_seen(vols, home):
+    create(vols, "v", "16M", ephemeral=True)
+    seen = (home / "volumes" / "v" / "owner").read_text().strip()
+    with pytest.raises(NotFoundError):
+        asyncio.run(vols.remove("v", owner="1 2"))  # another process took it meanwhile
+    assert vols.get("v")
+    asyncio.run(vols.remove("v", owner=seen))
+    assert vols.list() == []

@@ -10,6 +10,7 @@ Nothing the guest sends can make the host hold more than a few windows of data.
 from __future__ import annotations
 
 import asyncio
+import binascii
 import contextlib
 import logging
 import os
@@ -55,6 +56,10 @@ class ExecResult:
     signal: int | None = None
     timed_out: bool = False
     duration: float = 0.0
+    # The files asked for with ``collect``, read when the command ended: per path its
+    # size (-1: missing or not a regular file) and its first bytes (at most the agent's
+    # COLLECT_BYTES; fewer than the size when cut). None: the agent does not collect.
+    collected: list[tuple[int, bytes]] | None = None
 
     @property
     def ok(self) -> bool:
@@ -417,9 +422,14 @@ class AgentClient:
     def start_exec(self, argv: list[str] | None = None, *, shell: str | None = None,
                    env: dict[str, str] | None = None, cwd: str | None = None,
                    user: str | None = None, stdin: bool = False,
-                   pty: dict[str, Any] | None = None, timeout: float | None = None) -> Process:
-        """Start a command; read its output and exit status from the returned Process."""
+                   pty: dict[str, Any] | None = None, timeout: float | None = None,
+                   collect: list[str] | None = None) -> Process:
+        """Start a command; read its output and exit status from the returned Process.
+        ``collect``: files the agent reads when the command ends and sends with its exit
+        status (ExecResult.collected)."""
         args: dict[str, Any] = {"stdin": stdin}
+        if collect:
+            args["collect"] = list(collect)
         if shell is not None:
             args["shell"] = shell
         else:
@@ -481,6 +491,24 @@ def anchor_from(value: object) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+def _collected(value: Any) -> list[tuple[int, bytes]] | None:
+    """An exec reply's ``collected`` (from the guest: checked; anything malformed is
+    taken as not collected)."""
+    if not isinstance(value, list):
+        return None
+    out = []
+    for item in value:
+        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], int)
+                and not isinstance(item[0], bool) and isinstance(item[1], str)):
+            return None
+        try:
+            data = binascii.a2b_base64(item[1].encode("ascii"), strict_mode=True)
+        except (binascii.Error, UnicodeEncodeError):
+            return None
+        out.append((max(item[0], -1), data))
+    return out
+
+
 class Process:
     """A command running in the guest: iterate for (stream, bytes), then ``wait()``."""
 
@@ -530,6 +558,7 @@ class Process:
             signal=sig if isinstance(sig, int) else None,
             timed_out=bool(msg.get("timed_out")),
             duration=time.monotonic() - self._start,
+            collected=_collected(msg.get("collected")),
         )
         self._open_streams.clear()
         if self.on_exit is not None:

@@ -338,6 +338,44 @@ class RequestFailed(Exception):
         self.message = message
 
 
+COLLECT_FILES = 8  # files an exec may ask to be read back when it ends
+COLLECT_BYTES = 64 << 10  # and the most of each sent (the reply is one frame)
+
+
+def collect_files(paths: list[str]) -> list[list[Any]]:
+    """``[size, base64 of its first COLLECT_BYTES]`` of each path, for an exec's reply:
+    read without following a last link, and only regular files (a FIFO a command left
+    there must not block the agent); [-1, ""] for what is missing or not a file."""
+    import binascii
+    import stat
+
+    out: list[list[Any]] = []
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            out.append([-1, ""])
+            continue
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                out.append([-1, ""])
+                continue
+            data = b""
+            while len(data) < COLLECT_BYTES:
+                chunk = os.read(fd, COLLECT_BYTES - len(data))
+                if not chunk:
+                    break
+                data += chunk
+            size = max(st.st_size, len(data))
+            out.append([size, binascii.b2a_base64(data, newline=False).decode("ascii")])
+        except OSError:
+            out.append([-1, ""])
+        finally:
+            os.close(fd)
+    return out
+
+
 class Exec:
     """One running command of a session."""
 
@@ -373,6 +411,12 @@ class Exec:
         if user is not None and not isinstance(user, str):
             raise RequestFailed("bad-request", "user must be a string")
         ident = as_user(user, env, extra)
+        collect = req.get("collect") or []
+        if not (isinstance(collect, list) and len(collect) <= COLLECT_FILES and all(
+                isinstance(c, str) and c.startswith("/") and "\0" not in c for c in collect)):
+            raise RequestFailed("bad-request", f"collect must list at most {COLLECT_FILES} "
+                                "absolute paths")
+        self.collect: list[str] = collect
         timeout = req.get("timeout")
         self.deadline = time.monotonic() + float(timeout) if timeout else None
         pty = req.get("pty")
@@ -658,8 +702,10 @@ class Exec:
         else:
             sig = None
             code = os.WEXITSTATUS(self.status)
-        self.session.finish(self.chan, P.encode_json(
-            P.REPLY, self.chan, {"exit_code": code, "signal": sig, "timed_out": self.timed_out}))
+        reply: dict[str, Any] = {"exit_code": code, "signal": sig, "timed_out": self.timed_out}
+        if self.collect:
+            reply["collected"] = collect_files(self.collect)
+        self.session.finish(self.chan, P.encode_json(P.REPLY, self.chan, reply))
 
     def abandon(self) -> None:
         """The host went away: kill the command and forget its streams."""

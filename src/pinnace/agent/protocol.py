@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     from typing import Any
 
 PROTOCOL_VERSION = 1
-AGENT_VERSION = "0.3.1"  # 0.2.0: mount.rescan; 0.3.0: unmount; 0.3.1: exec as a user
+AGENT_VERSION = "0.4.0"  # 0.2.0: mount.rescan; 0.3.0: unmount; 0.3.1: exec as a user;
+# 0.4.0: exec collect (files read back with the exit status)
 # takes its groups and HOME; set_hostname names it in /etc/hosts
 MAGIC = 0x504E
 HEADER = struct.Struct("!HBBII")

@@ -3,8 +3,9 @@ than ``--parallel``.
 
 Each job takes its machine's memory plus what its QEMU may use beyond it (the limit
 its cgroup gets) and its machine's CPUs; the budget is the host's available memory
-when the run starts (less a reserve for the host) and its CPUs. A job waits until its
-share is free; jobs start in the order they asked. Memory is never oversubscribed: a
+when the run starts (less a reserve for the host) and its CPUs, and a job starts beside
+others only while the host still has its memory free (what another run took since). A
+job waits until its share is free; jobs start in the order they asked. Memory is never oversubscribed: a
 job that needs more than the whole budget fails at once with what to change. CPUs
 may be: a job that asks more CPUs than the host has still runs, alone.
 """
@@ -14,8 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 
 from ..config import format_size
 from ..errors import ConfigError
@@ -43,6 +44,8 @@ class Budget:
     cpus: int
     jobs: int
 
+    free: Callable[[], int] = field(default=lambda: available_memory(), repr=False)
+
     def __post_init__(self) -> None:
         self.used_memory = 0
         self.used_cpus = 0
@@ -60,7 +63,9 @@ class Budget:
         if self.running == 0:
             return True  # (checked against the whole budget before waiting)
         return (self.running < self.jobs and self.used_memory + memory <= self.memory
-                and self.used_cpus + cpus <= self.cpus)
+                and self.used_cpus + cpus <= self.cpus
+                # what others (another run) took since the budget was set
+                and self.free() - HOST_RESERVE >= memory)
 
     @contextlib.asynccontextmanager
     async def take(self, memory: int, cpus: int) -> AsyncIterator[None]:

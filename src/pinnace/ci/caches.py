@@ -67,19 +67,19 @@ class Caches:
     def __init__(self, volumes: Any) -> None:
         self.volumes = volumes
 
-    def _state(self, name: str) -> str:
+    def _state(self, name: str) -> tuple[str, str | None]:
         """"saved", "busy" (another live process is filling it), "stale" (its filler is
-        gone) or "absent"."""
+        gone, or it is damaged) or "absent"; and its owner file's text."""
         try:
             self.volumes.get(name)
         except NotFoundError:
-            return "absent"
+            return "absent", None
         except VolumeError:
-            return "stale"
+            return "stale", owner_of(self.volumes.files(name))
         owner = owner_of(self.volumes.files(name))
         if owner is None:
-            return "saved"
-        return "busy" if owner_alive(owner) else "stale"
+            return "saved", None
+        return ("busy" if owner_alive(owner) else "stale"), owner
 
     def _newest(self, cache: str, prefixes: tuple[str, ...]) -> tuple[str, str] | None:
         """The saved entry (volume, key) of ``cache`` restore-keys pick: for the first
@@ -101,18 +101,21 @@ class Caches:
         """The volume a job mounts at ``path`` for ``cache`` under ``key``."""
         exact = entry_name(cache, key)
         labels = {LABEL_NAME: cache, LABEL_KEY: key}
-        state = self._state(exact)
-        if state == "stale":  # left by a run that was killed: never saved
-            with contextlib.suppress(PinnaceError):
-                await self.volumes.remove(exact)
-            state = self._state(exact)
         throwaway = f"ci-work-{secrets.token_hex(6)}"
-        if state == "saved":
-            await self.volumes.create(throwaway, 0, source=exact, ephemeral=True)
-            return Attached(cache, key, path, throwaway, "exact", key, save=False)
-        partial = self._newest(cache, restore_keys)
-        target, save = (exact, True) if state == "absent" else (throwaway, False)
-        while True:
+        for _ in range(3):  # (again when another run changes the entry meanwhile)
+            state, owner = self._state(exact)
+            if state == "stale":  # left by a run that was killed: never saved
+                with contextlib.suppress(PinnaceError):  # (only if still that run's)
+                    await self.volumes.remove(exact, owner=owner or "")
+                state, owner = self._state(exact)
+            if state == "saved":
+                try:
+                    await self.volumes.create(throwaway, 0, source=exact, ephemeral=True)
+                    return Attached(cache, key, path, throwaway, "exact", key, save=False)
+                except NotFoundError:  # (removed meanwhile: a miss after all)
+                    continue
+            partial = self._newest(cache, restore_keys)
+            target, save = (exact, True) if state == "absent" else (throwaway, False)
             try:
                 if partial is not None:
                     await self.volumes.create(target, 0, source=partial[0], ephemeral=True,
@@ -121,12 +124,10 @@ class Caches:
                 await self.volumes.create(target, size or DEFAULT_SIZE, ephemeral=True,
                                           labels=labels)
                 return Attached(cache, key, path, target, "", "", save)
-            except NotFoundError:  # (the entry restore-keys picked was removed meanwhile)
-                partial = None
-            except AlreadyExistsError:  # (another run began saving this key meanwhile)
-                if not save:
-                    raise
-                target, save = throwaway, False
+            except (NotFoundError, AlreadyExistsError):  # (another run, meanwhile)
+                continue
+        raise VolumeError(exact, "other runs kept changing this cache entry while it was "
+                          "being restored; run the job again")
 
     async def detach(self, att: Attached, *, success: bool) -> str:
         """After the job (its machine gone): save the entry or drop the volume; what

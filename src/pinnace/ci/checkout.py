@@ -22,10 +22,14 @@ from pathlib import Path
 
 from ..errors import ConfigError
 
+# What a repository's own config could make git run here (a job given the folder with
+# --bind could have written it): no fsmonitor, hooks, external diff or text conversion.
+_SAFE = ("-c", "core.fsmonitor=false", "-c", "core.hooksPath=/dev/null")
+
 
 def _git(repo: Path, *args: str, input: bytes | None = None) -> bytes:
-    r = subprocess.run(["git", "-C", str(repo), *args], input=input, capture_output=True,
-                       timeout=600)
+    r = subprocess.run(["git", *_SAFE, "-C", str(repo), *args], input=input,
+                       capture_output=True, timeout=600)
     if r.returncode != 0:
         raise ConfigError("checkout", str(repo), f"git {args[0]} failed: "
                           f"{r.stderr.decode(errors='replace').strip()[-200:]}")
@@ -53,7 +57,7 @@ def prepare(repo: Path) -> Iterator[Path]:
             subprocess.run(["git", "clone", "--quiet", "--no-local", "--depth", "1",
                             f"file://{root}", str(tree)], check=True, capture_output=True,
                            timeout=600)
-            diff = _git(root, "diff", "--binary", "HEAD")
+            diff = _git(root, "diff", "--binary", "--no-ext-diff", "--no-textconv", "HEAD")
             if diff.strip():
                 _git(tree, "apply", "--binary", "--whitespace=nowarn", "-", input=diff)
             for name in _git(root, "ls-files", "-z", "--others", "--exclude-standard"
@@ -94,12 +98,17 @@ def _glob_re(pattern: str) -> re.Pattern[str]:
     """A glob as @actions/glob reads it: ``**`` any folders (none too), ``*`` and ``?``
     within one name, ``[...]`` a class."""
     out, i = [], 0
+    pattern = pattern.rstrip("/")  # (a folder: what is in it)
     while i < len(pattern):
-        if pattern.startswith("**/", i):
+        whole = i == 0 or pattern[i - 1] == "/"  # ** is "any folders" only as a whole name
+        if whole and pattern.startswith("**/", i):
             out.append("(?:.*/)?")
             i += 3
-        elif pattern.startswith("**", i):
+        elif whole and pattern.startswith("**", i) and i + 2 == len(pattern):
             out.append(".*")
+            i += 2
+        elif pattern.startswith("**", i):  # (within a name: as *)
+            out.append("[^/]*")
             i += 2
         elif pattern[i] == "*":
             out.append("[^/]*")

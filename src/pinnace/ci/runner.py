@@ -23,6 +23,8 @@ import hashlib
 import re
 import secrets
 import shlex
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -30,7 +32,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..config import MachineConfig
-from ..errors import ConfigError, PinnaceError
+from ..errors import ConfigError, PinnaceError, TooLargeError
 from ..images.presets import PRESETS
 from . import envfile
 from .budget import Budget
@@ -52,6 +54,7 @@ DEFAULT_JOB_MINUTES = 360.0  # GitHub's default timeout-minutes
 QEMU_OVERHEAD = 512 << 20  # what a job's QEMU may use beyond its guest's memory
 QEMU_PIDS = 1024  # threads of a job's QEMU (the guest's own processes are not the host's)
 MAX_ARTIFACTS = 4 << 30  # bytes of artifacts one job may copy out
+ARTIFACT_SECONDS = 1800  # and how long copying them may take
 WORKSPACE = "/workspace"
 RUNNER_DIR = "/tmp/_runner"
 USER = "runner"
@@ -61,8 +64,15 @@ echo '{USER} ALL=(ALL) NOPASSWD:ALL' > /etc/sudoers.d/{USER}
 chmod 0440 /etc/sudoers.d/{USER}
 command -v python >/dev/null || ln -sf "$(command -v python3)" /usr/local/bin/python
 mkdir -p {WORKSPACE} {RUNNER_DIR}/temp
-chown -R {USER}: {WORKSPACE} {RUNNER_DIR}
+chown -R {USER}: {RUNNER_DIR}
+chown {USER}: {WORKSPACE} 2>/dev/null || :
 """
+# --bind: /workspace is the host's folder (9p, owners kept in xattrs): the runner user
+# is given it where the host's filesystem keeps them; where it cannot, files stay as
+# the host has them, and the run says so.
+_BIND = (f"chown -R {USER}: {WORKSPACE} 2>/dev/null || echo 'pinnace: cannot give "
+         f"{WORKSPACE} to {USER} (--bind): does the host folder take extended attributes?' "
+         ">&2\n")
 # Read back what a step wrote for the runner: per file "SIZE\n" then its first
 # envfile.MAX_BYTES bytes (sh, not python: a python start costs ~0.5 s without KVM).
 _READ_FILES = (f'for f do if [ -s "$f" ]; then wc -c < "$f"; head -c {envfile.MAX_BYTES} "$f"; '
@@ -229,6 +239,7 @@ class _Run:
         self.per_job: dict[str, asyncio.Semaphore] = {}
         self.run_id = str(int(time.time()))
         self.functions = {"hashFiles": self.hash_files}
+        self.hashes: dict[tuple[str, ...], str] = {}
         self.image_line = lambda label, text: self.say(label, "image", text)
         self.masks = sorted((v for v in options.secrets.values() if len(v) >= 3),
                             key=len, reverse=True)
@@ -298,6 +309,8 @@ class _Run:
                 await self._in_machine(job, image, contexts, result)
         except PinnaceError as exc:
             result.status, result.reason = "failure", f"its machine did not start: {exc}"
+        except OSError as exc:  # (the host's: a folder for logs or artifacts, say)
+            result.status, result.reason = "failure", f"on the host: {exc}"
         if result.status == "failure":
             self.failed_ids.add(job.id)
         return result
@@ -349,39 +362,65 @@ class _Run:
             devices["net"] = opts.net
         memory = job.limits.memory
         caches: list[Attached] = []
+        # A cache is saved only when the steps ran to their end, the job succeeded and
+        # its machine is gone: never what a cancelled, crashed or still running job left.
+        done = {"steps": False, "deleted": False}
         try:
-            for cache in job.caches:
-                key = interpolate(cache.key, contexts, functions=self.functions)
-                restore = tuple(interpolate(k, contexts, functions=self.functions)
-                                for k in cache.restore_keys)
-                caches.append(await self.runner.caches.attach(
-                    cache.name, key, _guest_path(cache.path), restore_keys=restore,
-                    size=f"{-(-cache.size // (1 << 20))}M" if cache.size else None))
-                self.say(label, "cache", caches[-1].describe())
-            if caches:
-                devices["volumes"] = [f"{a.volume}:{a.path}" for a in caches]
-            if opts.bind and opts.workdir is not None:
-                devices["shares"] = [f"{opts.workdir}:{WORKSPACE}"]
-            [m] = await self.runner.machines.run(
-                image=image, name=name, rm=True, cpus=job.limits.cpus,
-                memory=f"{memory // (1 << 20)}M" if memory else None, **devices)
-        except PinnaceError as exc:
-            result.status, result.reason = "failure", f"its machine did not start: {exc}"
-            await self._close_caches(caches, label, success=False)
-            return
-        logs = (opts.logs / _slug(label)) if opts.logs else None
-        if logs is not None:
-            logs.mkdir(parents=True, exist_ok=True)
+            try:
+                for cache in job.caches:
+                    if opts.bind and PurePosixPath(_guest_path(cache.path)).is_relative_to(
+                            WORKSPACE):
+                        raise ConfigError("cache", cache.name, f"its path is in {WORKSPACE}, "
+                                          "which --bind shares from the host; run without "
+                                          "--bind, or keep the cache elsewhere (~/...)")
+                    key = interpolate(cache.key, contexts, functions=self.functions)
+                    restore = tuple(interpolate(k, contexts, functions=self.functions)
+                                    for k in cache.restore_keys)
+                    caches.append(await self.runner.caches.attach(
+                        cache.name, key, _guest_path(cache.path), restore_keys=restore,
+                        size=f"{-(-cache.size // (1 << 20))}M" if cache.size else None))
+                    self.say(label, "cache", caches[-1].describe())
+                if caches:
+                    devices["volumes"] = [f"{a.volume}:{a.path}" for a in caches]
+                if opts.bind and opts.workdir is not None:
+                    devices["shares"] = [f"{opts.workdir}:{WORKSPACE}"]
+                [m] = await self.runner.machines.run(
+                    image=image, name=name, rm=True, cpus=job.limits.cpus,
+                    memory=f"{memory // (1 << 20)}M" if memory else None, **devices)
+            except PinnaceError as exc:
+                result.status, result.reason = "failure", f"its machine did not start: {exc}"
+                return
+            await self._use(m, job, contexts, result, t0, caches, done)
+        finally:
+            if not caches:
+                pass
+            elif result.machine is not None:
+                self.say(label, "cache", "nothing saved: the caches' volumes stay with the "
+                         f"kept machine {result.machine}")
+            else:
+                await self._close_caches(caches, label, success=done["steps"] and done[
+                    "deleted"] and result.status == "success")
+
+    async def _use(self, m: Any, job: Job, contexts: dict[str, Any], result: JobResult,
+                   t0: float, caches: list[Attached], done: dict[str, bool]) -> None:
+        """The job in its machine ``m``: limits, setup, steps, artifacts; then the machine
+        kept or deleted (``done`` says how far it got)."""
+        opts = self.options
+        label = result.variant
         group = None
         try:
+            logs = _folder(opts.logs / _slug(label), "--logs") if opts.logs else None
             if opts.cgroups:
                 group = await self._confine(m, job)
-            r = await m.exec(["sh", "-c", _SETUP + _own([a.path for a in caches])],
-                             timeout=120)
+            r = await m.exec(["sh", "-c", _SETUP + _own([a.path for a in caches])
+                              + (_BIND if opts.bind else "")], timeout=120)
             if r.exit_code != 0:
                 result.status = "failure"
                 result.reason = f"setting up the machine failed: {r.stderr_text.strip()[-200:]}"
                 return
+            for line in r.stderr_text.splitlines()[:5]:
+                if line.startswith("pinnace: "):
+                    self.say(label, "setup", line.removeprefix("pinnace: "))
             result.start = time.monotonic() - t0
             t1 = time.monotonic()
             job_minutes = _minutes(job.timeout_minutes, contexts) or DEFAULT_JOB_MINUTES
@@ -396,10 +435,16 @@ class _Run:
                     if s.outcome == "running":
                         s.outcome = s.conclusion = "cancelled"
             result.steps_seconds = time.monotonic() - t1
+            done["steps"] = True
             if job.artifacts:
                 await self._artifacts(m, job, result)
         except PinnaceError as exc:  # (its limits could not be set, say)
             result.status, result.reason = "failure", str(exc)
+        except OSError as exc:  # (the host's: a log or an artifact it cannot write)
+            result.status, result.reason = "failure", f"on the host: {exc}"
+        except asyncio.CancelledError:
+            result.status, result.reason = "cancelled", "the run was interrupted"
+            raise
         finally:
             t2 = time.monotonic()
             if group is not None:
@@ -412,14 +457,10 @@ class _Run:
             else:
                 with contextlib.suppress(PinnaceError):
                     await m.delete(force=True)
+                    done["deleted"] = True
             if group is not None and result.machine is None:
                 with contextlib.suppress(PinnaceError):
                     await asyncio.to_thread(group.remove)
-            if result.machine is None:
-                await self._close_caches(caches, label, success=result.status == "success")
-            elif caches:
-                self.say(label, "cache", "nothing saved: the caches' volumes stay with the "
-                         f"kept machine {result.machine}")
             result.cleanup = time.monotonic() - t2
 
     async def _close_caches(self, caches: list[Attached], label: str, *, success: bool) -> None:
@@ -431,13 +472,15 @@ class _Run:
 
     async def _artifacts(self, m: Any, job: Job, result: JobResult) -> None:
         """Copy the job's artifacts (paths or globs in the workspace) to the host: into
-        ``artifacts/<job>/`` with their paths. The guest names what matched; a name that
-        is absolute or climbs out is refused, and no more than MAX_ARTIFACTS bytes come."""
+        ``artifacts/<job>/`` with their paths, replacing what an earlier run left there.
+        The guest names what matched: a name that is absolute, climbs out or is a link is
+        refused; at most MAX_ARTIFACTS bytes come, in ARTIFACT_SECONDS."""
         label = result.variant
         # (a \1 before each pattern's matches, a NUL after each; the shell expands globs)
         r = await m.exec(["sh", "-c", 'cd "$1" || exit; shift; for pat do printf "\\1\\0"; '
-                          'for p in $pat; do [ -e "$p" ] && printf "%s\\0" "$p"; done; done',
-                          "sh", WORKSPACE, *job.artifacts], timeout=60)
+                          'for p in $pat; do [ -e "$p" ] && [ ! -L "$p" ] && '
+                          'printf "%s\\0" "$p"; done; done', "sh", WORKSPACE, *job.artifacts],
+                         timeout=60)
         found: list[list[str]] = []
         for n in r.stdout[:1 << 20].split(b"\0"):
             if n == b"\1":
@@ -450,26 +493,54 @@ class _Run:
         names = [n for matched in found for n in matched]
         if not names:
             return
-        dest = self.options.artifacts.resolve() / _slug(label)
-        left = MAX_ARTIFACTS
+        wanted: list[tuple[str, list[str]]] = []
         for raw in dict.fromkeys(names):
             rel = PurePosixPath(raw.rstrip("/"))
-            if rel.is_absolute() or ".." in rel.parts or not rel.parts or rel.parts == (".",):
+            parts = [part for part in rel.parts if part != "."]
+            if rel.is_absolute() or ".." in parts or not parts:
                 self.say(label, "artifacts", f"refused artifact {raw!r}: not inside the "
                          "workspace")
-                continue
-            target = dest.joinpath(*[part for part in rel.parts if part != "."])
-            target.parent.mkdir(parents=True, exist_ok=True)
+            else:
+                wanted.append((raw, parts))
+        root = _folder(self.options.artifacts.resolve(), "--artifacts")
+        dest = root / _slug(label)
+        stage = Path(tempfile.mkdtemp(prefix=f".{_slug(label)}-", dir=root))
+        copied: list[Path] = []
+        left = MAX_ARTIFACTS
+        try:
             try:
-                left -= await m.files.get(f"{WORKSPACE}/{rel}", target, limit=left)
-            except PinnaceError as exc:
-                self.say(label, "artifacts", f"artifact {raw}: {exc}")
-                if left <= 0:
-                    break
-                continue
-            result.artifacts.append(str(target))
-        if result.artifacts:
-            self.say(label, "artifacts", f"copied {len(result.artifacts)} artifact(s) to {dest}")
+                async with asyncio.timeout(ARTIFACT_SECONDS):
+                    taken: list[PurePosixPath] = []
+                    # (folders before what is in them, which comes with them)
+                    for raw, parts in sorted(wanted, key=lambda w: len(w[1])):
+                        if any(PurePosixPath(*parts).is_relative_to(t) for t in taken):
+                            continue
+                        taken.append(PurePosixPath(*parts))
+                        target = stage.joinpath(*parts)
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        try:
+                            left -= await m.files.get(f"{WORKSPACE}/{'/'.join(parts)}", target,
+                                                      limit=left)
+                        except TooLargeError:
+                            self.say(label, "artifacts", f"artifact {raw}: over the "
+                                     f"{MAX_ARTIFACTS >> 30} GiB all of a job's may take; the "
+                                     "rest are not copied")
+                            break
+                        except PinnaceError as exc:
+                            self.say(label, "artifacts", f"artifact {raw}: {exc}")
+                            continue
+                        copied.append(dest.joinpath(*parts))
+            except TimeoutError:
+                self.say(label, "artifacts", f"copying took over {ARTIFACT_SECONDS} s; the "
+                         "rest are not copied")
+            if dest.exists():
+                shutil.rmtree(dest)
+            stage.rename(dest)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)  # (gone once renamed)
+        result.artifacts.extend(str(c) for c in copied)
+        if copied:
+            self.say(label, "artifacts", f"copied {len(copied)} artifact(s) to {dest}")
 
     def say(self, label: str, what: str, text: str) -> None:
         if self.options.on_line is not None:
@@ -481,8 +552,11 @@ class _Run:
             return ""
         from .checkout import hash_files
 
+        key = tuple(str(p) for p in patterns)
         try:
-            return hash_files(self.options.workdir, [str(p) for p in patterns], WORKSPACE)
+            if key not in self.hashes:  # (once per run: the files do not change meanwhile)
+                self.hashes[key] = hash_files(self.options.workdir, list(key), WORKSPACE)
+            return self.hashes[key]
         except OSError as exc:
             raise ConfigError("hashFiles", ", ".join(map(str, patterns)),
                               f"cannot read the files: {exc.strerror}") from None
@@ -589,9 +663,10 @@ class _Run:
         # One command writes the script (from stdin; the step's own stdin is then at its
         # end, as on GitHub), empties the step's files, and becomes the step's shell.
         # limits.pids: processes of the runner user at once (RLIMIT_NPROC; not root's).
-        # (dash's name for it is -p, bash's and busybox's -u)
+        # (dash's name for it is -p, bash's and busybox's -u; refused only above the hard
+        # limit, which then already holds the user to fewer)
         n = job.limits.pids
-        nproc = f"{{ ulimit -p {n} || ulimit -u {n}; }} 2>/dev/null && " if n else ""
+        nproc = f"{{ ulimit -p {n} || ulimit -u {n} || :; }} 2>/dev/null; " if n else ""
         argv = ["sh", "-c", nproc + 'cat > "$1" && : > "$2" && : > "$3" && : > "$4" && '
                 ': > "$5" && shift 5 && exec "$@"', "sh", remote, *files.values(),
                 *(a.replace("{0}", remote) for a in argv)]
@@ -604,7 +679,7 @@ class _Run:
         sr.log = log
         on_line = self.options.on_line
         proc = await m.start_process(argv, env=full_env, cwd=cwd, user=USER, timeout=timeout,
-                                     stdin=True)
+                                     stdin=True, collect=list(files.values()))
         await proc.write(script.encode())
         await proc.close_stdin()
         pending: dict[object, bytes] = {}  # (a line cut across chunks, per stream)
@@ -630,7 +705,9 @@ class _Run:
                     emit(rest)
         res = await proc.wait()
         sr.exit_code = res.exit_code
-        written = await self._read_files(m, files)
+        written = _collected(files, res.collected)
+        if written is None:  # (an agent that does not collect, or a file too large for it)
+            written = await self._read_files(m, files)
         try:
             env.update(envfile.parse(written[files["GITHUB_ENV"]], "GITHUB_ENV"))
             sr.outputs = envfile.parse(written[files["GITHUB_OUTPUT"]], "GITHUB_OUTPUT")
@@ -797,6 +874,30 @@ def _resolve(matrix: Any, contexts: dict[str, Any]) -> Any:
     if isinstance(matrix, list):
         return [_resolve(v, contexts) for v in matrix]
     return matrix
+
+
+def _collected(files: dict[str, str], got: list[tuple[int, bytes]] | None
+               ) -> dict[str, str] | None:
+    """What the agent read back of a step's ``files`` as it ended, by path; None if it
+    did not, or cut one short of what envfile reads (then they are read with an exec)."""
+    if got is None or len(got) != len(files):
+        return None
+    out = {}
+    for path, (size, data) in zip(files.values(), got, strict=True):
+        if size > len(data) and len(data) < envfile.MAX_BYTES:
+            return None
+        out[path] = data[:envfile.MAX_BYTES].decode("utf-8", "replace")
+    return out
+
+
+def _folder(path: Path, option: str) -> Path:
+    """``path`` made as a folder (for ``option``), or a ConfigError saying why not."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(option, str(path), f"cannot make a folder there "
+                          f"({exc.strerror})") from None
+    return path
 
 
 def _guest_path(path: str) -> str:

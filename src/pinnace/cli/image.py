@@ -109,14 +109,14 @@ def build(ctx: click.Context, name: str, packages: tuple[str, ...], suite: str |
     """
     start = time.monotonic()
     if preset is not None:
-        if packages or suite or mirror or refresh or kernel or init != "agent" or apt_ready \
+        if packages or suite or mirror or kernel or init != "agent" or apt_ready \
                 or ctx.get_parameter_source("name") != click.core.ParameterSource.DEFAULT:
             raise click.UsageError("--preset builds the preset as pinnace defines it, under "
-                                   "its own name; give it alone")
+                                   "its own name; give it alone (or with --refresh)")
         name = preset
     try:
         if preset is not None:
-            img = _images(ctx).ensure_preset(preset, reporter=RichReporter())
+            img = _images(ctx).ensure_preset(preset, refresh=refresh, reporter=RichReporter())
         else:
             img = _images(ctx).build(name, packages, suite=suite, mirror=mirror,
                                      refresh=refresh, kernel=kernel, init=init,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError, ImageInUse, NotFoundError, StoreError
+from ..errors import ConfigError, HostError, ImageInUse, NotFoundError, StoreError
 from ..store import (
     NAME_RE,
     ImageFiles,
@@ -105,30 +105,53 @@ class Images:
         write_atomic(self._ref(name), spec.digest + "\n")
         return self.get(name)
 
-    def ensure_preset(self, name: str = "ubuntu", *, reporter: Reporter | None = None) -> Image:
+    def ensure_preset(self, name: str = "ubuntu", *, refresh: bool = False,
+                      reporter: Reporter | None = None) -> Image:
         """The image of preset ``name`` (images/presets.py; "ubuntu": what CI jobs with
         runs-on: ubuntu-* run on), built first if the name is missing or points at an
-        image of other inputs than the preset's now (a new pinnace or kernel)."""
+        earlier build of the preset (a new pinnace or kernel); an image of the user's own
+        under that name is left as it is. ``refresh``: built again from newer packages."""
         from .presets import PRESETS
 
         preset = PRESETS.get(name)
         if preset is None:
             raise ConfigError("preset", name, f"give one of {', '.join(sorted(PRESETS))}")
-        return self.ensure(name, preset.packages, init=preset.init,
-                           apt_ready=preset.apt_ready, reporter=reporter)
+
+        def is_preset(image: Image) -> bool:
+            inputs = image.manifest.get("inputs") or {}
+            init = (inputs.get("init_system") or {}).get("name", "agent")
+            return (set(preset.packages) <= set(inputs.get("packages") or ())
+                    and init == preset.init and bool(inputs.get("apt_lists")) == preset.apt_ready)
+
+        return self.ensure(name, preset.packages, init=preset.init, apt_ready=preset.apt_ready,
+                           refresh=refresh, reporter=reporter, replaces=is_preset)
 
     def ensure(self, name: str, packages: Sequence[str] = (), *, init: str = "agent",
-               apt_ready: bool = False, reporter: Reporter | None = None) -> Image:
-        """Image ``name`` as these inputs make it now: the one it names if that is it
-        (no build, no root needed), else built (see :meth:`build`)."""
+               apt_ready: bool = False, refresh: bool = False,
+               replaces: Callable[[Image], bool] = lambda image: True,
+               reporter: Reporter | None = None) -> Image:
+        """Image ``name`` as these inputs make it now: the one it names if that is it (no
+        build, no root needed), else built (see :meth:`build`). An image the name points
+        at for which ``replaces`` is false is someone's own, and returned as it is; so is
+        the one there when this host cannot work out the inputs' digest (no kernel
+        source or compiler: it could not build either)."""
         from .build import ImageSpec
 
-        spec = ImageSpec.create(packages, init=init, apt_ready=apt_ready)
-        with contextlib.suppress(NotFoundError):
-            image = self.get(name)
-            if image.digest == spec.digest:
-                return image
-        return self.build(name, packages, init=init, apt_ready=apt_ready, reporter=reporter)
+        try:
+            current: Image | None = self.get(name)
+        except NotFoundError:
+            current = None
+        if current is not None and not refresh:
+            if not replaces(current):
+                return current
+            try:
+                spec = ImageSpec.create(packages, init=init, apt_ready=apt_ready)
+            except HostError:
+                return current
+            if current.digest == spec.digest:
+                return current
+        return self.build(name, packages, init=init, apt_ready=apt_ready, refresh=refresh,
+                          reporter=reporter)
 
     def resolve(self, ref: str) -> str:
         """The digest a name (or digest prefix) points at."""
@@ -256,9 +279,10 @@ class AsyncImages:
                     **kwargs: Any) -> Image:
         return await asyncio.to_thread(self.sync.build, name, packages, **kwargs)
 
-    async def ensure_preset(self, name: str = "ubuntu", *,
+    async def ensure_preset(self, name: str = "ubuntu", *, refresh: bool = False,
                             reporter: Reporter | None = None) -> Image:
-        return await asyncio.to_thread(self.sync.ensure_preset, name, reporter=reporter)
+        return await asyncio.to_thread(self.sync.ensure_preset, name, refresh=refresh,
+                                       reporter=reporter)
 
     async def get(self, ref: str) -> Image:
         return self.sync.get(ref)
