@@ -71,6 +71,7 @@ def main() -> None:
         pn.ci.run(ten, platforms=plat)  # (the ready snapshot exists after this)
         [m] = pn.machines.run(rm=True)  # the yardstick: an exec on a running machine
         try:
+            accel = m.status().accel or "tcg"
             execs = []
             for _ in range(20):
                 t = time.perf_counter()
@@ -84,7 +85,6 @@ def main() -> None:
         pn.store.tmp_dir.mkdir(parents=True, exist_ok=True)
         initrd = floor_initramfs(pn.store.tmp_dir / f"floor-{os.getpid()}-initrd.cpio")
         try:
-            accel = "tcg" if not os.access("/dev/kvm", os.R_OK | os.W_OK) else "kvm"
             floors = [raw_qemu_to_init(debian.files.kernel, initrd, accel,
                                        qhost.cached_tsc_khz(pn.store.cache))
                       for _ in range(3)]

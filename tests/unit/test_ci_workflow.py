@@ -935,5 +935,5 @@ def test_pinnaces_own_ci_is_a_workflow_pinnace_runs():
     assert platform(wf.jobs["test"].runs_on, {}) == "ubuntu"
     own = load(root / ".pinnace" / "ci.yml")
     assert own.kind == "pinnace" and list(own.jobs) == ["lint", "unit"]
-    assert [s.kind for s in own.jobs["unit"].steps] == ["checkout", "run"]
+    assert [s.kind for s in own.jobs["unit"].steps] == ["checkout", "run", "run"]
     assert "qemu-system-x86" in own.jobs["unit"].image.packages
