@@ -189,13 +189,14 @@ class Runner:
         self.budget = budget
         self._building: dict[str, asyncio.Task[str]] = {}
 
-    async def build(self, name: str, what: str, line: Callable[[str, str], None], *,
+    async def build(self, name: str, line: Callable[[str], None], *,
                     packages: tuple[str, ...] = (), preset: bool = False) -> str:
         """Image ``name`` (from ``packages``, or the preset of that name), built unless
-        the store has it as it should be; once however many jobs ask at once."""
+        the store has it as it should be; once however many jobs ask at once (its
+        progress goes to the first one's ``line``)."""
         task = self._building.get(name)
         if task is None:
-            reporter = _LineReporter(lambda text: line(what.partition(":")[0], text))
+            reporter = _LineReporter(line)
 
             def build() -> str:
                 if preset:
@@ -240,7 +241,6 @@ class _Run:
         self.run_id = str(int(time.time()))
         self.functions = {"hashFiles": self.hash_files}
         self.hashes: dict[tuple[str, ...], str] = {}
-        self.image_line = lambda label, text: self.say(label, "image", text)
         self.masks = sorted((v for v in options.secrets.values() if len(v) >= 3),
                             key=len, reverse=True)
 
@@ -301,7 +301,7 @@ class _Run:
         own = self.per_job.setdefault(job.id, asyncio.Semaphore(most or 64))
         try:
             image = await self.image(job, contexts)
-            memory, cpus = await self.shape(image, job)
+            memory, cpus = self.shape(job)
             async with own, self.budget.take(memory, cpus):
                 if job.strategy.fail_fast and job.id in self.failed_ids:
                     result.status, result.reason = "cancelled", "another combination failed"
@@ -321,8 +321,7 @@ class _Run:
         if isinstance(job.image, ImageSpec):
             digest = hashlib.sha256(" ".join(sorted(job.image.packages)).encode())
             name = f"ci-{digest.hexdigest()[:12]}"
-            return await self.runner.build(name, f"{(job.variant or job.name or job.id)}: image with "
-                                           + ", ".join(job.image.packages), self.image_line,
+            return await self.runner.build(name, self.image_line(job),
                                            packages=job.image.packages)
         if isinstance(job.image, str):
             name = job.image
@@ -335,12 +334,15 @@ class _Run:
                 raise ConfigError("runs-on", str(runs_on), "map it to an image: -P LABEL=IMAGE")
             name = found
         if name in PRESETS:  # (pinnace's own: "ubuntu", what runs-on: ubuntu-* maps to)
-            return await self.runner.build(
-                name, f"{job.variant or job.name or job.id}: the {name} image",
-                self.image_line, preset=True)
+            return await self.runner.build(name, self.image_line(job), preset=True)
         return name
 
-    async def shape(self, image: str, job: Job) -> tuple[int, int]:
+    def image_line(self, job: Job) -> Callable[[str], None]:
+        """Where the progress of building ``job``'s image goes: the job's lines."""
+        return lambda text: self.say(job.variant or job.name or job.id, "image", text)
+
+    @staticmethod
+    def shape(job: Job) -> tuple[int, int]:
         """Memory (with its QEMU's share) and CPUs a job's machine takes."""
         memory = job.limits.memory
         cpus = job.limits.cpus
@@ -349,7 +351,6 @@ class _Run:
             memory = memory if memory is not None else default.memory_mib << 20
             cpus = cpus if cpus is not None else default.cpus
         return memory + QEMU_OVERHEAD, cpus
-
 
     async def _in_machine(self, job: Job, image: str, contexts: dict[str, Any],
                           result: JobResult) -> None:
@@ -504,7 +505,11 @@ class _Run:
                 wanted.append((raw, parts))
         root = _folder(self.options.artifacts.resolve(), "--artifacts")
         dest = root / _slug(label)
-        stage = Path(tempfile.mkdtemp(prefix=f".{_slug(label)}-", dir=root))
+        for left_over in root.glob(".*-artifacts"):  # (a run killed while copying)
+            with contextlib.suppress(OSError):
+                if time.time() - left_over.stat().st_mtime > ARTIFACT_SECONDS:
+                    shutil.rmtree(left_over)
+        stage = Path(tempfile.mkdtemp(prefix=f".{_slug(label)}-", suffix="-artifacts", dir=root))
         copied: list[Path] = []
         left = MAX_ARTIFACTS
         try:
