@@ -125,3 +125,21 @@ def test_image_build_on_a_full_filesystem(small_store):
     listed = json.loads(cli(home, "image", "ls", "--format", "json").stdout)
     assert [i for i in listed if "big" in i["names"]] == []
     assert [p.name for p in small.store.tmp_dir.iterdir()] == []
+
+
+def test_qemu_runs_sandboxed_and_its_state_still_saves_and_loads(make_machine):
+    """QEMU runs under seccomp (-sandbox: it may not start programs), so a machine's
+    state goes to and from its file through a descriptor: a restored machine, then a
+    stop --save and a start of it, each work and each QEMU has the filter."""
+
+    def seccomp(m) -> str:
+        status = Path(f"/proc/{m.status().pid}/status").read_text()
+        return next(ln.split()[1] for ln in status.splitlines() if ln.startswith("Seccomp:"))
+
+    m = make_machine.restored()  # (loaded from the ready snapshot's state)
+    assert seccomp(m) == "2"  # a filter, not just strict mode
+    m.exec(["sh", "-c", "echo kept > /tmp/x"]).check()
+    m.stop(save=True)  # (the state saved)
+    m.start()
+    assert seccomp(m) == "2"
+    assert m.exec(["cat", "/tmp/x"]).stdout == b"kept\n"
